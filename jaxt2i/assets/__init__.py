@@ -1,0 +1,58 @@
+"""Files shipped inside the package: the demo's text encoder + tokenizer (and, later, cascade).
+
+The text encoder is a small T5 (`shapes` size) with random, frozen weights and a closed-vocabulary
+tokenizer: for the shapes world the U-Net only needs distinct, stable embeddings per word, which a
+random encoder provides. Rebuild it with `python -m jaxt2i.assets`.
+"""
+
+from __future__ import annotations
+
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+TEXT_ENCODER = "text_encoder"
+TEXT_MAX_LENGTH = 32
+TEXT_SEED = 20260
+
+
+def text_encoder_dir() -> str:
+    """Directory of the bundled T5 encoder (Hugging Face layout)."""
+    path = os.path.join(_HERE, TEXT_ENCODER)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"the bundled text encoder is missing from {path}; reinstall jaxt2i or rebuild it "
+            "with `python -m jaxt2i.assets`")
+    return path
+
+
+def vocabulary() -> list[str]:
+    """Whole-word vocabulary of the bundled tokenizer: the shapes world's words + common words."""
+    words = set(_COMMON)
+    try:
+        from jaxt2i.data import shapes
+        words |= set(shapes.vocabulary())
+    except (ImportError, AttributeError):
+        pass
+    return sorted(words)
+
+
+_COMMON = """a an the one two three four five of on in at with and above below left right
+under over next to beside near background white black gray grey red green blue yellow purple
+orange pink brown cyan magenta circle circles square squares triangle triangles star stars
+hexagon hexagons diamond diamonds small large big tiny huge picture image photo drawing
+""".split()
+
+
+def build_text_encoder(out_dir: str | None = None) -> str:
+    """(Re)builds the bundled encoder: tokenizer from `vocabulary()`, random T5 'shapes' weights."""
+    from jaxt2i.text import get_t5_config, init_encoder, save_encoder
+    from jaxt2i.text.tokenizer import Tokenizer, build_word_tokenizer
+
+    out_dir = out_dir or os.path.join(_HERE, TEXT_ENCODER)
+    hf_tok = build_word_tokenizer(vocabulary())
+    cfg = get_t5_config("shapes")
+    if len(hf_tok) > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(hf_tok)} tokens > T5 'shapes' vocab {cfg.vocab_size}")
+    enc = init_encoder(cfg, Tokenizer(hf_tok, TEXT_MAX_LENGTH), seed=TEXT_SEED)
+    save_encoder(enc, out_dir)
+    return out_dir

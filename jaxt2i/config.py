@@ -1,0 +1,231 @@
+"""Config plumbing shared by every command: `--config=configs/X.py:variant`, `--config.a.b=v`.
+
+Configs are Python files whose `get_config(arg)` returns an `ml_collections.ConfigDict`
+(absl `config_flags`). This module adds what config_flags lacks for users:
+  * a misspelled field or a bad value is ONE line naming the field and what is allowed,
+    never a traceback;
+  * enumerated fields are checked against the values the library accepts (`CHOICES`);
+  * variants are parsed from 'size=tiny,steps=10' strings with unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import sys
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config or its overrides; the message is one line."""
+
+
+def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict:
+    """Parses the ':...' part of `--config=configs/X.py:size=tiny,seed=3`.
+
+    A bare word is taken as the first key's value (`:tiny` == `:size=tiny`).
+
+    Args:
+      arg: the variant string, or None / '' for all defaults.
+      defaults: allowed keys and their default values (the type of each default is used to
+        convert the string).
+
+    Returns:
+      dict of every key in `defaults`, overridden by `arg`.
+    """
+    out = dict(defaults)
+    if not arg:
+        return out
+    first = next(iter(defaults))
+    for part in filter(None, (p.strip() for p in arg.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            key, value = first, part
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"unknown config variant key {key!r}; allowed: {', '.join(defaults)}")
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, (int, float)) and default is not None:
+                out[key] = type(default)(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ConfigError(
+                f"config variant {key}={value!r} is not a {type(default).__name__}") from None
+    return out
+
+
+# Enumerated config fields and the values the library accepts. Values may be a tuple or a
+# zero-argument callable returning one (so modules are imported only when checked).
+CHOICES: dict[str, Any] = {}
+
+
+def register_choices(path: str, allowed: Iterable[str] | Callable[[], Iterable[str]]) -> None:
+    """Declares the allowed values of the config field at dotted `path` (e.g. 'model.dtype')."""
+    CHOICES[path] = allowed
+
+
+def _get(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def validate(cfg: ml_collections.ConfigDict, choices: Mapping[str, Any] | None = None) -> None:
+    """Checks every enumerated field present in `cfg`; raises a one-line ConfigError."""
+    for path, allowed in (choices or CHOICES).items():
+        value = _get(cfg, path)
+        if value is _MISSING:
+            continue
+        allowed = tuple(allowed() if callable(allowed) else allowed)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"config field {path}={value!r} is not allowed{hint}; allowed values: "
+                + ", ".join(map(str, allowed)))
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads 'path/to/config.py[:variant]' the way `--config` does (for tests and tools)."""
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("_jaxt2i_config", path)
+    if mod_spec is None:
+        raise ConfigError(f"config file {path!r} not found; pass --config=configs/NAME.py[:variant]")
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path!r} not found; pass --config=configs/NAME.py[:variant]") from None
+    return module.get_config(arg or None) if arg else module.get_config()
+
+
+def explain_override(cfg: ml_collections.ConfigDict, path: str, value: str) -> str | None:
+    """Why `--config.<path>=<value>` cannot apply to `cfg`, as one line (None if it can)."""
+    node, walked = cfg, []
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"config field {'.'.join(walked)} is a value, it has no field {part!r}"
+        if part not in node:
+            where = ".".join(walked) or "the config"
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=1)
+            hint = f" (did you mean {'.'.join(walked + [close[0]])!r}?)" if close else ""
+            return (f"unknown config field {path!r}{hint}; fields of {where}: " + ", ".join(keys))
+        walked.append(part)
+        node = node[part]
+    if isinstance(node, ml_collections.ConfigDict):
+        return f"config field {path!r} is a group; set one of its fields: " + ", ".join(node.keys())
+    if isinstance(node, bool):
+        ok = value.lower() in ("true", "false", "1", "0")
+    elif isinstance(node, int):
+        ok = _convertible(int, value)
+    elif isinstance(node, float):
+        ok = _convertible(float, value)
+    else:
+        ok = True
+    if not ok:
+        return f"config field {path}={value!r} must be a {type(node).__name__} (now {node!r})"
+    return None
+
+
+def _convertible(kind, value) -> bool:
+    try:
+        kind(value)
+        return True
+    except ValueError:
+        return False
+
+
+def define_config_flag(name: str = "config", help_string: str | None = None):
+    """Defines `--config` (a Python config file + ':variant') with locked fields."""
+    return config_flags.DEFINE_config_file(
+        name, None, help_string or "Experiment config: configs/NAME.py[:variant]; "
+        "override fields with --config.a.b=value.", lock_config=True)
+
+
+def _config_error_line(argv: list[str], name: str, exc: Exception) -> str:
+    spec = None
+    overrides = []
+    for i, a in enumerate(argv[1:], start=1):
+        if a.startswith(f"--{name}="):
+            spec = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif a.startswith(f"--{name}."):
+            path, _, value = a[len(name) + 3:].partition("=")
+            overrides.append((path, value))
+    if spec is not None:
+        try:
+            cfg = load_config_file(spec)
+        except ConfigError as e:
+            return str(e)
+        except Exception as e:  # noqa: BLE001 - the user's config file raised
+            return f"config {spec!r} failed to load: {type(e).__name__}: {e}".splitlines()[0]
+        for path, value in overrides:
+            msg = explain_override(cfg, path, value)
+            if msg:
+                return msg
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first.strip("'\"")
+
+
+def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
+    """absl flag parsing that turns any flag/config mistake into one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, ImportError) as e:
+        msg = _config_error_line(argv, config_flag, e)
+        print(f"{argv[0].split('/')[-1]}: error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_app(main: Callable[[list[str]], Any]) -> None:
+    """`absl.app.run` with one-line errors for flag/config mistakes and for `ConfigError`."""
+
+    def wrapped(argv):
+        from absl import logging as absl_logging
+
+        if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv):
+            absl_logging.set_verbosity(absl_logging.WARNING)  # keep library chatter off screen
+        try:
+            return main(argv)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(wrapped, flags_parser=parse_flags_or_exit)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    """The config as JSON (written beside every checkpoint)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Inverse of `to_json`."""
+    return ml_collections.ConfigDict(json.loads(text))
+
+
+__all__ = [
+    "CHOICES", "ConfigError", "define_config_flag", "explain_override", "from_json",
+    "load_config_file", "parse_flags_or_exit", "parse_variant", "register_choices", "run_app",
+    "to_json", "validate",
+]

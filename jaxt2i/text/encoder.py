@@ -1,0 +1,155 @@
+"""The frozen text encoder object: tokenizer + T5 params + one jitted encode function.
+
+`load_encoder(path)` reads a Hugging Face T5 directory (config.json, model.safetensors or a
+sharded index, tokenizer files) without torch; `save_encoder` writes one back that
+transformers' `T5EncoderModel.from_pretrained` loads; `init_encoder` makes a randomly
+initialised one (tests, the bundled shapes demo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxt2i.text import convert
+from jaxt2i.text.t5 import T5Config, T5Encoder, resolve_dtype
+from jaxt2i.text.tokenizer import Tokenizer, load_tokenizer, resolve_model_dir
+
+DEFAULT_MAX_LENGTH = 128
+_MAX_LENGTH_KEY = "jaxt2i_max_length"  # optional field of config.json: the text length L
+
+
+class TextEncoder:
+    """A frozen T5 encoder with its tokenizer.
+
+    Attributes:
+      config: the T5Config (dtype = compute dtype).
+      params: the Flax params pytree (plain arrays, no partitioning boxes).
+      tokenizer: fixed-length `Tokenizer`.
+      module: the `T5Encoder` linen module, for use inside larger jitted functions:
+        `encoder.module.apply({'params': encoder.params}, ids, mask)`.
+    """
+
+    def __init__(self, config: T5Config, params: Any, tokenizer: Tokenizer):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.module = T5Encoder(config)
+        self._encode = jax.jit(self._apply)
+
+    def _apply(self, params, ids, mask):
+        return self.module.apply({"params": params}, ids, mask)
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    def encode_ids(self, ids, mask) -> jax.Array:
+        """[B, L] ids + [B, L] mask -> [B, L, D] embeddings (jitted)."""
+        return self._encode(self.params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+
+    def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """Encodes prompts.
+
+        Args:
+          prompts: list of strings; '' is the unconditional prompt.
+
+        Returns:
+          (embeddings [B, L, D] in the compute dtype, mask [B, L] bool). Embeddings at padding
+          positions are whatever T5 computes there (as in transformers); consumers use `mask`.
+        """
+        ids, mask = self.tokenizer(prompts)
+        return self.encode_ids(ids, mask), jnp.asarray(mask)
+
+
+def _place(params, shardings):
+    if shardings is None:
+        return jax.tree_util.tree_map(jnp.asarray, params)
+    if callable(shardings):
+        shardings = shardings(params)
+    return jax.device_put(params, shardings)
+
+
+def load_encoder(
+    path: str,
+    dtype: str = "float32",
+    *,
+    param_dtype: str | None = None,
+    max_length: int | None = None,
+    tokenizer: str | None = None,
+    shardings: Any | Callable | None = None,
+) -> TextEncoder:
+    """Loads a Hugging Face T5 (v1.0 / v1.1 / Flan / mT5) encoder without torch.
+
+    Args:
+      path: local HF model directory, or a hub id (the only case that uses the network).
+      dtype: compute dtype, 'float32' or 'bfloat16'.
+      param_dtype: storage dtype of the params; defaults to `dtype` (a frozen model needs no
+        float32 master copy: T5-XXL takes 9.5 GB in bfloat16).
+      max_length: fixed text length; default: config.json's `jaxt2i_max_length` or 128.
+      tokenizer: directory of the tokenizer if not `path`.
+      shardings: optional pytree of `jax.sharding.Sharding` matching the params (or a function
+        params -> shardings) to place a large encoder across a mesh.
+
+    Returns:
+      A `TextEncoder`.
+    """
+    model_dir = resolve_model_dir(
+        path, allow_patterns=["*.json", "*.safetensors", "spiece.model", "*.model"])
+    cfg_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"no config.json in {model_dir}; is this a Hugging Face T5 directory?")
+    with open(cfg_path) as f:
+        hf_cfg = json.load(f)
+    param_dtype = param_dtype or dtype
+    config = T5Config.from_hf(hf_cfg, dtype=dtype, param_dtype=param_dtype)
+    wanted = {e.hf_name for e in convert.param_map(config)}
+    tensors, names = convert.read_hf_tensors(model_dir, wanted)
+    params = convert.hf_to_flax(tensors, names, config, resolve_dtype(param_dtype))
+    length = max_length or hf_cfg.get(_MAX_LENGTH_KEY, DEFAULT_MAX_LENGTH)
+    tok = load_tokenizer(tokenizer or model_dir, length)
+    if len(tok.hf) > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tok.hf)} tokens but the encoder's vocab_size is "
+            f"{config.vocab_size}; the tokenizer does not belong to this checkpoint")
+    return TextEncoder(config, _place(params, shardings), tok)
+
+
+def init_encoder(config: T5Config, tokenizer: Tokenizer, seed: int = 0) -> TextEncoder:
+    """A randomly initialised encoder (T5's initialisation scales)."""
+    module = T5Encoder(config)
+    ids = jnp.zeros((1, tokenizer.max_length), jnp.int32)
+    variables = jax.jit(module.init)(jax.random.key(seed), ids, jnp.ones(ids.shape, bool))
+    return TextEncoder(config, nn.unbox(variables["params"]), tokenizer)
+
+
+def save_encoder(encoder: TextEncoder, out_dir: str, dtype: str | None = None) -> None:
+    """Writes a Hugging Face T5 encoder directory (config.json, model.safetensors, tokenizer).
+
+    `T5EncoderModel.from_pretrained(out_dir)` and `load_encoder(out_dir)` both read it.
+
+    Args:
+      encoder: the encoder to save.
+      out_dir: target directory (created).
+      dtype: storage dtype ('float32', 'bfloat16', 'float16'); default float32.
+    """
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    store = np.dtype(resolve_dtype(dtype or "float32"))
+    tensors = {k: v.astype(store) for k, v in convert.flax_to_hf(
+        jax.device_get(encoder.params), encoder.config).items()}
+    hf_cfg = encoder.config.to_hf()
+    hf_cfg[_MAX_LENGTH_KEY] = encoder.max_length
+    hf_cfg["torch_dtype"] = dtype or "float32"
+    convert.write_safetensors(tensors, os.path.join(out_dir, convert.SINGLE_FILE),
+                              metadata={"format": "pt"}, save_file=save_file)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    encoder.tokenizer.hf.save_pretrained(out_dir)
