@@ -190,8 +190,14 @@ def _config_error_line(argv: list[str], name: str, exc: Exception) -> str:
 def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
     """absl flag parsing that turns any flag/config mistake into one line and exit code 2."""
     try:
-        return flags.FLAGS(argv)
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, ImportError) as e:
+        rest = flags.FLAGS(argv)
+        if config_flag in flags.FLAGS and flags.FLAGS[config_flag].present:
+            value = flags.FLAGS[config_flag].value
+            if type(value).__name__ == "_ErrorConfig":  # config_flags defers load failures
+                value.keys()  # raises the load error here, where it is reported in one line
+        return rest
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, ImportError,
+            OSError) as e:
         msg = _config_error_line(argv, config_flag, e)
         print(f"{argv[0].split('/')[-1]}: error: {msg}", file=sys.stderr)
         sys.exit(2)
