@@ -1,0 +1,56 @@
+"""Optimizer from config, EMA, and skipping of non-finite updates."""
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxt2i.train_state import (apply_gradients, create_train_state, learning_rate_schedule,
+                                make_optimizer)
+
+
+def _cfg(**kw):
+    base = dict(optimizer="adamw", lr=1e-2, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
+                warmup_steps=10, schedule="cosine", num_steps=110, end_lr_factor=0.0,
+                grad_clip=1.0)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def test_schedule_matches_formula():
+    sched = learning_rate_schedule(_cfg())
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(5)), 0.5e-2, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 1e-2, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(60)), 1e-2 * 0.5 * (1 + np.cos(np.pi * 0.5)), rtol=1e-5)
+    with pytest.raises(ValueError, match="train.optimizer 'sgdx'"):
+        make_optimizer(_cfg(optimizer="sgdx"))
+
+
+def test_nonfinite_update_is_skipped_and_counted():
+    params = {"w": jnp.ones(3)}
+    tx = make_optimizer(_cfg(warmup_steps=0, schedule="constant"))
+    state = create_train_state(params, tx)
+    state, _ = apply_gradients(state, {"w": jnp.array([1.0, 2.0, 3.0])}, jnp.float32(1.0), tx, 0.9)
+    assert int(state.step) == 1 and int(state.skipped) == 0
+    good = state
+    for i in range(2):
+        state, _ = apply_gradients(state, {"w": jnp.array([jnp.nan, 1.0, 1.0])}, jnp.float32(1.0), tx, 0.9)
+        assert int(state.skipped) == i + 1
+    state, _ = apply_gradients(state, {"w": jnp.ones(3)}, jnp.float32(jnp.inf), tx, 0.9)
+    assert int(state.skipped) == 3 and int(state.total_skipped) == 3 and int(state.step) == 1
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(good.params["w"]))
+    np.testing.assert_array_equal(np.asarray(state.ema_params["w"]), np.asarray(good.ema_params["w"]))
+    state, _ = apply_gradients(state, {"w": jnp.ones(3)}, jnp.float32(1.0), tx, 0.9)
+    assert int(state.skipped) == 0 and int(state.step) == 2
+    assert np.isfinite(np.asarray(state.params["w"])).all()
+
+
+def test_ema_tracks_params_with_warmup():
+    params = {"w": jnp.zeros(())}
+    tx = make_optimizer(_cfg(warmup_steps=0, schedule="constant", grad_clip=0.0))
+    state = create_train_state(params, tx)
+    state, _ = apply_gradients(state, {"w": jnp.float32(1.0)}, jnp.float32(0.0), tx, 0.999)
+    p = float(state.params["w"])
+    # step 0: decay = min(0.999, 1/10) = 0.1 -> ema = 0.9 * p
+    np.testing.assert_allclose(float(state.ema_params["w"]), 0.9 * p, rtol=1e-6)
