@@ -1,0 +1,83 @@
+"""Pieces shared by every stage config: text encoder, data, training, mesh, sharding rules.
+
+Stage files (base.py, sr.py) call `stage_config(...)` and override a few fields; a variant
+(`:size=tiny`) picks a named U-Net size and the matching defaults.
+"""
+
+import ml_collections
+
+from jaxt2i.models.unet import get_unet_config
+from jaxt2i.parallel.sharding import DEFAULT_RULES
+
+
+def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
+    """The full config of one cascade stage with the U-Net size `size`."""
+    unet = get_unet_config(size)
+    c = ml_collections.ConfigDict()
+    c.stage = "sr" if sr else "base"
+    c.model_size = size
+    # Every UNetConfig field, so `--config.model.base_channels=64` works and the JSON beside a
+    # checkpoint describes the model completely.
+    c.model = ml_collections.ConfigDict(unet.to_dict())
+
+    c.text = ml_collections.ConfigDict()
+    c.text.encoder = "bundled"  # 'bundled' (the shapes encoder) or a HF T5 directory / hub id
+    c.text.max_length = 32
+    c.text.dtype = "float32"
+    c.text.cache = ""  # directory of a precomputed text-embedding cache ('' = encode on the fly)
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "cosine"
+    c.diffusion.loss_weighting = "min_snr"
+    c.diffusion.min_snr_gamma = 5.0
+    c.diffusion.cond_drop_prob = 0.1  # text dropped for classifier-free guidance
+    c.diffusion.aug_schedule = "cosine"  # noise-conditioning augmentation (SR stages)
+    c.diffusion.aug_max_level = 0.5
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.sampler = "dpmpp_2m"
+    c.sample.steps = 25
+    c.sample.guidance = 5.0
+    c.sample.thresholding = "dynamic"
+    c.sample.aug_level = 0.1  # SR stages: fixed noise-augmentation level at sampling
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "shapes"  # 'shapes' (generated on the fly) or a TFDS data dir of a builder
+    c.data.dataset = ""  # TFDS dataset name when source is a data dir
+    c.data.split = "train"
+    c.data.num_examples = 100_000  # size of the on-the-fly shapes dataset
+    c.data.random_crop = False
+    c.data.seed = 0
+    c.data.worker_count = 0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 32  # global batch (all processes)
+    c.train.num_steps = 1000
+    c.train.optimizer = "adamw"
+    c.train.lr = 1e-4
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.warmup_steps = 100
+    c.train.schedule = "constant"
+    c.train.end_lr_factor = 0.0
+    c.train.grad_clip = 1.0
+    c.train.grad_accum = 1  # micro-batches per update (batch_size must divide evenly)
+    c.train.ema_decay = 0.9999
+    c.train.max_skipped = 10  # consecutive non-finite updates before the run stops
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.save_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 0  # 0 = only at the end
+    c.train.sample_prompts = [
+        "a red circle above a blue square",
+        "two green triangles on a white background",
+        "a yellow star left of a purple hexagon",
+        "a large blue square",
+    ]
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+    return c

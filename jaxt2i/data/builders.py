@@ -1,0 +1,331 @@
+"""TFDS dataset builders: the shapes world, and a user's own images with captions.
+
+Both write array_record files with `tfds` and are read back through random access
+(`builder.as_data_source(split)`), without TensorFlow: images are stored as encoded
+PNG/JPEG bytes (`tfds.features.Image` would import TensorFlow to encode) and decoded with
+Pillow by the pipeline.
+
+User data comes as a folder of images with captions from a JSONL or CSV manifest, from
+side-car `.txt` files, or from a COCO-style captions JSON (read by `inputs`). Bad inputs
+never stop a build: each is converted or skipped and counted in a `Report` with example
+paths, logged at the end and written beside the data as `build_report.json`.
+
+CLI: python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
+     python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import os
+import sys
+import zlib
+from concurrent import futures
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jaxt2i.data import inputs, shapes
+
+REPORT_FILE = "build_report.json"
+
+
+# --- the shapes world --------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ShapesConfig(tfds.core.BuilderConfig):
+    """Resolution, split sizes and seed of a built shapes dataset."""
+
+    resolution: int = 64
+    train_size: int = 10000
+    test_size: int = 1000
+    held_out_size: int = 1000
+    seed: int = 0
+
+
+class ShapesWorld(tfds.core.GeneratorBasedBuilder):
+    """The procedural shapes dataset (`jaxt2i.data.shapes`) at a chosen resolution."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [ShapesConfig(name="r64_n10000_s0")]
+    code_path = None  # nothing is downloaded, so TFDS needs no checksums file beside us
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Procedural captioned shapes scenes (jaxt2i's embedded default).",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG bytes
+                "caption": tfds.features.Text(),
+                "scene": tfds.features.Text(),  # JSON of the structured scene
+                "index": tfds.features.Scalar(dtype=np.int64),  # index in ShapesSource
+            }))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        c = self.builder_config
+        sizes = {"train": c.train_size, "test": c.test_size, "held_out": c.held_out_size}
+        return {k: self._generate_examples(k, n) for k, n in sizes.items() if n > 0}
+
+    def _generate_examples(self, split: str, size: int):
+        src = shapes.ShapesSource(self.builder_config.resolution, size, split,
+                                  self.builder_config.seed)
+        for i in range(size):
+            ex = src[i]
+            buf = io.BytesIO()
+            Image.fromarray(ex["image"]).save(buf, "PNG", compress_level=3)
+            yield i, {"image": buf.getvalue(), "caption": ex["caption"],
+                      "scene": ex["scene"], "index": i}
+
+
+def shapes_builder(data_dir: str, resolution: int, train_size: int, *, test_size: int = 0,
+                   held_out_size: int = 0, seed: int = 0) -> ShapesWorld:
+    """A `ShapesWorld` builder for one resolution/size/seed (call `build` on it).
+
+    Args:
+      data_dir: TFDS data directory.
+      resolution: image side in pixels.
+      train_size, test_size, held_out_size: examples per split (0 leaves a split out).
+      seed: dataset seed.
+
+    Returns:
+      The builder; config name 'r{resolution}_n{train_size}_s{seed}'.
+    """
+    cfg = ShapesConfig(name=f"r{resolution}_n{train_size}_s{seed}", resolution=resolution,
+                       train_size=train_size, test_size=test_size,
+                       held_out_size=held_out_size, seed=seed)
+    return ShapesWorld(config=cfg, data_dir=data_dir, file_format="array_record")
+
+
+# --- a user's images with captions -------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImageTextConfig(tfds.core.BuilderConfig):
+    """Where a user's images and captions are, and how to treat them.
+
+    Attributes:
+      root: folder of the images (relative manifest paths start here).
+      manifest: JSONL / CSV / COCO captions JSON; None reads side-car `.txt` files.
+      format: 'auto' (from the manifest's name and content), 'jsonl', 'csv', 'coco', 'txt'.
+      min_size: skip images whose shorter side is smaller (0 keeps all; the pipeline
+        upsamples small ones, and `small_warn` counts them).
+      small_warn: shorter sides below this are counted as 'small' (e.g. the stage size).
+      max_size: downscale images whose shorter side is larger (saves space).
+      val_fraction: fraction of examples (by a hash of their path) put in 'validation'.
+      num_threads: image decode/re-encode threads.
+    """
+
+    root: str = ""
+    manifest: str | None = None
+    format: str = "auto"
+    min_size: int = 0
+    small_warn: int = 0
+    max_size: int | None = None
+    val_fraction: float = 0.0
+    num_threads: int = 4
+
+
+class ImageText(tfds.core.GeneratorBasedBuilder):
+    """A user's own images with captions (folder + manifest, side-car text, or COCO)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [ImageTextConfig(name="default")]
+    code_path = None  # nothing is downloaded, so TFDS needs no checksums file beside us
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Images with captions from a local folder.",
+            features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG/JPEG bytes
+                "caption": tfds.features.Text(),
+                "captions": tfds.features.Text(),  # all captions, one per line (COCO)
+                "path": tfds.features.Text(),
+                "width": tfds.features.Scalar(dtype=np.int32),
+                "height": tfds.features.Scalar(dtype=np.int32),
+            }))
+
+    @property
+    def report(self) -> inputs.Report:
+        if not hasattr(self, "_report"):
+            self._report = inputs.Report()
+        return self._report
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        entries = list(inputs.read_entries(cfg.root, cfg.manifest, cfg.format, self.report))
+        frac = self.builder_config.val_fraction
+        if frac <= 0:
+            return {"train": self._generate_examples(entries)}
+        is_val = [zlib.crc32(e[0].encode("utf-8", "surrogateescape")) % 10000 < frac * 10000
+                  for e in entries]
+        return {"train": self._generate_examples([e for e, v in zip(entries, is_val) if not v]),
+                "validation": self._generate_examples([e for e, v in zip(entries, is_val)
+                                                       if v])}
+
+    def _generate_examples(self, entries):
+        cfg = self.builder_config
+        seen = set()
+
+        def work(entry):
+            path, caps = entry
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                return entry, None, (0, 0), ["missing_image"]
+            return (entry, *inputs.load_image(data, min_size=cfg.min_size,
+                                              max_size=cfg.max_size))
+
+        with futures.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool:
+            for (path, caps), data, (w, h), events in pool.map(work, entries):
+                rel = os.path.relpath(path, cfg.root) if cfg.root else path
+                clean = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                if clean != rel:  # keys and stored paths must be valid UTF-8
+                    rel = clean
+                    self.report.add("non_utf8_path", rel)
+                for ev in events:
+                    self.report.add(ev, rel)
+                if data is None:
+                    continue
+                if rel in seen:
+                    self.report.add("duplicate", rel)
+                    continue
+                seen.add(rel)
+                if cfg.small_warn and min(w, h) < cfg.small_warn:
+                    self.report.add("small", rel)
+                self.report.add("ok")
+                yield rel, {"image": data, "caption": caps[0], "captions": "\n".join(caps),
+                            "path": rel, "width": w, "height": h}
+
+
+def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
+                       name: str | None = None, **options) -> ImageText:
+    """An `ImageText` builder for a user's folder (call `build` on it).
+
+    Args:
+      data_dir: TFDS data directory.
+      root: folder of the images.
+      manifest: JSONL / CSV / COCO JSON path, or None for side-car `.txt` captions.
+      name: config name (lowercase letters, digits, '_'); default from the folder name.
+      **options: other `ImageTextConfig` fields (format, min_size, small_warn, max_size,
+        val_fraction, num_threads).
+
+    Returns:
+      The builder.
+    """
+    if name is None:
+        base = os.path.basename(os.path.normpath(root)).lower() or "default"
+        name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
+    cfg = ImageTextConfig(name=name, root=root, manifest=manifest, **options)
+    return ImageText(config=cfg, data_dir=data_dir, file_format="array_record")
+
+
+def build(builder: tfds.core.DatasetBuilder) -> inputs.Report:
+    """Generates a dataset (if not already built) and returns its input report.
+
+    Args:
+      builder: from `shapes_builder` or `image_text_builder`.
+
+    Returns:
+      The `Report` (empty for shapes); also logged and written to
+      `<builder.data_dir>/build_report.json`. A dataset already built returns the report
+      saved with it.
+    """
+    path = os.path.join(builder.data_dir, REPORT_FILE)
+    if builder.is_prepared():
+        report = inputs.Report()
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            report.counts.update(saved["counts"])
+            report.examples.update(saved["examples"])
+        return report
+    try:
+        builder.download_and_prepare()
+    except AssertionError as e:  # TFDS refuses to write an empty split
+        if "No examples" not in str(e):
+            raise
+        summary = getattr(builder, "report", inputs.Report()).summary()
+        raise ValueError(f"no usable examples for {builder.name}/{builder.builder_config.name}"
+                         f"; input report: {summary or 'no inputs found'}") from None
+    report = getattr(builder, "report", inputs.Report())
+    with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
+        json.dump(report.to_json(), f, indent=1, ensure_ascii=False)
+    logging.info("built %s at %s:\n%s", builder.name, builder.data_dir, report.summary())
+    return report
+
+
+def load_source(dataset_dir: str, split: str = "train"):
+    """Random-access source of a built dataset, without its builder class.
+
+    Args:
+      dataset_dir: the versioned directory, e.g. `<data_dir>/image_text/mydata/1.0.0`, or
+        a directory above it (the newest version below is used).
+      split: split name.
+
+    Returns:
+      A TFDS `ArrayRecordDataSource` (len, [i] -> dict of numpy values / bytes).
+    """
+    found = sorted(root for root, _, files in os.walk(dataset_dir)
+                   if "dataset_info.json" in files)
+    if not found:
+        raise FileNotFoundError(f"no built dataset (dataset_info.json) under {dataset_dir}; "
+                                f"build one with `python -m jaxt2i.data.builders`")
+    if len(found) > 1 and os.path.dirname(found[0]) != os.path.dirname(found[-1]):
+        raise ValueError(f"{dataset_dir} holds several datasets ({', '.join(found[:3])}, ...);"
+                         f" name one, e.g. {os.path.relpath(found[0], dataset_dir)}")
+    newest = max(found, key=lambda d: tuple(int(x) if x.isdigit() else 0 for x in
+                                            os.path.basename(d).split(".")))
+    return tfds.builder_from_directory(newest).as_data_source(split)
+
+
+def main(argv=None) -> int:
+    """Command line: build the shapes world or a user's folder into a TFDS data dir."""
+    p = argparse.ArgumentParser(prog="python -m jaxt2i.data.builders",
+                                description="Build a TFDS (array_record) image-caption dataset.")
+    p.add_argument("--data_dir", required=True, help="TFDS data directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shapes", help="RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
+    src.add_argument("--root", help="folder of images")
+    p.add_argument("--manifest", help="JSONL / CSV / COCO JSON; none: side-car .txt files")
+    p.add_argument("--format", default="auto", help="auto, jsonl, csv, coco or txt")
+    p.add_argument("--name", help="config name (default: the folder's name)")
+    p.add_argument("--min_size", type=int, default=0, help="skip smaller images")
+    p.add_argument("--small_warn", type=int, default=0, help="count images below this size")
+    p.add_argument("--max_size", type=int, default=None, help="downscale larger images")
+    p.add_argument("--val_fraction", type=float, default=0.0)
+    args = p.parse_args(argv)
+    try:
+        if args.shapes:
+            parts = args.shapes.split(":")
+            if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
+                raise ValueError(f"--shapes={args.shapes!r} must be "
+                                 f"RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
+            n = [int(x) for x in parts] + [0] * (5 - len(parts))
+            builder = shapes_builder(args.data_dir, n[0], n[1], test_size=n[2],
+                                     held_out_size=n[3], seed=n[4])
+        else:
+            builder = image_text_builder(
+                args.data_dir, args.root, args.manifest, name=args.name, format=args.format,
+                min_size=args.min_size, small_warn=args.small_warn, max_size=args.max_size,
+                val_fraction=args.val_fraction)
+        report = build(builder)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary() or "no input problems")
+    print(f"dataset: {builder.data_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

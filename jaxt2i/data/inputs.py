@@ -1,0 +1,275 @@
+"""Reading a user's images and captions so that no bad input stops a build.
+
+Images: unreadable or truncated files are skipped; grayscale, palette, RGBA, CMYK and
+16-bit images become 8-bit RGB (transparency composited onto white); EXIF-rotated photos
+are turned upright; images below a minimum size are skipped, huge ones optionally
+downscaled. Captions: any language (UTF-8); non-UTF-8 bytes are decoded as Windows-1252;
+empty or missing captions skip the image. Every case is counted in a `Report` with example
+paths.
+
+Captions come from a JSONL or CSV manifest, side-car `.txt` files next to the images, or a
+COCO-style captions JSON (`read_entries`).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_IMAGE_KEYS = ("image", "file_name", "file", "filename", "path", "image_path")
+_CAPTION_KEYS = ("caption", "text", "prompt", "captions")
+
+
+class Report:
+    """Counts of how each input was handled, with a few example paths per kind."""
+
+    def __init__(self, max_examples: int = 5):
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+        self.max_examples = max_examples
+
+    def add(self, kind: str, path: str | None = None) -> None:
+        self.counts[kind] += 1
+        if path is not None and len(self.examples[kind]) < self.max_examples:
+            self.examples[kind].append(str(path))
+
+    def to_json(self) -> dict:
+        return {"counts": dict(self.counts), "examples": dict(self.examples)}
+
+    def summary(self) -> str:
+        """One line per kind: 'kind: count (e.g. path, path)'."""
+        lines = []
+        for kind, n in sorted(self.counts.items()):
+            eg = self.examples.get(kind)
+            lines.append(f"{kind}: {n}" + (f" (e.g. {', '.join(eg)})" if eg else ""))
+        return "\n".join(lines)
+
+
+def decode_text(raw: bytes | str) -> tuple[str, bool]:
+    """Bytes or str (possibly with surrogate escapes) -> (clean text, was_not_utf8).
+
+    Whitespace runs become one space, so captions never contain newlines.
+    """
+    if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")
+            return " ".join(raw.split()), False
+        except UnicodeEncodeError:  # undecodable bytes smuggled in as surrogates
+            raw = raw.encode("utf-8", "surrogateescape")
+    try:
+        return " ".join(raw.decode("utf-8-sig").split()), False
+    except UnicodeDecodeError:
+        return " ".join(raw.decode("cp1252", "replace").split()), True
+
+
+def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None):
+    """Decodes image bytes into an 8-bit RGB image ready to store.
+
+    Args:
+      data: the file's bytes.
+      min_size: images whose shorter side is below this are rejected ('too_small').
+      max_size: images whose shorter side is above this are downscaled to it.
+
+    Returns:
+      (encoded bytes or None if rejected, (width, height), list of event kinds for the
+      report: 'unreadable', 'truncated', 'too_small', 'converted_<mode>', 'exif_rotated',
+      'downscaled', 'small').
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt = img.format
+        img.load()
+    except OSError as e:  # PIL raises OSError subclasses for both cases
+        return None, (0, 0), ["truncated" if "truncated" in str(e) else "unreadable"]
+    except Exception:  # pylint: disable=broad-except  # decoders raise many types
+        return None, (0, 0), ["unreadable"]
+    events, changed = [], False
+    if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: camera photos stored sideways
+        img, changed = ImageOps.exif_transpose(img), True
+        events.append("exif_rotated")
+    if img.mode != "RGB":
+        events.append(f"converted_{img.mode.replace(';', '_')}")
+        img, changed = _to_rgb(img), True
+    w, h = img.size
+    if min(w, h) < max(min_size, 1):
+        return None, (w, h), events + ["too_small"]
+    if max_size and min(w, h) > max_size:
+        f = max_size / min(w, h)
+        img, changed = img.resize((max(1, round(w * f)), max(1, round(h * f))),
+                                  Image.BICUBIC), True
+        events.append("downscaled")
+    if not changed and fmt in ("JPEG", "PNG"):
+        return data, img.size, events  # already fine: keep the original bytes
+    out = io.BytesIO()
+    if fmt == "JPEG":
+        img.save(out, "JPEG", quality=95)
+    else:
+        img.save(out, "PNG", compress_level=3)
+    return out.getvalue(), img.size, events
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited onto white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0  # 16-bit data, or 8-bit data in 'I'
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+
+def _clean_captions(raw_caps, path: str, report: Report) -> list[str]:
+    caps = []
+    for raw in raw_caps:
+        if raw is None:
+            continue
+        text, bad = decode_text(raw if isinstance(raw, (str, bytes)) else str(raw))
+        if bad:
+            report.add("non_utf8_caption", path)
+        if text:
+            caps.append(text)
+    if not caps:
+        report.add("empty_caption" if any(r is not None for r in raw_caps)
+                   else "missing_caption", path)
+    return caps
+
+
+def read_entries(root: str, manifest: str | None, fmt: str,
+                 report: Report) -> Iterator[tuple[str, list[str]]]:
+    """Lists a user's images with their captions.
+
+    Args:
+      root: folder of the images (relative manifest paths start here; default: the
+        manifest's folder).
+      manifest: JSONL / CSV / COCO JSON path, or None for side-car `.txt` files.
+      fmt: 'auto', 'jsonl', 'csv', 'coco' or 'txt'.
+      report: counts bad rows and captions.
+
+    Yields:
+      (image path, [cleaned captions]) in a stable order; entries without a caption are
+      counted and left out.
+    """
+    requested = fmt
+    if fmt == "auto":
+        fmt = _guess_format(manifest)
+    if fmt not in ("jsonl", "csv", "coco", "txt"):
+        raise ValueError(f"unknown format {requested!r}; use 'auto', 'jsonl', 'csv', "
+                         f"'coco' or 'txt'")
+    if root and not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} not found; pass an existing --root")
+    if fmt == "txt":
+        rows = _txt_rows(root)
+    else:
+        if not manifest or not os.path.exists(manifest):
+            raise FileNotFoundError(f"manifest {manifest!r} not found; pass the path of "
+                                    f"the {fmt} file")
+        base = root or os.path.dirname(manifest)
+        rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "coco": _coco_rows}[fmt](
+            manifest, base, report)
+    for path, raw_caps in rows:
+        caps = _clean_captions(raw_caps, os.path.relpath(path, root or "."), report)
+        if caps:
+            yield path, caps
+
+
+def _guess_format(manifest: str | None) -> str:
+    if manifest is None:
+        return "txt"
+    low = manifest.lower()
+    if low.endswith(".csv") or low.endswith(".tsv"):
+        return "csv"
+    if low.endswith(".jsonl"):
+        return "jsonl"
+    with open(manifest, "rb") as f:
+        head = f.read(4096).lstrip()
+    return "coco" if head.startswith(b"{") and b'"images"' in head else "jsonl"
+
+
+def _txt_rows(root: str):
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames.sort()
+        names = set(files)
+        for name in sorted(files):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() not in IMAGE_EXTENSIONS:
+                continue
+            txt = os.path.join(dirpath, stem + ".txt")
+            if stem + ".txt" in names:
+                with open(txt, "rb") as f:
+                    yield os.path.join(dirpath, name), [f.read()]
+            else:
+                yield os.path.join(dirpath, name), [None]
+
+
+def _pick(row: dict, keys) -> object:
+    for k in keys:
+        if k in row:
+            return row[k]
+    return None
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _jsonl_rows(manifest: str, base: str, report: Report):
+    with open(manifest, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:  # surrogateescape keeps non-UTF-8 bytes for decode_text to repair
+                row = json.loads(line.decode("utf-8", "surrogateescape"))
+                image = _pick(row, _IMAGE_KEYS)
+                if not isinstance(image, str):
+                    raise ValueError("no image key")
+            except (ValueError, AttributeError, TypeError):
+                report.add("bad_manifest_line", f"{manifest}:{n}")
+                continue
+            yield os.path.join(base, image), _as_list(_pick(row, _CAPTION_KEYS))
+
+
+def _csv_rows(manifest: str, base: str, report: Report):
+    with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        delim = "\t" if manifest.lower().endswith(".tsv") else ","
+        reader = csv.DictReader(f, delimiter=delim)
+        fields = {k.strip().lower(): k for k in reader.fieldnames or []}
+        img_key = next((fields[k] for k in _IMAGE_KEYS if k in fields), None)
+        cap_key = next((fields[k] for k in _CAPTION_KEYS if k in fields), None)
+        if img_key is None:
+            raise ValueError(f"CSV {manifest} has columns {list(fields)}; name the image "
+                             f"column one of {_IMAGE_KEYS}")
+        for n, row in enumerate(reader, 2):
+            if not row.get(img_key):
+                report.add("bad_manifest_line", f"{manifest}:{n}")
+                continue
+            yield os.path.join(base, row[img_key]), [row.get(cap_key) if cap_key else None]
+
+
+def _coco_rows(manifest: str, base: str, report: Report):
+    with open(manifest, "rb") as f:
+        coco = json.loads(f.read().decode("utf-8", "surrogateescape"))
+    caps = collections.defaultdict(list)
+    for ann in sorted(coco.get("annotations", []), key=lambda a: a.get("id", 0)):
+        if "image_id" in ann:
+            caps[ann["image_id"]].append(ann.get("caption"))
+        else:
+            report.add("bad_manifest_line", f"{manifest}:annotation {ann.get('id')}")
+    for im in sorted(coco.get("images", []), key=lambda i: i.get("id", 0)):
+        if "file_name" not in im:
+            report.add("bad_manifest_line", f"{manifest}:image {im.get('id')}")
+            continue
+        yield os.path.join(base, im["file_name"]), caps.get(im.get("id")) or [None]

@@ -1,0 +1,453 @@
+"""The embedded default dataset: procedural captioned shapes scenes.
+
+A scene holds 1-3 flat objects (shape, colour, size, position) on a plain background and
+is drawn anti-aliased at any resolution, so every stage of a cascade trains on the same
+world. Everything is a pure function of a seed: `ShapesSource(resolution, size, split,
+seed)[i]` is the same image and caption on every machine, with no build step.
+
+Captions come from several templates and always mention every object, so a caption can be
+checked against the image (`jaxt2i.eval.shapes_eval`). `parse_caption` turns a caption or
+user prompt back into its structured form. Some colour-shape pairs and some stated
+relations are held out of the 'train' and 'test' splits and make up the 'held_out' split,
+which measures compositional generalisation.
+
+Coordinates: x to the right, y downwards, both as fractions of the image side.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+# --- vocabulary --------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Saturated colours at least ~80 apart in RGB from each other and from every background.
+COLOURS = {
+    "red": (220, 30, 30),
+    "orange": (250, 130, 0),
+    "yellow": (250, 230, 40),
+    "green": (30, 170, 60),
+    "blue": (40, 80, 230),
+    "purple": (150, 50, 200),
+}
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SIZES = {"small": 0.10, "large": 0.16}  # object "radius" as a fraction of the image side
+SIZE_JITTER = 0.08  # radii vary by +-8% so the two sizes never meet
+SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])  # what the detector splits on
+RELATIONS = ("left of", "right of", "above", "below")
+SPLITS = ("train", "test", "held_out")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+# Held out of 'train'/'test'; a scene is held out if any object or its stated relation is.
+HELD_OUT_COLOUR_SHAPES = frozenset({
+    ("red", "star"), ("yellow", "circle"), ("green", "triangle"), ("blue", "cross"),
+    ("purple", "square"),
+})
+_CONVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+_HELD_OUT_REL = (("circle", "above", "triangle"), ("square", "left of", "star"),
+                 ("cross", "below", "circle"))
+# The converse states the same picture ("a triangle below a circle"), so it is held out too.
+HELD_OUT_RELATIONS = frozenset(
+    set(_HELD_OUT_REL) | {(b, _CONVERSE[r], a) for a, r, b in _HELD_OUT_REL})
+
+_MARGIN = 0.03  # free border around the scene
+_GAP = 0.05  # minimum free space between two objects' boxes
+_KIND_PROBS = {"single": 0.25, "relation": 0.35, "count": 0.2, "and": 0.2}
+_BG_PROBS = {"white": 0.5, "black": 0.25, "gray": 0.25}
+
+# --- geometry ----------------------------------------------------------------------------
+
+
+def _unit_polygon(shape: str) -> np.ndarray | None:
+    """Vertices [V, 2] of a shape whose box is centred at 0 with half-extent <= 1."""
+    if shape == "circle":
+        return None
+    if shape == "square":
+        pts = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * 0.88
+    elif shape == "triangle":  # equilateral, pointing up
+        ang = np.deg2rad([-90, 30, 150])
+        pts = np.stack([np.cos(ang), np.sin(ang)], 1) * 1.15
+    elif shape == "star":  # five points; a fat inner radius keeps it readable at 32 px
+        ang = np.deg2rad(-90 + 36 * np.arange(10))
+        rad = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        pts = np.stack([np.cos(ang) * rad, np.sin(ang) * rad], 1)
+    elif shape == "cross":
+        a, w = 0.95, 0.33
+        pts = np.array([[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a],
+                        [-w, w], [-a, w], [-a, -w], [-w, -w]], np.float64)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; use one of {SHAPES}")
+    return pts - (pts.min(0) + pts.max(0)) / 2  # centre the bounding box
+
+
+def _polygon_props(pts: np.ndarray) -> tuple[float, np.ndarray]:
+    """Area and centroid of a simple polygon (shoelace formula)."""
+    x, y = pts[:, 0], pts[:, 1]
+    xn, yn = np.roll(x, -1), np.roll(y, -1)
+    cr = x * yn - xn * y
+    area = cr.sum() / 2
+    cen = np.array([((x + xn) * cr).sum(), ((y + yn) * cr).sum()]) / (6 * area)
+    return abs(area), cen
+
+
+_POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
+# Per shape: area, centroid offset from the box centre, and box half-extent, at radius 1.
+UNIT_AREA: dict[str, float] = {"circle": math.pi}
+UNIT_CENTROID: dict[str, np.ndarray] = {"circle": np.zeros(2)}
+UNIT_HALF_EXTENT: dict[str, np.ndarray] = {"circle": np.ones(2)}
+for _s, _p in _POLYGONS.items():
+    if _p is not None:
+        UNIT_AREA[_s], UNIT_CENTROID[_s] = _polygon_props(_p)
+        UNIT_HALF_EXTENT[_s] = _p.max(0)
+
+
+def shape_coverage(shape: str, cx: float, cy: float, r: float, xs: np.ndarray,
+                   ys: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage of one shape at pixel centres.
+
+    The signed distance to the outline, in pixels, is mapped to coverage by a one-pixel ramp
+    (0.5 - d), which is the area a straight edge covers of a pixel.
+
+    Args:
+      shape: one of SHAPES.
+      cx, cy, r: box centre and radius in pixels.
+      xs, ys: pixel-centre coordinates in pixels, broadcastable to each other.
+
+    Returns:
+      float32 coverage in [0, 1], shaped like xs + ys.
+    """
+    xs, ys = np.broadcast_arrays(np.asarray(xs, np.float32), np.asarray(ys, np.float32))
+    px, py = xs - np.float32(cx), ys - np.float32(cy)
+    poly = _POLYGONS[shape]
+    if poly is None:
+        d = np.sqrt(px * px + py * py) - np.float32(r)
+    else:
+        a = (poly * r).astype(np.float32)  # [V, 2]
+        e = np.roll(a, -1, axis=0) - a  # edge vectors [V, 2]
+        qx, qy = px[..., None] - a[:, 0], py[..., None] - a[:, 1]  # [..., V]
+        t = np.clip((qx * e[:, 0] + qy * e[:, 1]) / (e ** 2).sum(1), 0, 1)
+        dist = np.sqrt(((qx - t * e[:, 0]) ** 2 + (qy - t * e[:, 1]) ** 2).min(-1))
+        # Even-odd test: a rightward ray from an inside point crosses the outline oddly.
+        above = a[:, 1] > py[..., None]
+        straddle = above != np.roll(above, -1, axis=-1)
+        right = (qx * e[:, 1] < qy * e[:, 0]) == (e[:, 1] > 0)
+        inside = np.logical_xor.reduce(straddle & right, axis=-1)
+        d = np.where(inside, -dist, dist)
+    return np.clip(0.5 - d, 0.0, 1.0).astype(np.float32)
+
+
+def render(scene: dict, resolution: int) -> np.ndarray:
+    """Draws a scene.
+
+    Args:
+      scene: a scene dict from `sample_scene` (or its JSON).
+      resolution: output side R in pixels, 8..1024 or more.
+
+    Returns:
+      uint8 image [R, R, 3].
+    """
+    if isinstance(scene, str):
+        scene = json.loads(scene)
+    res = int(resolution)
+    img = np.empty((res, res, 3), np.float32)
+    img[:] = BACKGROUNDS[scene["background"]]
+    for o in scene["objects"]:
+        cx, cy, r = o["x"] * res, o["y"] * res, o["r"] * res
+        hx, hy = UNIT_HALF_EXTENT[o["shape"]] * r + 1
+        x0, x1 = max(0, int(cx - hx)), min(res, int(math.ceil(cx + hx)))
+        y0, y1 = max(0, int(cy - hy)), min(res, int(math.ceil(cy + hy)))
+        xs = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5
+        ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5
+        a = shape_coverage(o["shape"], cx, cy, r, xs, ys)[..., None]  # [h, w, 1]
+        win = img[y0:y1, x0:x1]
+        win += a * (np.asarray(COLOURS[o["colour"]], np.float32) - win)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+# --- scenes ------------------------------------------------------------------------------
+
+
+def _box(o: dict) -> tuple[float, float, float, float]:
+    hx, hy = UNIT_HALF_EXTENT[o["shape"]] * o["r"]
+    return o["x"] - hx, o["y"] - hy, o["x"] + hx, o["y"] + hy
+
+
+def _apart(a: dict, b: dict, gap: float = _GAP) -> bool:
+    """Whether two objects' boxes are separated by at least `gap` along some axis."""
+    ax0, ay0, ax1, ay1 = _box(a)
+    bx0, by0, bx1, by1 = _box(b)
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1) >= gap
+
+
+def relation_holds(a: dict, b: dict, relation: str, strict: bool = True) -> bool:
+    """Whether object `a` is `relation` object `b` (e.g. a above b).
+
+    Args:
+      a, b: dicts with 'x', 'y' (box centres); with strict, also 'shape' and 'r'.
+      relation: one of RELATIONS.
+      strict: the generator's rule: boxes apart by a gap along the relation's axis and the
+        offset across it at most half the offset along it. Otherwise (for scoring generated
+        images) the stated direction merely dominates.
+
+    Returns:
+      bool.
+    """
+    axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[
+        relation]
+    d = np.array([a["x"] - b["x"], a["y"] - b["y"]]) * sign
+    along, across = d[axis], abs(d[1 - axis])
+    if not strict:
+        return bool(along > 0 and along >= across)
+    ba, bb = _box(a), _box(b)
+    free = (bb[axis] - ba[axis + 2]) if sign < 0 else (ba[axis] - bb[axis + 2])
+    return bool(free >= _GAP and across <= 0.5 * along)
+
+
+def _pick(rng: np.random.Generator, probs: dict) -> str:
+    keys = list(probs)
+    return keys[rng.choice(len(keys), p=np.array([probs[k] for k in keys]))]
+
+
+def _new_object(rng, shape, colour, size) -> dict:
+    r = SIZES[size] * (1 + SIZE_JITTER * rng.uniform(-1, 1))
+    hx, hy = UNIT_HALF_EXTENT[shape] * r
+    x = rng.uniform(_MARGIN + hx, 1 - _MARGIN - hx)
+    y = rng.uniform(_MARGIN + hy, 1 - _MARGIN - hy)
+    return {"shape": shape, "colour": colour, "size": size, "x": round(float(x), 5),
+            "y": round(float(y), 5), "r": round(float(r), 5)}
+
+
+def _distinct_specs(rng, n: int) -> list[tuple[str, str, str]]:
+    """n (shape, colour, size) with distinct (shape, colour), so no caption is ambiguous."""
+    specs, seen = [], set()
+    while len(specs) < n:
+        s, c = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+        if (s, c) not in seen:
+            seen.add((s, c))
+            specs.append((s, c, list(SIZES)[rng.integers(len(SIZES))]))
+    return specs
+
+
+def _layout(rng, specs, relation: str | None) -> list[dict] | None:
+    """Places objects apart (and satisfying `relation` between the first two), or None."""
+    for _ in range(200):
+        objs = [_new_object(rng, *s) for s in specs]
+        if not all(_apart(a, b) for i, a in enumerate(objs) for b in objs[i + 1:]):
+            continue
+        if relation and not relation_holds(objs[0], objs[1], relation):
+            continue
+        return objs
+    return None
+
+
+def _sample_any(rng: np.random.Generator) -> dict:
+    kind = _pick(rng, _KIND_PROBS)
+    relation = None
+    if kind == "single":
+        specs = _distinct_specs(rng, 1)
+    elif kind == "relation":
+        specs = _distinct_specs(rng, 2)
+        relation = RELATIONS[rng.integers(len(RELATIONS))]
+    elif kind == "count":
+        specs = _distinct_specs(rng, 1) * int(rng.integers(2, 4))
+    else:
+        specs = _distinct_specs(rng, int(rng.integers(2, 4)))
+    objs = None
+    while objs is None:  # a failed layout (rare: three large objects) retries the sizes
+        objs = _layout(rng, specs, relation)
+        specs = [(s, c, "small") for s, c, _ in specs] if objs is None else specs
+    return {"kind": kind, "background": _pick(rng, _BG_PROBS), "objects": objs,
+            "relation": None if relation is None else {"subject": 0, "relation": relation,
+                                                       "object": 1}}
+
+
+def is_held_out(scene: dict) -> bool:
+    """Whether a scene uses a held-out colour-shape pair or a held-out stated relation."""
+    if any((o["colour"], o["shape"]) in HELD_OUT_COLOUR_SHAPES for o in scene["objects"]):
+        return True
+    rel = scene.get("relation")
+    if rel:
+        a, b = scene["objects"][rel["subject"]], scene["objects"][rel["object"]]
+        return (a["shape"], rel["relation"], b["shape"]) in HELD_OUT_RELATIONS
+    return False
+
+
+def sample_scene(rng: np.random.Generator, split: str = "train") -> dict:
+    """Samples a scene.
+
+    Args:
+      rng: numpy Generator (the scene is a pure function of its state).
+      split: 'train' or 'test' (never held-out combinations) or 'held_out' (only them).
+
+    Returns:
+      A JSON-serialisable dict: kind ('single' | 'relation' | 'count' | 'and'), background,
+      objects [{shape, colour, size, x, y, r}] and relation ({subject, relation, object}
+      indices into objects, or None).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    want = split == "held_out"
+    while True:
+        scene = _sample_any(rng)
+        if is_held_out(scene) == want:
+            return scene
+
+
+# --- captions ----------------------------------------------------------------------------
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _phrase(o: dict, with_size: bool, count: int = 1) -> str:
+    words = ([o["size"]] if with_size else []) + [o["colour"]]
+    if count == 1:
+        return f"{_article(words[0])} {' '.join(words)} {o['shape']}"
+    return f"{COUNT_WORDS[count]} {' '.join(words)} {_plural(o['shape'])}"
+
+
+def caption(scene: dict, rng: np.random.Generator) -> str:
+    """Writes one caption for a scene from a random template; every object is mentioned.
+
+    Args:
+      scene: a scene dict.
+      rng: numpy Generator choosing the template and which optional words appear.
+
+    Returns:
+      e.g. 'a red circle above a blue square', 'two small green triangles on a white
+      background'.
+    """
+    objs, kind = scene["objects"], scene["kind"]
+    sized = bool(rng.random() < 0.5)
+    if kind == "count":
+        body = _phrase(objs[0], sized, len(objs))
+    elif kind == "relation":
+        rel = scene["relation"]
+        word = {"left of": "to the left of", "right of": "to the right of"}.get(
+            rel["relation"], rel["relation"])
+        body = (f"{_phrase(objs[rel['subject']], sized)} {word} "
+                f"{_phrase(objs[rel['object']], sized)}")
+    else:
+        parts = [_phrase(o, sized) for o in objs]
+        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    prefix = ["", "", "a picture of ", "there is " if len(objs) == 1 or kind == "relation"
+              else "there are "][rng.integers(4)]
+    suffix = f" on {_article(scene['background'])} {scene['background']} background" if (
+        rng.random() < 0.4) else ""
+    return prefix + body + suffix
+
+
+_NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
+           "1": 1, "2": 2, "3": 3, "4": 4, "5": 5}
+_REL_RE = re.compile(r"\b(?:to the |on the )?(left of|right of|above|below|under|over)\b")
+_BG_RE = re.compile(r"\bon (?:an? |the )?(\w+) background\b")
+_PREFIX_RE = re.compile(r"^(?:a picture of|an image of|a photo of|there is|there are)\s+")
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{_plural(s): s for s in SHAPES}}
+
+
+def _parse_group(text: str, prompt: str) -> dict:
+    words = text.split()
+    count = 1
+    if words and words[0] in _NUMBER:
+        count = _NUMBER[words.pop(0)]
+    size = words.pop(0) if words and words[0] in SIZES else None
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in _SHAPE_WORDS:
+        raise ValueError(f"cannot parse {text!r} in prompt {prompt!r}; write objects as "
+                         f"'[a|two|three] [small|large] <colour> <shape>'")
+    return {"count": count, "size": size, "colour": words[0], "shape": _SHAPE_WORDS[words[1]]}
+
+
+def parse_caption(prompt: str) -> dict:
+    """Parses a caption or user prompt back into its structured form.
+
+    Args:
+      prompt: e.g. 'a red circle above a blue square', 'two green triangles on a white
+        background', 'a small red star, a blue cross and a yellow square'.
+
+    Returns:
+      {'objects': [{count, size (or None), colour, shape}], 'relation': None or one of
+      RELATIONS (objects[0] relation objects[1]), 'background': name or None}.
+
+    Raises:
+      ValueError: words outside the shapes vocabulary.
+    """
+    text = re.sub(r"[^\w\s,]", " ", prompt.lower()).replace(",", " , ")
+    text = " ".join(text.split())
+    background = None
+    m = _BG_RE.search(text)
+    if m:
+        if m.group(1) not in BACKGROUNDS:
+            raise ValueError(f"unknown background {m.group(1)!r} in {prompt!r}; use one of "
+                             f"{tuple(BACKGROUNDS)}")
+        background = m.group(1)
+        text = (text[:m.start()] + text[m.end():]).strip()
+    text = _PREFIX_RE.sub("", text)
+    relation = None
+    parts = [text]
+    m = _REL_RE.search(text)
+    if m:
+        relation = {"under": "below", "over": "above"}.get(m.group(1), m.group(1))
+        parts = [text[:m.start()], text[m.end():]]
+    groups = [g for p in parts for g in re.split(r"\s*,\s*(?:and\s+)?|\s+and\s+", p.strip())
+              if g.strip()]
+    objects = [_parse_group(g, prompt) for g in groups]
+    if relation and (len(objects) != 2 or any(o["count"] != 1 for o in objects)):
+        raise ValueError(f"a relation needs exactly one object on each side: {prompt!r}")
+    if not objects:
+        raise ValueError(f"no object in prompt {prompt!r}; e.g. 'a red circle'")
+    return {"objects": objects, "relation": relation, "background": background}
+
+
+# --- random-access source ----------------------------------------------------------------
+
+
+class ShapesSource:
+    """Shapes scenes generated on the fly from their index: random access, no build.
+
+    `source[i]` is a pure function of (seed, split, i, resolution), so shards, restarts and
+    machines agree. Different splits draw from different seed streams.
+    """
+
+    def __init__(self, resolution: int, size: int, split: str = "train", seed: int = 0):
+        """Args: resolution: image side; size: number of examples; split: one of SPLITS;
+        seed: dataset seed."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        if resolution < 8 or size < 1:
+            raise ValueError(f"resolution ({resolution}) must be >= 8 and size ({size}) >= 1")
+        self.resolution, self.size, self.split, self.seed = int(resolution), int(size), split, int(
+            seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def scene_and_caption(self, index: int) -> tuple[dict, str]:
+        """The scene and caption of example `index`, without rendering."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} examples")
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index)])
+        scene = sample_scene(rng, self.split)
+        return scene, caption(scene, rng)
+
+    def caption_at(self, index: int) -> str:
+        """The caption of example `index` (cheap: no rendering)."""
+        return self.scene_and_caption(index)[1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene, text = self.scene_and_caption(int(index))
+        return {"image": render(scene, self.resolution), "caption": text,
+                "scene": json.dumps(scene)}
+
+    def __repr__(self) -> str:
+        return (f"ShapesSource(resolution={self.resolution}, size={self.size}, "
+                f"split={self.split!r}, seed={self.seed})")

@@ -1,0 +1,203 @@
+"""Tests of the TFDS builders: round trips without TensorFlow, and every bad-input kind."""
+
+import csv
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxt2i.data import builders, inputs, pipeline, shapes
+
+_RNG = np.random.default_rng(0)
+_RGB = _RNG.integers(0, 255, (40, 52, 3), np.uint8)
+
+
+def _png(a, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(a, mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _make_images(root):
+    """Writes one image per input kind; returns {file name: expected outcome}."""
+    os.makedirs(os.path.join(root, "img"))
+    def save(name, img, fmt=None):
+        img.save(os.path.join(root, "img", name), fmt)
+    save("ok.jpg", Image.fromarray(_RGB))
+    save("gray.png", Image.fromarray(_RGB[..., 0]))
+    save("rgba.png", Image.fromarray(np.dstack([_RGB, _RGB[..., :1]])))
+    save("cmyk.jpg", Image.fromarray(_RGB).convert("CMYK"))
+    save("deep.png", Image.fromarray(_RGB[..., 0].astype(np.uint16) * 257))  # 16-bit
+    save("palette.gif", Image.fromarray(_RGB).convert("P"))
+    save("small.png", Image.fromarray(_RGB[:12, :12]))  # kept, counted as small
+    save("tiny.png", Image.fromarray(_RGB[:3, :3]))  # below min_size: skipped
+    with open(os.path.join(root, "img", "truncated.png"), "wb") as f:
+        f.write(_png(_RGB)[:300])
+    with open(os.path.join(root, "img", "garbage.jpg"), "wb") as f:
+        f.write(b"definitely not an image")
+    for name in ("empty.png", "nocap.png", "latin1.png", "unicode.png"):
+        save(name, Image.fromarray(_RGB))
+    return {"ok.jpg": "un chat", "gray.png": "gray", "rgba.png": "rgba", "cmyk.jpg": "cmyk",
+            "deep.png": "deep", "palette.gif": "palette", "small.png": "small",
+            "tiny.png": "tiny", "truncated.png": "truncated", "garbage.jpg": "garbage",
+            "empty.png": "   ", "nocap.png": None, "latin1.png": "caf\xe9 cr\xe8me",
+            "unicode.png": "一只猫 🐈 ünïcode"}
+
+
+_KEPT = {"ok.jpg", "gray.png", "rgba.png", "cmyk.jpg", "deep.png", "palette.gif", "small.png",
+         "latin1.png", "unicode.png"}
+_EXPECTED_COUNTS = {"ok": 9, "converted_L": 1, "converted_RGBA": 1, "converted_CMYK": 1,
+                    "converted_I_16": 1, "converted_P": 1, "small": 1, "too_small": 1,
+                    "truncated": 1, "unreadable": 1, "empty_caption": 1,
+                    "missing_caption": 1, "non_utf8_caption": 1}
+
+
+def _check(builder, report, bad_line=True):
+    for kind, n in _EXPECTED_COUNTS.items():
+        assert report.counts[kind] == n, (kind, report.summary())
+    assert report.counts["missing_image"] == 1
+    if bad_line:
+        assert report.counts["bad_manifest_line"] == 1
+    assert "img/truncated.png" in report.examples["truncated"]
+    src = builder.as_data_source("train")
+    assert len(src) == len(_KEPT)
+    seen = {}
+    for i in range(len(src)):
+        rec = src[i]
+        img = pipeline.decode_image(rec["image"])
+        assert img.dtype == np.uint8 and img.shape[-1] == 3
+        seen[rec["path"].decode()] = rec["caption"].decode()
+    assert set(seen) == {f"img/{n}" for n in _KEPT}
+    assert seen["img/latin1.png"] == "café crème"
+    assert seen["img/unicode.png"] == "一只猫 🐈 ünïcode"
+    with open(os.path.join(builder.data_dir, builders.REPORT_FILE)) as f:
+        assert json.load(f)["counts"]["truncated"] == 1
+    assert "tensorflow" not in sys.modules
+
+
+def _caption_bytes(cap):
+    return cap.encode("cp1252") if cap == "caf\xe9 cr\xe8me" else cap.encode()
+
+
+def test_jsonl_manifest(tmp_path):
+    root = str(tmp_path / "photos")
+    caps = _make_images(root)
+    with open(os.path.join(root, "captions.jsonl"), "wb") as f:
+        for name, cap in caps.items():
+            row = {"image": f"img/{name}"}
+            if cap is not None:
+                row["caption"] = "@@"
+            f.write(json.dumps(row, ensure_ascii=False).encode().replace(
+                b"@@", _caption_bytes(cap) if cap is not None else b"") + b"\n")
+        f.write(b'{"image": "img/missing.png", "caption": "gone"}\n{not json\n')
+    b = builders.image_text_builder(str(tmp_path / "tfds"), root,
+                                    os.path.join(root, "captions.jsonl"), min_size=8,
+                                    small_warn=16, num_threads=2)
+    _check(b, builders.build(b))
+    assert builders.build(b).counts["ok"] == 9  # a second build reuses the data and report
+    root_dir = str(tmp_path / "tfds")
+    assert len(pipeline.open_source(root_dir, resolution=16, dataset="image_text/photos")) == 9
+    batch = next(pipeline.make_pipeline(builders.load_source(b.data_dir), resolution=16,
+                                        lowres=8, batch_size=3, process_count=1,
+                                        process_index=0))
+    assert batch["image"].shape == (3, 16, 16, 3) and batch["lowres"].shape == (3, 8, 8, 3)
+
+
+def test_csv_manifest_and_validation_split(tmp_path):
+    root = str(tmp_path / "photos")
+    caps = _make_images(root)
+    with open(os.path.join(root, "list.csv"), "wb") as f:
+        f.write(b"file_name,caption\n")
+        for name, cap in caps.items():
+            text = "" if cap is None else cap
+            line = io.StringIO()
+            csv.writer(line).writerow([f"img/{name}", "@@"])
+            f.write(line.getvalue().encode().replace(b"@@", _caption_bytes(text)))
+        f.write(b"img/missing.png,gone\n,no image\n")
+    b = builders.image_text_builder(str(tmp_path / "tfds"), root, os.path.join(root, "list.csv"),
+                                    min_size=8, small_warn=16)
+    report = builders.build(b)
+    # CSV cannot tell an empty cell from a missing one: both are 'empty_caption'.
+    assert report.counts["empty_caption"] == 2 and report.counts["ok"] == 9
+    src = b.as_data_source("train")
+    assert len(src) == 9
+    v = builders.image_text_builder(str(tmp_path / "tfds"), root, os.path.join(root, "list.csv"),
+                                    name="withval", min_size=8, val_fraction=0.5)
+    builders.build(v)
+    n_train, n_val = len(v.as_data_source("train")), len(v.as_data_source("validation"))
+    assert n_train + n_val == 9 and n_val > 0
+
+
+def test_sidecar_txt(tmp_path):
+    root = str(tmp_path / "photos")
+    caps = _make_images(root)
+    for name, cap in caps.items():
+        if cap is not None:
+            with open(os.path.join(root, "img", os.path.splitext(name)[0] + ".txt"), "wb") as f:
+                f.write(_caption_bytes(cap))
+    b = builders.image_text_builder(str(tmp_path / "tfds"), root, min_size=8, small_warn=16)
+    report = builders.build(b)
+    for kind, n in _EXPECTED_COUNTS.items():
+        assert report.counts[kind] == n, (kind, report.summary())
+    assert len(b.as_data_source("train")) == len(_KEPT)
+
+
+def test_coco_captions(tmp_path):
+    root = str(tmp_path / "coco")
+    caps = _make_images(root)
+    images, anns = [], []
+    for i, (name, cap) in enumerate(caps.items()):
+        images.append({"id": i, "file_name": f"img/{name}"})
+        if cap is not None:
+            anns.append({"id": 2 * i, "image_id": i, "caption": "@@%d@@" % i})
+            anns.append({"id": 2 * i + 1, "image_id": i, "caption": f"second caption {i}"})
+    images.append({"id": 99, "file_name": "img/missing.png"})
+    anns.append({"id": 999, "image_id": 99, "caption": "gone"})
+    text = json.dumps({"images": images, "annotations": anns}, ensure_ascii=False).encode()
+    for i, cap in enumerate(caps.values()):
+        if cap is not None:
+            text = text.replace(b"@@%d@@" % i, _caption_bytes(cap))
+    with open(os.path.join(root, "captions_train.json"), "wb") as f:
+        f.write(text)
+    b = builders.image_text_builder(str(tmp_path / "tfds"), root,
+                                    os.path.join(root, "captions_train.json"), min_size=8,
+                                    small_warn=16)
+    report = builders.build(b)
+    assert report.counts["missing_image"] == 1 and report.counts["missing_caption"] == 1
+    # Empty first caption but a real second one: the image is kept with the second.
+    assert report.counts["empty_caption"] == 0 and report.counts["ok"] == 10
+    rec = b.as_data_source("train")[0]
+    lines = rec["captions"].decode().split("\n")
+    assert len(lines) == 2 and lines[1].startswith("second caption")
+
+
+def test_shapes_builder_round_trip(tmp_path):
+    b = builders.shapes_builder(str(tmp_path), 24, 20, test_size=4, held_out_size=4, seed=2)
+    assert builders.build(b).counts == {}
+    src = b.as_data_source("train")
+    assert len(src) == 20 and len(b.as_data_source("held_out")) == 4
+    ref = shapes.ShapesSource(24, 20, "train", seed=2)
+    for i in (0, 5):
+        rec = src[i]
+        want = ref[int(rec["index"])]
+        assert rec["caption"].decode() == want["caption"]
+        np.testing.assert_array_equal(pipeline.decode_image(rec["image"]), want["image"])
+        assert json.loads(rec["scene"]) == json.loads(want["scene"])
+    assert "tensorflow" not in sys.modules
+
+
+def test_load_image_conversions():
+    data, size, events = inputs.load_image(_png(_RGB[..., 0].astype(np.uint16) * 257))
+    assert events == ["converted_I_16"] and size == (52, 40)
+    np.testing.assert_array_equal(pipeline.decode_image(data)[..., 0], _RGB[..., 0])
+    assert inputs.load_image(_png(_RGB), min_size=64)[0] is None
+    data, size, events = inputs.load_image(_png(_RGB), max_size=20)
+    assert events == ["downscaled"] and min(size) == 20
+    assert inputs.decode_text(b"caf\xe9") == ("café", True)
+    assert inputs.decode_text("  two\nlines ") == ("two lines", False)
+    with pytest.raises(ValueError, match="unknown format"):
+        list(inputs.read_entries("/tmp", None, "xml", inputs.Report()))
