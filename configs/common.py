@@ -71,12 +71,12 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.train.save_every = 500
     c.train.keep_checkpoints = 3
     c.train.sample_every = 0  # 0 = only at the end
-    c.train.sample_prompts = [
+    c.train.sample_prompts = (  # a tuple, so --config.train.sample_prompts="('a', 'b')" works
         "a red circle above a blue square",
         "two green triangles on a white background",
-        "a yellow star left of a purple hexagon",
-        "a large blue square",
-    ]
+        "a yellow star left of a purple cross",
+        "a large blue square on a black background",
+    )
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = [list(r) for r in DEFAULT_RULES]

@@ -105,7 +105,7 @@ def export_params(params: Any, config: dict, out_dir: str, step: int | None = No
     """
     from jaxt2i.text.convert import write_safetensors
 
-    flat = flatten(jax.device_get(params))
+    flat = flatten(host_gather(params))
     if jax.process_index() == 0:
         os.makedirs(out_dir, exist_ok=True)
         write_safetensors({k: np.asarray(v, np.float32) for k, v in flat.items()},
@@ -116,6 +116,15 @@ def export_params(params: Any, config: dict, out_dir: str, step: int | None = No
             json.dump({"config": config, "step": step}, f, indent=2, sort_keys=True, default=str)
         os.replace(tmp, os.path.join(out_dir, EXPORT_CONFIG))
     return out_dir
+
+
+def host_gather(tree: Any) -> Any:
+    """A pytree of global arrays as numpy on every host (all-gathers across processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:

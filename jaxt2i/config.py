@@ -65,9 +65,27 @@ def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict:
     return out
 
 
+def _lazy(module: str, name: str) -> Callable[[], Iterable[str]]:
+    def get():
+        return getattr(importlib.import_module(module), name)
+    return get
+
+
 # Enumerated config fields and the values the library accepts. Values may be a tuple or a
 # zero-argument callable returning one (so modules are imported only when checked).
-CHOICES: dict[str, Any] = {}
+CHOICES: dict[str, Any] = {
+    "stage": ("base", "sr"),
+    "text.dtype": ("float32", "bfloat16"),
+    "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
+    "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
+    "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
+    "diffusion.aug_schedule": ("cosine", "linear"),
+    "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
+    "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
+    "sample.thresholding": _lazy("jaxt2i.diffusion", "THRESHOLDINGS"),
+    "train.optimizer": _lazy("jaxt2i.train_state", "OPTIMIZERS"),
+    "train.schedule": _lazy("jaxt2i.train_state", "SCHEDULES"),
+}
 
 
 def register_choices(path: str, allowed: Iterable[str] | Callable[[], Iterable[str]]) -> None:
@@ -102,9 +120,19 @@ def validate(cfg: ml_collections.ConfigDict, choices: Mapping[str, Any] | None =
                 + ", ".join(map(str, allowed)))
 
 
+def _importable(path: str) -> None:
+    """Config files import their siblings as `configs.common`: put their parent on sys.path."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads 'path/to/config.py[:variant]' the way `--config` does (for tests and tools)."""
     path, _, arg = spec.partition(":")
+    _importable(path)
     mod_spec = importlib.util.spec_from_file_location("_jaxt2i_config", path)
     if mod_spec is None:
         raise ConfigError(f"config file {path!r} not found; pass --config=configs/NAME.py[:variant]")
@@ -189,6 +217,11 @@ def _config_error_line(argv: list[str], name: str, exc: Exception) -> str:
 
 def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
     """absl flag parsing that turns any flag/config mistake into one line and exit code 2."""
+    for i, a in enumerate(argv[1:], start=1):
+        if a.startswith(f"--{config_flag}="):
+            _importable(a.split("=", 1)[1].partition(":")[0])
+        elif a == f"--{config_flag}" and i + 1 < len(argv):
+            _importable(argv[i + 1].partition(":")[0])
     try:
         rest = flags.FLAGS(argv)
         if config_flag in flags.FLAGS and flags.FLAGS[config_flag].present:

@@ -20,6 +20,7 @@ shift 3
 python=${PYTHON:-python}
 port=${COORDINATOR_PORT:-$("$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 logdir=${LOG_DIR:-$(mktemp -d)}
+mkdir -p "$logdir"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }

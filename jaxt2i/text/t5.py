@@ -206,6 +206,28 @@ class RMSNorm(nn.Module):
         return y * scale.astype(self.dtype)
 
 
+class _Projection(nn.Module):
+    """A bias-free projection `einsum(equation, x, kernel)` with a logically named kernel.
+
+    (flax's DenseGeneral re-boxes its kernel through a flattened shape, which breaks
+    multi-axis logical names under a mesh; an explicit einsum keeps them intact.)
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    std: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes),
+            self.shape, self.param_dtype)
+        return jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+
+
 class T5Attention(nn.Module):
     """Multi-head self-attention without 1/sqrt(d) scaling; `bias` carries positions + mask."""
 
@@ -215,29 +237,21 @@ class T5Attention(nn.Module):
     def __call__(self, x, bias):  # x [B, L, D], bias [B or 1, H, L, L] float32 -> [B, L, D]
         cfg = self.config
         dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
-        inner = cfg.num_heads * cfg.d_kv
+        D, H, K = cfg.d_model, cfg.num_heads, cfg.d_kv
 
         def proj(name, std):
-            return nn.DenseGeneral(
-                (cfg.num_heads, cfg.d_kv), use_bias=False, dtype=dtype, param_dtype=pdtype,
-                kernel_init=nn.with_logical_partitioning(
-                    nn.initializers.normal(std), ("embed", "heads", "kv")),
-                name=name,
-            )(x)
+            return _Projection((D, H, K), ("embed", "heads", "kv"), "bld,dhk->blhk", std,
+                               dtype, pdtype, name=name)(x)
 
-        q = proj("query", (cfg.d_model * cfg.d_kv) ** -0.5)  # [B, L, H, K]
-        k = proj("key", cfg.d_model ** -0.5)
-        v = proj("value", cfg.d_model ** -0.5)
+        q = proj("query", (D * K) ** -0.5)  # [B, L, H, K]
+        k = proj("key", D ** -0.5)
+        v = proj("value", D ** -0.5)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "kv"))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         weights = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)  # [B, H, Lq, Lk]
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)  # [B, L, H, K]
-        return nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=pdtype,
-            kernel_init=nn.with_logical_partitioning(
-                nn.initializers.normal(inner ** -0.5), ("heads", "kv", "embed")),
-            name="out",
-        )(out)
+        return _Projection((H, K, D), ("heads", "kv", "embed"), "blhk,hkd->bld",
+                           (H * K) ** -0.5, dtype, pdtype, name="out")(out)
 
 
 class T5MLP(nn.Module):

@@ -1,0 +1,569 @@
+"""`python -m jaxt2i.train`: train one cascade stage (base or super-resolution).
+
+    python -m jaxt2i.train --config=configs/base.py:size=demo --workdir=runs/base
+
+The same code runs on 1 CPU, simulated devices, a GPU node or a TPU pod: the mesh and the
+logical-axis rules come from the config, the state is created sharded (`jax.eval_shape` +
+jitted init with `out_shardings`), and one jitted `train_step` with donated state does
+everything per step: frozen T5 on the token ids (or cached embeddings), condition dropout,
+noise-conditioning augmentation (SR), the diffusion loss, gradient accumulation, the optimizer,
+EMA, and skipping of non-finite updates. Orbax checkpoints hold the state, the data iterator
+position and the config; SIGTERM saves at the next step boundary and exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxt2i import diffusion
+from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
+from jaxt2i.config import ConfigError, to_json, validate
+from jaxt2i.models.unet import UNet, UNetConfig
+from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
+from jaxt2i.parallel.sharding import rules_from_config
+from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
+
+log = logging.getLogger("jaxt2i")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training cannot go on (e.g. too many non-finite updates in a row)."""
+
+
+def load_text_encoder(text_cfg) -> Any:
+    """The frozen text encoder named by the config ('bundled' = the package's shapes encoder)."""
+    from jaxt2i import assets
+    from jaxt2i.text import load_encoder
+
+    path = assets.text_encoder_dir() if text_cfg.encoder == "bundled" else text_cfg.encoder
+    return load_encoder(path, dtype=text_cfg.dtype, max_length=text_cfg.max_length)
+
+
+def _check_batch(cfg, mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = cfg.train.batch_size, cfg.train.grad_accum
+    if k < 1 or b % k:
+        raise ConfigError(f"train.batch_size ({b}) must be divisible by train.grad_accum ({k})")
+    if (b // k) % ways:
+        raise ConfigError(
+            f"micro-batch size ({b // k} = batch_size {b} / grad_accum {k}) must be divisible by "
+            f"the data-parallel devices (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} = "
+            f"{ways})")
+    if b % jax.process_count():
+        raise ConfigError(f"train.batch_size ({b}) must be divisible by the number of processes "
+                          f"({jax.process_count()})")
+
+
+class Trainer:
+    """Holds the compiled pieces of one stage's training: model, mesh, step functions."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, encoder=None, devices=None):
+        validate(cfg)
+        self.cfg = cfg
+        try:
+            self.unet_cfg = UNetConfig.from_dict(cfg.model.to_dict())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+        self.is_sr = self.unet_cfg.is_sr
+        if self.is_sr != (cfg.stage == "sr"):
+            raise ConfigError(f"config stage {cfg.stage!r} does not match model.lowres_size "
+                              f"({self.unet_cfg.lowres_size})")
+        try:
+            self.mesh = make_mesh(dict(cfg.mesh), devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check_batch(cfg, self.mesh)
+        self.rules = rules_from_config(cfg.sharding_rules)
+        self.model = UNet(self.unet_cfg)
+        self.tx = make_optimizer(cfg.train)
+        self.schedule = diffusion.get_schedule(cfg.diffusion.schedule)
+        self.encoder = encoder if encoder is not None else load_text_encoder(cfg.text)
+        if self.encoder.config.d_model != self.unet_cfg.text_dim:
+            raise ConfigError(
+                f"the text encoder's width ({self.encoder.config.d_model}) differs from "
+                f"model.text_dim ({self.unet_cfg.text_dim}); set --config.model.text_dim="
+                f"{self.encoder.config.d_model}")
+        self.replicated = NamedSharding(self.mesh, P())
+        self._build_state_shardings()
+        self._place_text_encoder()
+        self._compile()
+
+    # ----------------------------------------------------------------------------- state
+    def _example(self, batch_size: int = 1):
+        c = self.unet_cfg
+        size = c.crop_size or c.image_size
+        x = jnp.zeros((batch_size, size, size, c.channels), jnp.float32)
+        t = jnp.zeros((batch_size,), jnp.float32)
+        L = self.encoder.max_length
+        emb = jnp.zeros((batch_size, L, c.text_dim), jnp.float32)
+        mask = jnp.ones((batch_size, L), bool)
+        extra = {}
+        if self.is_sr:
+            low = size * c.lowres_size // c.image_size
+            extra = dict(lowres=jnp.zeros((batch_size, low, low, c.channels), jnp.float32),
+                         aug_level=t)
+        return (x, t, emb, mask), extra
+
+    def _init_params(self, rng):
+        args, extra = self._example()
+        return self.model.init(rng, *args, **extra)["params"]
+
+    def _init_state(self, rng) -> TrainState:
+        return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
+
+    def _build_state_shardings(self) -> None:
+        boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+        param_sh = logical_shardings(boxed, self.mesh, self.rules)
+        abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+        opt_sh = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract.opt_state, param_sh,
+            transform_non_params=lambda _: self.replicated)
+        self.state_shardings = TrainState(
+            step=self.replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,
+            skipped=self.replicated, total_skipped=self.replicated)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_shardings)
+        self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract.params))
+
+    def _place_text_encoder(self) -> None:
+        enc = self.encoder
+        L = enc.max_length
+        boxed = jax.eval_shape(lambda: enc.module.init(
+            jax.random.key(0), jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), bool)))["params"]
+        self.text_shardings = logical_shardings(boxed, self.mesh, self.rules)
+        self.text_params = jax.device_put(enc.params, self.text_shardings)
+        ids, mask = enc.tokenizer([""])
+        self.uncond_ids = jax.device_put(jnp.asarray(ids), self.replicated)
+        self.uncond_mask = jax.device_put(jnp.asarray(mask), self.replicated)
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh, sharded train state (created in place on the devices)."""
+        with self._context():
+            return self._jit_init(jax.random.key(seed))
+
+    def _context(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    # ------------------------------------------------------------------------------ step
+    def _denoise_fn(self, params):
+        def fn(x_t, model_t, cond):
+            return self.model.apply({"params": params}, x_t, model_t, cond["text_emb"],
+                                    cond["text_mask"], lowres=cond.get("lowres"),
+                                    aug_level=cond.get("aug_level"))
+        return fn
+
+    def encode_text(self, text_params, ids, mask):
+        """Frozen T5 inside the step: [B, L] ids -> [B, L, D] float32 (no gradient)."""
+        emb = self.encoder.module.apply({"params": text_params}, ids, mask)
+        return jax.lax.stop_gradient(emb.astype(jnp.float32))
+
+    def _loss(self, params, batch, text_params, rng):
+        cfg = self.cfg
+        drop_rng, aug_rng, loss_rng = jax.random.split(rng, 3)
+        if "text_emb" in batch:
+            emb, mask = batch["text_emb"].astype(jnp.float32), batch["text_mask"].astype(bool)
+        else:
+            mask = batch["mask"].astype(bool)
+            emb = self.encode_text(text_params, batch["ids"], mask)
+        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)
+        cond, _ = diffusion.drop_condition(
+            drop_rng, {"text_emb": emb, "text_mask": mask},
+            {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
+        if self.is_sr:
+            low, level = diffusion.noise_augment(
+                aug_rng, batch["lowres"], max_level=cfg.diffusion.aug_max_level,
+                schedule=cfg.diffusion.aug_schedule)
+            cond["lowres"], cond["aug_level"] = low, level
+        per_example = diffusion.diffusion_loss(
+            self._denoise_fn(params), batch["image"], cond, loss_rng, schedule=self.schedule,
+            objective=self.unet_cfg.objective, weighting=cfg.diffusion.loss_weighting,
+            gamma=cfg.diffusion.min_snr_gamma)
+        return jnp.mean(per_example)
+
+    def _train_step(self, state: TrainState, batch: dict, text_params, root_rng, iteration):
+        k = self.cfg.train.grad_accum
+        rng = jax.random.fold_in(root_rng, iteration)
+        grad_fn = jax.value_and_grad(self._loss)
+        if k == 1:
+            loss, grads = grad_fn(state.params, batch, text_params, rng)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                loss_i, g_i = grad_fn(state.params, mb, text_params, jax.random.fold_in(rng, i))
+                acc_loss, acc_g = carry
+                return (acc_loss + loss_i / k,
+                        jax.tree_util.tree_map(lambda a, g: a + g / k, acc_g, g_i)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                            (micro, jnp.arange(k)))
+        new_state, gnorm = apply_gradients(state, grads, loss, self.tx, self.cfg.train.ema_decay)
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": new_state.skipped,
+                   "total_skipped": new_state.total_skipped}
+        return new_state, metrics
+
+    def batch_shardings(self, batch_keys) -> dict:
+        return {k: NamedSharding(self.mesh, P(("data", "fsdp"))) for k in batch_keys}
+
+    def _compile(self) -> None:
+        self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._jit_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, None, self.text_shardings, self.replicated,
+                          self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,))
+
+    def step(self, state, batch, rng, iteration: int):
+        """One update (jitted once; same shapes never recompile); rng = fold_in(rng, iteration)."""
+        with self._context():
+            return self._jit_step(state, batch, self.text_params, rng,
+                                  jnp.asarray(iteration, jnp.int32))
+
+    # --------------------------------------------------------------------------- samples
+    def sample(self, params, prompts, rng, lowres=None, steps=None):
+        """Samples images for `prompts` with the config's sampler (and `lowres` for SR)."""
+        ids, mask = self.encoder.tokenizer(list(prompts))
+        if not hasattr(self, "_jit_sample"):
+            self._jit_sample = jax.jit(self._sample, static_argnames=("steps",))
+        with self._context():
+            return self._jit_sample(params, self.text_params, jnp.asarray(ids),
+                                    jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
+
+    def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
+        c, s = self.unet_cfg, self.cfg.sample
+        emb, mask = self.encode_text(text_params, ids, mask), mask
+        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)
+        cond = {"text_emb": emb, "text_mask": mask}
+        uncond = {"text_emb": u_emb, "text_mask": self.uncond_mask}
+        b = ids.shape[0]
+        if self.is_sr:  # both guidance branches see the same augmented low-res image
+            low, level = diffusion.noise_augment(
+                jax.random.fold_in(rng, 1), lowres, level=s.aug_level,
+                schedule=self.cfg.diffusion.aug_schedule)
+            cond.update(lowres=low, aug_level=level)
+            uncond.update(lowres=low, aug_level=level)
+        size = c.image_size
+        out = diffusion.sample(
+            self._denoise_fn(params), (b, size, size, c.channels), rng,
+            schedule=self.schedule, sampler=s.sampler, num_steps=steps, cond=cond,
+            uncond=None if s.guidance == 1 else uncond, guidance_scale=s.guidance,
+            prediction=c.objective, thresholding=s.thresholding)
+        return out
+
+
+def _uint8(x) -> np.ndarray:
+    return np.asarray(jnp.clip((jnp.asarray(x, jnp.float32) + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
+
+
+def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> np.ndarray:
+    """Writes [N, H, W, 3] uint8 images as one PNG grid; returns the grid."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return grid
+
+
+class _Stop:
+    """SIGTERM / SIGINT -> stop at the next step boundary after saving."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class MetricWriter:
+    """JSONL + TensorBoard (tensorboardX) metrics, written by process 0 only."""
+
+    def __init__(self, workdir: str):
+        self.enabled = jax.process_index() == 0
+        self.jsonl = None
+        self.tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, step)
+
+    def image(self, step: int, name: str, grid: np.ndarray) -> None:
+        if self.enabled:
+            self.tb.add_image(name, grid, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def _pipeline(trainer: Trainer, cfg):
+    from jaxt2i.data import pipeline as data_pipeline
+
+    c = trainer.unet_cfg
+    resolution = c.image_size
+    source = cfg.data.source
+    if source == "shapes":
+        source = f"shapes:{cfg.data.num_examples}:{cfg.data.seed}"
+    return data_pipeline.make_pipeline(
+        source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
+        lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
+        text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
+        split=cfg.data.split)
+
+
+def _host_batch(trainer: Trainer, local: dict) -> dict:
+    """Host-side preparation: tokenization (unless cached), crop for crop-trained SR stages."""
+    out = {"image": local["image"]}
+    if "lowres" in local:
+        out["lowres"] = local["lowres"]
+    c = trainer.unet_cfg
+    if c.crop_size and c.crop_size < c.image_size:
+        out = _random_crop_pair(out, c, np.asarray(local["index"]), trainer.cfg.data.seed)
+    if "text_emb" in local:
+        out["text_emb"], out["text_mask"] = local["text_emb"], local["text_mask"]
+    else:
+        ids, mask = trainer.encoder.tokenizer([str(s) for s in local["caption"]])
+        out["ids"], out["mask"] = ids, mask
+    return out
+
+
+def _random_crop_pair(batch: dict, c: UNetConfig, index: np.ndarray, seed: int) -> dict:
+    """Aligned random crops of each high-res image and its low-res input (the 1024 stage).
+
+    The crop of example `i` depends only on (seed, i), so resumed runs see the same crops.
+    """
+    scale = c.image_size // c.lowres_size
+    low_crop = c.crop_size // scale
+    images, lows = [], []
+    for n, i in enumerate(index):
+        y, x = np.random.default_rng([seed, int(i)]).integers(0, c.lowres_size - low_crop + 1, 2)
+        images.append(batch["image"][n, y * scale:y * scale + c.crop_size,
+                                     x * scale:x * scale + c.crop_size])
+        lows.append(batch["lowres"][n, y:y + low_crop, x:x + low_crop])
+    return {**batch, "image": np.stack(images), "lowres": np.stack(lows)}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices=None,
+          progress: bool | None = None) -> dict:
+    """Trains one stage until `cfg.train.num_steps` updates (resuming from `workdir`).
+
+    Args:
+      cfg: a stage config (configs/base.py or configs/sr.py).
+      workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, export/.
+      encoder: an already loaded text encoder (tests); default: the config's.
+      devices: devices of the mesh (default: all devices of all processes).
+      progress: show a tqdm bar (default: when stderr is a terminal).
+
+    Returns:
+      Summary dict: final step, last loss, losses per step, stop reason.
+    """
+    from jaxt2i.data.pipeline import to_global_array
+
+    trainer = Trainer(cfg, encoder, devices)
+    tc = cfg.train
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
+    config_dict = json.loads(to_json(cfg))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(to_json(cfg))
+    data = _pipeline(trainer, cfg)
+    restored = ckpt.restore(trainer.abstract_state)
+    start = 0
+    if restored is not None:
+        start, state, data_state, _ = restored
+        if data_state:
+            data.set_state(data_state)
+        log.warning("resumed from %s at step %d", ckpt.directory, start)
+    else:
+        state = trainer.init_state(tc.seed)
+    root_rng = jax.random.key(tc.seed + 1)
+    writer = MetricWriter(workdir)
+    it = start if restored is not None else 0
+    log.warning("training %s stage: %s U-Net, %.2fM params, mesh %s, batch %d, steps %d..%d",
+                cfg.stage, cfg.model_size, trainer.num_params / 1e6, dict(trainer.mesh.shape),
+                tc.batch_size, it, tc.num_steps)
+    show_bar = progress if progress is not None else sys.stderr.isatty()
+    bar = None
+    if show_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.num_steps, initial=it, unit="step", dynamic_ncols=True)
+    losses: dict[int, float] = {}
+    reason, failed, saved_at = "finished", False, None
+    t_last, data_wait, since = time.perf_counter(), 0.0, 0
+    pending = None
+    with _Stop() as stop:
+        while it < tc.num_steps:
+            t0 = time.perf_counter()
+            batch = to_global_array(_host_batch(trainer, next(data)), trainer.mesh)
+            data_wait += time.perf_counter() - t0
+            state, metrics = trainer.step(state, batch, root_rng, it)
+            if pending is not None:  # read the previous step's loss: the device stays busy
+                losses[pending[0]] = float(pending[1]["loss"])
+            pending = (it + 1, metrics)
+            it += 1
+            since += 1
+            if bar is not None:
+                bar.update(1)
+            if since >= tc.log_every or it == tc.num_steps or stop.requested:
+                m = jax.device_get(metrics)
+                if int(m["skipped"]) >= tc.max_skipped:
+                    reason = (f"stopped: {int(m['skipped'])} non-finite updates in a row "
+                              f"(train.max_skipped={tc.max_skipped}); the last good checkpoint "
+                              f"in {ckpt.directory} is intact; lower train.lr or check the data")
+                    failed = True
+                    break
+                dt = time.perf_counter() - t_last
+                line = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                        "images_per_s": since * tc.batch_size / dt, "step_time_s": dt / since,
+                        "data_wait_s": data_wait / since, "skipped_total": int(m["total_skipped"])}
+                writer.scalars(it, line)
+                msg = (f"loss {line['loss']:.4f} {line['images_per_s']:.1f} img/s "
+                       f"step {line['step_time_s'] * 1e3:.0f} ms data {line['data_wait_s'] * 1e3:.0f} ms")
+                if bar is not None:
+                    bar.set_postfix_str(msg)
+                elif jax.process_index() == 0:
+                    print(f"step {it}/{tc.num_steps} {msg}", flush=True)
+                t_last, data_wait, since = time.perf_counter(), 0.0, 0
+            if stop.requested:
+                ckpt.save(it, state, data.get_state(), config_dict, force=True)
+                saved_at = it
+                reason = f"stopped by {stop.requested}: checkpoint saved at step {it}"
+                break
+            if tc.save_every and it % tc.save_every == 0:
+                ckpt.save(it, state, data.get_state(), config_dict)
+                saved_at = it
+            if tc.sample_every and it % tc.sample_every == 0:
+                _write_samples(trainer, state, it, workdir, writer)
+        if pending is not None and not failed:
+            losses[pending[0]] = float(jax.device_get(pending[1]["loss"]))
+        if not failed and saved_at != it and it not in ckpt.all_steps():
+            ckpt.save(it, state, data.get_state(), config_dict, force=True)
+        ckpt.wait()
+    if bar is not None:
+        bar.close()
+    if not failed and not stop.requested:
+        _write_samples(trainer, state, it, workdir, writer)
+        export_params(state.ema_params, config_dict, os.path.join(workdir, "export"), step=it)
+    writer.close()
+    ckpt.close()
+    data.close()
+    if failed:
+        raise TrainingStopped(reason)
+    if jax.process_index() == 0:
+        print(reason if stop.requested else f"finished at step {it}: {workdir}", flush=True)
+    return {"step": it, "losses": losses, "reason": reason,
+            "last_loss": losses[max(losses)] if losses else None}
+
+
+def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer) -> None:
+    """A grid of EMA samples for the fixed prompts (SR: for fixed low-res inputs)."""
+    cfg = trainer.cfg
+    prompts = list(cfg.train.sample_prompts)
+    lowres = None
+    if trainer.is_sr:
+        from jaxt2i.data import shapes
+
+        size = trainer.unet_cfg.lowres_size
+        src = shapes.ShapesSource(size, len(prompts), "train", seed=cfg.data.seed + 7)
+        items = [src[i] for i in range(len(prompts))]
+        prompts = [it["caption"] for it in items]
+        lowres = jnp.asarray(np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1)
+    images = trainer.sample(state.ema_params, prompts, jax.random.key(cfg.train.seed + 2), lowres)
+    images = _uint8(host_gather(images))
+    if jax.process_index() == 0:
+        grid = save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        writer.image(step, "samples", grid)
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    if not F.workdir:
+        raise ConfigError("--workdir is required (where checkpoints, metrics and samples go)")
+    if F.config is None:
+        raise ConfigError("--config is required, e.g. --config=configs/base.py:size=demo")
+    initialize_distributed(F.coordinator, F.num_processes, F.process_id)
+    try:
+        train(F.config, F.workdir)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _define_flags():
+    from absl import flags
+
+    from jaxt2i.config import define_config_flag
+
+    define_config_flag()
+    flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples, export).")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 for a multi-process run "
+                        "without a cluster launcher (see launch/local_multiprocess.sh).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator).")
+
+
+if __name__ == "__main__":
+    from jaxt2i.config import run_app
+
+    _define_flags()
+    run_app(main)
