@@ -154,7 +154,8 @@ class Trainer:
     def init_state(self, seed: int) -> TrainState:
         """A fresh, sharded train state (created in place on the devices)."""
         with self._context():
-            return self._jit_init(jax.random.key(seed))
+            # rbg keys compile ~3x faster than threefry for a many-parameter init.
+            return self._jit_init(jax.random.key(seed, impl="rbg"))
 
     def _context(self):
         import contextlib
