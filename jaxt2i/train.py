@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import time
 from typing import Any
@@ -33,6 +32,7 @@ from jaxt2i import diffusion
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.models.unet import UNet, UNetConfig
+from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
@@ -275,82 +275,6 @@ class Trainer:
         return out
 
 
-def _uint8(x) -> np.ndarray:
-    return np.asarray(jnp.clip((jnp.asarray(x, jnp.float32) + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
-
-
-def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> np.ndarray:
-    """Writes [N, H, W, 3] uint8 images as one PNG grid; returns the grid."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return grid
-
-
-class _Stop:
-    """SIGTERM / SIGINT -> stop at the next step boundary after saving."""
-
-    def __init__(self):
-        self.requested = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class MetricWriter:
-    """JSONL + TensorBoard (tensorboardX) metrics, written by process 0 only."""
-
-    def __init__(self, workdir: str):
-        self.enabled = jax.process_index() == 0
-        self.jsonl = None
-        self.tb = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-    def scalars(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-
-    def image(self, step: int, name: str, grid: np.ndarray) -> None:
-        if self.enabled:
-            self.tb.add_image(name, grid, step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.jsonl.close()
-            self.tb.close()
-
-
 def _pipeline(trainer: Trainer, cfg):
     from jaxt2i.data import pipeline as data_pipeline
 
@@ -448,7 +372,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     reason, failed, saved_at = "finished", False, None
     t_last, data_wait, since = time.perf_counter(), 0.0, 0
     pending = None
-    with _Stop() as stop:
+    with StopSignal() as stop:
         while it < tc.num_steps:
             t0 = time.perf_counter()
             batch = to_global_array(_host_batch(trainer, next(data)), trainer.mesh)
@@ -526,7 +450,7 @@ def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer) -> 
         prompts = [it["caption"] for it in items]
         lowres = jnp.asarray(np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1)
     images = trainer.sample(state.ema_params, prompts, jax.random.key(cfg.train.seed + 2), lowres)
-    images = _uint8(host_gather(images))
+    images = to_uint8(host_gather(images))
     if jax.process_index() == 0:
         grid = save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         writer.image(step, "samples", grid)

@@ -201,3 +201,27 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(tmp_path):
     steps = [int(d) for d in os.listdir(run / "checkpoints") if d.isdigit()]
     assert steps and max(steps) < 400
     assert "stopped by SIGTERM" in out
+
+
+def test_trains_from_text_cache_and_built_tfds_dataset(tmp_path):
+    """The two non-default inputs: cached T5 embeddings and a built TFDS dataset."""
+    from jaxt2i.data import builders, shapes
+    from jaxt2i.data.text_cache import build_text_cache
+
+    cfg = _cfg(num_steps=2, log_every=1, save_every=0)
+    trainer_encoder = Trainer(cfg, devices=jax.devices()[:1]).encoder
+    src = shapes.ShapesSource(cfg.model.image_size, 32, "train", seed=0)
+    build_text_cache(trainer_encoder, src, str(tmp_path / "cache"))
+    cfg.data.num_examples = 32
+    cfg.text.cache = str(tmp_path / "cache")
+    out = train(cfg, str(tmp_path / "cached"), encoder=trainer_encoder,
+                devices=jax.devices()[:1], progress=False)
+    assert out["step"] == 2 and np.isfinite(out["last_loss"])
+
+    builder = builders.shapes_builder(str(tmp_path / "tfds"), cfg.model.image_size, 16, seed=3)
+    builders.build(builder)
+    cfg = _cfg(num_steps=2, log_every=1, save_every=0)
+    cfg.data.source = str(builder.data_path)
+    out = train(cfg, str(tmp_path / "tfds_run"), encoder=trainer_encoder,
+                devices=jax.devices()[:1], progress=False)
+    assert out["step"] == 2 and np.isfinite(out["last_loss"])
