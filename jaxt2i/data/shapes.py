@@ -451,3 +451,20 @@ class ShapesSource:
     def __repr__(self) -> str:
         return (f"ShapesSource(resolution={self.resolution}, size={self.size}, "
                 f"split={self.split!r}, seed={self.seed})")
+
+
+def vocabulary(num_captions: int = 2000) -> list[str]:
+    """Every word the caption templates produce (for a closed-vocabulary tokenizer).
+
+    Collected from the vocabulary tables plus `num_captions` generated captions of every
+    split (deterministic), so template words ("on", "background", ...) are included too.
+    """
+    words = set(SHAPES) | {_plural(s) for s in SHAPES} | set(COLOURS) | set(SIZES)
+    words |= set(BACKGROUNDS) | set(COUNT_WORDS.values())
+    for rel in RELATIONS:
+        words |= set(rel.split())
+    for i in range(num_captions):
+        split = SPLITS[i % len(SPLITS)]
+        rng = np.random.default_rng([20260, i])
+        words |= set(re.findall(r"[a-z]+", caption(sample_scene(rng, split), rng).lower()))
+    return sorted(words)
