@@ -49,8 +49,11 @@ def load_text_encoder(text_cfg) -> Any:
     from jaxt2i import assets
     from jaxt2i.text import load_encoder
 
-    path = assets.text_encoder_dir() if text_cfg.encoder == "bundled" else text_cfg.encoder
-    return load_encoder(path, dtype=text_cfg.dtype, max_length=text_cfg.max_length)
+    try:
+        path = assets.text_encoder_dir() if text_cfg.encoder == "bundled" else text_cfg.encoder
+        return load_encoder(path, dtype=text_cfg.dtype, max_length=text_cfg.max_length)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"text.encoder={text_cfg.encoder!r}: {e}") from None
 
 
 def _check_batch(cfg, mesh) -> None:
@@ -283,11 +286,14 @@ def _pipeline(trainer: Trainer, cfg):
     source = cfg.data.source
     if source == "shapes":
         source = f"shapes:{cfg.data.num_examples}:{cfg.data.seed}"
-    return data_pipeline.make_pipeline(
-        source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
-        lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
-        text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
-        split=cfg.data.split)
+    try:
+        return data_pipeline.make_pipeline(
+            source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
+            lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
+            text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
+            split=cfg.data.split)
+    except (FileNotFoundError, ValueError) as e:  # a user's data / cache path or size
+        raise ConfigError(f"data: {e}") from None
 
 
 def _host_batch(trainer: Trainer, local: dict) -> dict:

@@ -225,3 +225,17 @@ def test_trains_from_text_cache_and_built_tfds_dataset(tmp_path):
     out = train(cfg, str(tmp_path / "tfds_run"), encoder=trainer_encoder,
                 devices=jax.devices()[:1], progress=False)
     assert out["step"] == 2 and np.isfinite(out["last_loss"])
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path):
+    for extra, expected in [
+        (["--config.data.source=/no/such/dataset"], "data: source '/no/such/dataset'"),
+        (["--config.text.encoder=/no/such/t5"], "text.encoder='/no/such/t5'"),
+        (["--config.train.optimiser=adamw"], "unknown config field 'train.optimiser'"),
+        (["--config.diffusion.schedule=cosin"], "did you mean 'cosine'"),
+    ]:
+        r = subprocess.run(_train_cmd(tmp_path / "w", *extra), cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=300)
+        lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("W", "I"))]
+        assert r.returncode == 2, (extra, r.stderr[-1500:])
+        assert len(lines) == 1 and expected in lines[0], (extra, r.stderr[-1500:])
