@@ -132,8 +132,11 @@ class Trainer:
         boxed = jax.eval_shape(self._init_params, jax.random.key(0))
         param_sh = logical_shardings(boxed, self.mesh, self.rules)
         abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+        # Optimizer leaves shaped like their parameter (Adam moments) share its sharding;
+        # others (Adafactor's factored row/column statistics, counters) are small: replicate.
         opt_sh = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract.opt_state, param_sh,
+            self.tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else self.replicated,
+            abstract.opt_state, param_sh, abstract.params,
             transform_non_params=lambda _: self.replicated)
         self.state_shardings = TrainState(
             step=self.replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,

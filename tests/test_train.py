@@ -239,3 +239,19 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         lines = [x for x in r.stderr.splitlines() if x.strip() and not x.startswith(("W", "I"))]
         assert r.returncode == 2, (extra, r.stderr[-1500:])
         assert len(lines) == 1 and expected in lines[0], (extra, r.stderr[-1500:])
+
+
+def test_adafactor_state_shards_on_fsdp_mesh():
+    """Adafactor's factored statistics have other shapes than their params: they replicate,
+    moments shaped like params follow the params' sharding, and a step runs."""
+    cfg = _cfg()
+    cfg.train.optimizer = "adafactor"
+    cfg.mesh.data, cfg.mesh.fsdp = 1, 4
+    trainer = Trainer(cfg)
+    state = trainer.init_state(0)
+    from jaxt2i.data.pipeline import to_global_array
+    state, m = trainer.step(state, to_global_array(_batch(trainer), trainer.mesh),
+                            jax.random.key(1), 0)
+    assert np.isfinite(float(m["loss"])) and int(state.step) == 1
+    for leaf in jax.tree_util.tree_leaves(state.opt_state):
+        assert len(leaf.sharding.spec) <= leaf.ndim
