@@ -29,6 +29,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxt2i import diffusion
+from jaxt2i.cascade import StageSettings, sample_stage
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.models.unet import UNet, UNetConfig
@@ -260,25 +261,12 @@ class Trainer:
                                     jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
 
     def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
-        c, s = self.unet_cfg, self.cfg.sample
-        emb, mask = self.encode_text(text_params, ids, mask), mask
-        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)
-        cond = {"text_emb": emb, "text_mask": mask}
-        uncond = {"text_emb": u_emb, "text_mask": self.uncond_mask}
-        b = ids.shape[0]
-        if self.is_sr:  # both guidance branches see the same augmented low-res image
-            low, level = diffusion.noise_augment(
-                jax.random.fold_in(rng, 1), lowres, level=s.aug_level,
-                schedule=self.cfg.diffusion.aug_schedule)
-            cond.update(lowres=low, aug_level=level)
-            uncond.update(lowres=low, aug_level=level)
-        size = c.image_size
-        out = diffusion.sample(
-            self._denoise_fn(params), (b, size, size, c.channels), rng,
-            schedule=self.schedule, sampler=s.sampler, num_steps=steps, cond=cond,
-            uncond=None if s.guidance == 1 else uncond, guidance_scale=s.guidance,
-            prediction=c.objective, thresholding=s.thresholding)
-        return out
+        emb = self.encode_text(text_params, ids, mask)  # [B, L, D]
+        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)  # [1, L, D]
+        return sample_stage(
+            self.model, params, emb, mask, u_emb, self.uncond_mask, rng, lowres,
+            schedule=self.schedule, aug_schedule=self.cfg.diffusion.aug_schedule,
+            settings=StageSettings.from_config(self.cfg.sample, steps=steps))
 
 
 def _pipeline(trainer: Trainer, cfg):

@@ -1,0 +1,350 @@
+"""The sampling cascade: prompts -> tokenizer -> frozen T5 -> stage 0 -> stage 1 (-> 2) -> images.
+
+    cascade = load_cascade(["runs/base/export", "runs/sr/export"])   # or a cascade directory
+    images = cascade.sample(["a red circle above a blue square"], seed=0)  # [B, H, W, 3] uint8
+
+Each stage is an exported U-Net (`params.safetensors` + `config.json`, see
+`jaxt2i.checkpoint.export_params`). A cascade directory holds `cascade.json`
+({"stages": ["base", "sr"]}) naming one export sub-directory per stage. Every stage's whole
+reverse process (noise -> lax.scan of sampler steps -> x0, with classifier-free guidance against
+the empty prompt and, for SR stages, noise-conditioning augmentation of the previous stage's
+output at a fixed level) is ONE jitted function; a second call with the same shapes and
+settings does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxt2i.config import ConfigError
+
+CASCADE_FILE = "cascade.json"
+SETTING_NAMES = ("sampler", "steps", "guidance", "thresholding", "aug_level")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """How one stage is sampled (hashable: a static argument of the stage's jitted function).
+
+    Attributes:
+      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m'.
+      steps: number of denoiser evaluations.
+      guidance: classifier-free guidance weight w (1 = no guidance, no unconditional pass).
+      thresholding: 'none' | 'static' | 'dynamic'.
+      aug_level: SR stages: fixed noise-augmentation level in [0, 1] of the low-res input.
+    """
+
+    sampler: str
+    steps: int
+    guidance: float
+    thresholding: str
+    aug_level: float
+
+    @classmethod
+    def from_config(cls, sample_cfg, **overrides) -> "StageSettings":
+        """Settings from a stage config's `sample` section, with non-None `overrides` applied."""
+        get = sample_cfg.get if hasattr(sample_cfg, "get") else lambda k: getattr(sample_cfg, k)
+        values = {k: get(k) for k in SETTING_NAMES}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(sampler=str(values["sampler"]), steps=int(values["steps"]),
+                   guidance=float(values["guidance"]), thresholding=str(values["thresholding"]),
+                   aug_level=float(values["aug_level"]))
+
+
+def sample_stage(model, params, emb, mask, u_emb, u_mask, rng, lowres=None, *, schedule,
+                 aug_schedule, settings: StageSettings):
+    """The whole reverse process of one stage (traceable; jit it with `settings` static).
+
+    Args:
+      model: the stage's `UNet` module.
+      params: its parameters.
+      emb: [B, L, D] float32 text embeddings; mask: [B, L] bool.
+      u_emb: [1 or B, L, D] embeddings of the empty prompt; u_mask: [1 or B, L].
+      rng: PRNG key (the augmentation noise uses fold_in(rng, 1)).
+      lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
+      schedule: the stage's diffusion schedule (object or name).
+      aug_schedule: schedule of the noise-conditioning augmentation (SR stages).
+      settings: sampler, steps, guidance, thresholding, aug_level.
+
+    Returns:
+      [B, H, W, C] float32 images, roughly in [-1, 1].
+    """
+    from jaxt2i import diffusion
+
+    c = model.config
+    cond = {"text_emb": emb, "text_mask": mask}
+    uncond = {"text_emb": u_emb, "text_mask": u_mask}
+    if c.is_sr:  # both guidance branches see the same augmented low-res image
+        if lowres is None:
+            raise ValueError("a super-resolution stage needs lowres [B, h, w, C]")
+        low, level = diffusion.noise_augment(
+            jax.random.fold_in(rng, 1), lowres, level=settings.aug_level,
+            schedule=aug_schedule)
+        cond.update(lowres=low, aug_level=level)
+        uncond.update(lowres=low, aug_level=level)
+
+    def denoise(x_t, model_t, cnd):  # [B', H, W, C], [B'] -> [B', H, W, C]
+        return model.apply({"params": params}, x_t, model_t, cnd["text_emb"], cnd["text_mask"],
+                           lowres=cnd.get("lowres"), aug_level=cnd.get("aug_level"))
+
+    size = c.image_size
+    return diffusion.sample(
+        denoise, (emb.shape[0], size, size, c.channels), rng, schedule=schedule,
+        sampler=settings.sampler, num_steps=settings.steps, cond=cond,
+        uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
+        prediction=c.objective, thresholding=settings.thresholding)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One loaded stage: its config, U-Net and parameters."""
+
+    path: str
+    config: dict  # the full stage config saved with the export
+    unet_cfg: Any  # UNetConfig
+    params: Any = None
+    step: int | None = None
+
+    @property
+    def is_sr(self) -> bool:
+        return self.unet_cfg.is_sr
+
+    def default_settings(self) -> StageSettings:
+        return StageSettings.from_config(self.config["sample"])
+
+
+def _export_dir(path: str) -> str:
+    """A stage export dir: `path` itself or `path/export` (a training workdir)."""
+    from jaxt2i.checkpoint import EXPORT_PARAMS
+
+    for d in (path, os.path.join(path, "export")):
+        if os.path.exists(os.path.join(d, EXPORT_PARAMS)):
+            return d
+    raise ConfigError(f"checkpoint {path!r} is neither a cascade directory ({CASCADE_FILE}) nor "
+                      f"a stage export ({EXPORT_PARAMS} + config.json)")
+
+
+def resolve_stage_dirs(paths: Sequence[str]) -> list[str]:
+    """Per-stage export directories from one cascade directory or a list of stage exports."""
+    paths = list(paths)
+    if not paths:
+        raise ConfigError("no checkpoint given: pass a cascade directory or one export per stage")
+    for p in paths:
+        if not os.path.exists(p):
+            raise ConfigError(f"checkpoint {p!r} does not exist")
+    if len(paths) == 1 and os.path.exists(os.path.join(paths[0], CASCADE_FILE)):
+        with open(os.path.join(paths[0], CASCADE_FILE)) as f:
+            try:
+                names = json.load(f)["stages"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{os.path.join(paths[0], CASCADE_FILE)} must be JSON with a "
+                                  "'stages' list of sub-directories") from None
+        paths = [os.path.join(paths[0], n) for n in names]
+        for p in paths:
+            if not os.path.exists(p):
+                raise ConfigError(f"cascade stage directory {p!r} does not exist")
+    return [_export_dir(p) for p in paths]
+
+
+def _read_stage(path: str, dtype: str | None) -> Stage:
+    from jaxt2i.checkpoint import EXPORT_CONFIG
+    from jaxt2i.models.unet import UNetConfig
+
+    try:
+        with open(os.path.join(path, EXPORT_CONFIG)) as f:
+            meta = json.load(f)
+        config = meta["config"]
+        model = dict(config["model"], **({"dtype": dtype} if dtype else {}))
+        unet_cfg = UNetConfig.from_dict(model)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"stage {path!r}: unreadable config ({str(e).splitlines()[0]})") from None
+    return Stage(path=path, config=config, unet_cfg=unet_cfg, step=meta.get("step"))
+
+
+def check_compatible(stages: Sequence[Stage], text_width: int | None = None) -> None:
+    """Raises ConfigError (one line) unless the stages chain into one cascade.
+
+    Stage 0 must be a base stage; stage k+1 an SR stage whose lowres_size equals stage k's
+    image_size; all stages share the text encoder and max_length, and their text_dim equals the
+    encoder width (`text_width`, when known).
+    """
+    for k, s in enumerate(stages):
+        c = s.unet_cfg
+        if k == 0 and c.is_sr:
+            raise ConfigError(f"stage 0 ({s.path}) is a super-resolution stage (lowres_size "
+                              f"{c.lowres_size}); the first stage must be a base stage")
+        if k > 0:
+            prev = stages[k - 1].unet_cfg
+            if not c.is_sr:
+                raise ConfigError(f"stage {k} ({s.path}) is a base stage; every stage after the "
+                                  "first must be super-resolution")
+            if c.lowres_size != prev.image_size:
+                raise ConfigError(f"stage {k} ({s.path}) expects {c.lowres_size} px inputs but "
+                                  f"stage {k - 1} makes {prev.image_size} px images")
+        t0, t = stages[0].config["text"], s.config["text"]
+        for key in ("encoder", "max_length"):
+            if t[key] != t0[key]:
+                raise ConfigError(f"stage {k} uses text.{key}={t[key]!r} but stage 0 uses "
+                                  f"{t0[key]!r}; all stages must share one text encoder")
+        if text_width is not None and c.text_dim != text_width:
+            raise ConfigError(f"stage {k} ({s.path}) has text_dim {c.text_dim} but the text "
+                              f"encoder's width is {text_width}")
+
+
+class Cascade:
+    """A loaded cascade: text encoder + stages, with one jitted sampler per stage.
+
+    Attributes:
+      stages: the `Stage`s, base first.
+      encoder: the frozen text encoder (`jaxt2i.text.TextEncoder`).
+      traces: per stage, how many times its sampler was traced (compiled).
+    """
+
+    def __init__(self, stages: Sequence[Stage], encoder):
+        from jaxt2i.models.unet import UNet
+
+        check_compatible(stages, encoder.config.d_model)
+        self.stages = list(stages)
+        self.encoder = encoder
+        self.models = [UNet(s.unet_cfg) for s in self.stages]
+        self.traces = [0] * len(self.stages)
+        self._encode = jax.jit(self._encode_fn)
+        self._jitted = [jax.jit(self._stage_fn(k), static_argnames=("settings",))
+                        for k in range(len(self.stages))]
+        ids, mask = encoder.tokenizer([""])
+        self._u_emb, self._u_mask = self._encode(encoder.params, ids, mask)  # [1, L, D], [1, L]
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    def _encode_fn(self, text_params, ids, mask):  # [B, L] -> [B, L, D] float32, [B, L]
+        emb = self.encoder.module.apply({"params": text_params}, ids, mask)
+        return emb.astype(jnp.float32), mask.astype(bool)
+
+    def _stage_fn(self, k: int):
+        s = self.stages[k]
+
+        def fn(params, emb, mask, u_emb, u_mask, rng, lowres, settings):
+            self.traces[k] += 1  # Python side effect: runs only while tracing
+            return sample_stage(self.models[k], params, emb, mask, u_emb, u_mask, rng, lowres,
+                                schedule=s.config["diffusion"]["schedule"],
+                                aug_schedule=s.config["diffusion"].get("aug_schedule", "cosine"),
+                                settings=settings)
+        return fn
+
+    def compiled_count(self, k: int) -> int:
+        """Entries in stage k's jit cache (one per distinct shapes / settings)."""
+        return self._jitted[k]._cache_size()
+
+    def settings(self, overrides: Sequence[dict] | None = None,
+                 num_stages: int | None = None) -> list[StageSettings]:
+        """Per-stage settings: each stage's saved defaults with `overrides[k]` applied."""
+        n = num_stages or len(self.stages)
+        overrides = list(overrides or [{}] * n)
+        return [StageSettings.from_config(self.stages[k].config["sample"], **overrides[k])
+                for k in range(n)]
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raises ConfigError naming the first prompt longer than the text length (no truncation)."""
+        if not prompts:
+            raise ConfigError("no prompts given: pass --prompt TEXT (repeatable) or --prompts_file")
+        for p, n in zip(prompts, self.encoder.tokenizer.lengths(prompts)):
+            if n > self.max_length:
+                raise ConfigError(f"prompt {p!r} has {n} tokens but the text encoder's max_length "
+                                  f"is {self.max_length}; shorten it")
+
+    def sample(self, prompts: Sequence[str], seed: int = 0, *,
+               settings: Sequence[StageSettings] | None = None, num_stages: int | None = None,
+               progress: bool = False, return_all: bool = False):
+        """Generates one image per prompt through the first `num_stages` stages.
+
+        Args:
+          prompts: B prompts (repeat a prompt for several images of it).
+          seed: stage k uses the key fold_in(key(seed), k); same seed + settings -> same images.
+          settings: per-stage `StageSettings` (default: each stage's saved config).
+          num_stages: how many stages to run (default: all).
+          progress: show a tqdm bar over the stages.
+          return_all: also return every stage's float output.
+
+        Returns:
+          [B, H, W, 3] uint8 images of the last stage run (and, with return_all, the list of
+          per-stage [B, H_k, W_k, C] float32 numpy arrays).
+        """
+        from jaxt2i.monitor import to_uint8
+
+        prompts = list(prompts)
+        self.check_prompts(prompts)
+        n = num_stages or len(self.stages)
+        if not 1 <= n <= len(self.stages):
+            raise ConfigError(f"stages ({n}) must be between 1 and {len(self.stages)}")
+        settings = list(settings) if settings is not None else self.settings(num_stages=n)
+        ids, mask = self.encoder.tokenizer(prompts)  # [B, L] int32, [B, L] bool
+        emb, mask = self._encode(self.encoder.params, jnp.asarray(ids), jnp.asarray(mask))
+        root = jax.random.key(seed)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n, unit="stage", dynamic_ncols=True)
+        x, outputs = None, []
+        for k in range(n):
+            if bar is not None:
+                c = self.stages[k].unet_cfg
+                bar.set_description(f"stage {k} ({c.image_size} px, {settings[k].steps} steps)")
+            x = self._jitted[k](self.stages[k].params, emb, mask, self._u_emb, self._u_mask,
+                                jax.random.fold_in(root, k), x, settings=settings[k])
+            x = jnp.clip(x, -1.0, 1.0)  # [B, H_k, W_k, C]
+            outputs.append(np.asarray(x))
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        images = to_uint8(outputs[-1])
+        return (images, outputs) if return_all else images
+
+
+def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encoder=None) -> Cascade:
+    """Loads a cascade from a cascade directory or a list of per-stage export directories.
+
+    Args:
+      paths: one cascade directory (with cascade.json), or export dirs base first (a training
+        workdir is accepted for its export/ sub-directory).
+      dtype: compute dtype ('float32' | 'bfloat16') of the U-Nets and T5 (default: as saved).
+      encoder: an already loaded text encoder (default: the stages' `text.encoder`).
+
+    Returns:
+      a `Cascade`. Raises ConfigError (one line) for a missing or incompatible checkpoint.
+    """
+    from jaxt2i.checkpoint import load_exported
+
+    dirs = resolve_stage_dirs([paths] if isinstance(paths, str) else paths)
+    stages = [_read_stage(d, dtype) for d in dirs]
+    check_compatible(stages)
+    if encoder is None:
+        from jaxt2i import assets
+        from jaxt2i.text import load_encoder
+
+        t = stages[0].config["text"]
+        try:
+            path = assets.text_encoder_dir() if t["encoder"] == "bundled" else t["encoder"]
+            encoder = load_encoder(path, dtype=dtype or t.get("dtype", "float32"),
+                                   max_length=t["max_length"])
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"text encoder {t['encoder']!r}: {e}") from None
+    check_compatible(stages, encoder.config.d_model)
+    for s in stages:
+        params, _, _ = load_exported(s.path)
+        s.params = jax.tree_util.tree_map(jnp.asarray, params)
+    return Cascade(stages, encoder)
+
+
+__all__ = ["CASCADE_FILE", "Cascade", "Stage", "StageSettings", "check_compatible",
+           "load_cascade", "resolve_stage_dirs", "sample_stage"]

@@ -1,0 +1,136 @@
+"""Cascade sampler and `python -m jaxt2i.sample`: a tiny two-stage cascade end to end."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxt2i.cascade import Cascade, check_compatible, load_cascade, resolve_stage_dirs
+from jaxt2i.config import ConfigError, load_config_file
+from jaxt2i.sample import per_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cascade_dir(tmp_path_factory):
+    """Trains a tiny base (16 px) and a tiny SR stage (16 -> 32 px) for 2 steps each (~1 min)."""
+    from jaxt2i.train import train
+
+    root = tmp_path_factory.mktemp("cascade")
+    for name, spec in [("base", "configs/base.py:tiny"), ("sr", "configs/sr.py:tiny_sr")]:
+        cfg = load_config_file(os.path.join(ROOT, spec))
+        cfg.train.num_steps = 2
+        cfg.train.log_every = 1
+        cfg.train.save_every = 0
+        cfg.data.num_examples = 64
+        if name == "sr":
+            cfg.model.lowres_size = 16
+            cfg.model.image_size = 32
+        train(cfg, str(root / name), devices=jax.devices()[:1], progress=False)
+    with open(root / "cascade.json", "w") as f:
+        json.dump({"stages": ["base/export", "sr/export"]}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cascade(cascade_dir) -> Cascade:
+    return load_cascade(str(cascade_dir))
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxt2i.sample", *map(str, args)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_end_to_end(cascade_dir, tmp_path):
+    out = tmp_path / "out"
+    r = _cli("--prompt=a red circle", "--prompt=a blue square", "--num_images=2", "--seed=3",
+             f"--checkpoint={cascade_dir}", "--steps=2,2", "--guidance=3", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads((out / "sample.json").read_text())
+    assert record["prompts"] == ["a red circle", "a blue square"]
+    assert record["seed"] == 3 and record["stages"] == 2
+    assert [s["steps"] for s in record["settings"]] == [2, 2]
+    assert [s["guidance"] for s in record["settings"]] == [3.0, 3.0]
+    assert record["settings"][1]["sampler"] == "ddim"  # tiny_sr's saved default
+    assert len(record["images"]) == 4
+    for item in record["images"]:
+        with Image.open(out / item["file"]) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+    with Image.open(out / "grid.png") as im:
+        im.verify()
+
+
+def test_determinism_and_no_recompilation(cascade):
+    prompts = ["a red circle", "two green stars"]
+    settings = cascade.settings([{"steps": 2}, {"steps": 2}])
+    a, outs = cascade.sample(prompts, seed=0, settings=settings, return_all=True)
+    assert a.shape == (2, 32, 32, 3) and a.dtype == np.uint8
+    assert [o.shape for o in outs] == [(2, 16, 16, 3), (2, 32, 32, 3)]
+    traces, sizes = list(cascade.traces), [cascade.compiled_count(k) for k in range(2)]
+    b = cascade.sample(prompts, seed=0, settings=settings)
+    np.testing.assert_array_equal(a, b)
+    assert cascade.traces == traces  # same shapes and settings: no new trace
+    assert [cascade.compiled_count(k) for k in range(2)] == sizes
+    c = cascade.sample(prompts, seed=1, settings=settings)
+    assert not np.array_equal(a, c)
+    assert cascade.traces == traces  # a new seed is data, not a new program
+    base_only = cascade.sample(prompts, seed=0, settings=settings[:1], num_stages=1)
+    assert base_only.shape == (2, 16, 16, 3)
+
+
+def test_compatibility_checks(cascade_dir, cascade):
+    base = str(cascade_dir / "base")
+    with pytest.raises(ConfigError, match="stage 1 .* is a base stage"):
+        load_cascade([base, base])
+    with pytest.raises(ConfigError, match="stage 0 .* super-resolution"):
+        check_compatible(cascade.stages[1:])
+    with pytest.raises(ConfigError, match="text_dim 128 but the text encoder's width is 7"):
+        check_compatible(cascade.stages, text_width=7)
+    assert len(resolve_stage_dirs([str(cascade_dir)])) == 2
+    with pytest.raises(ConfigError, match="has 40 tokens but the text encoder's max_length is 32"):
+        cascade.check_prompts(["red " * 39])
+
+
+def test_per_stage_values():
+    assert per_stage("steps", "25,10", 2) == [25, 10]
+    assert per_stage("guidance", "4", 3) == [4.0, 4.0, 4.0]
+    assert per_stage("sampler", None, 2) == [None, None]
+    with pytest.raises(ConfigError, match="one per stage"):
+        per_stage("steps", "1,2,3", 2)
+
+
+@pytest.mark.parametrize("case", ["missing", "base+base", "long prompt", "no prompts",
+                                  "no demo", "bad steps"])
+def test_cli_errors(case, cascade_dir, tmp_path):
+    base = f"--checkpoint={cascade_dir / 'base'}"
+    args, expected = {
+        "missing": ([f"--checkpoint={tmp_path / 'nope'}", "--prompt=a"], "does not exist"),
+        "base+base": ([base, base, "--prompt=a"], "stage 1 .* is a base stage"),
+        "long prompt": ([f"--checkpoint={cascade_dir}", "--prompt=" + "red " * 39],
+                        "has 40 tokens but the text encoder's max_length is 32"),
+        "no prompts": ([f"--checkpoint={cascade_dir}"], "no prompts given"),
+        "no demo": (["--prompt=a"], "bundled demo cascade is not installed yet.*--checkpoint"),
+        "bad steps": ([f"--checkpoint={cascade_dir}", "--prompt=a", "--steps=1,2,3"],
+                      "--steps=1,2,3 has 3 values"),
+    }[case]
+    r = _cli(*args, f"--out={tmp_path / 'out'}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(expected, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
