@@ -81,3 +81,29 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = [list(r) for r in DEFAULT_RULES]
     return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    """Test-sized run: a handful of small steps, text from the bundled 128-wide encoder."""
+    c.train.batch_size = 4
+    c.train.num_steps = 20
+    c.train.warmup_steps = 2
+    c.train.log_every = 5
+    c.train.save_every = 10
+    c.sample.steps = 4
+    c.model.text_dim = 128
+
+
+def paper(c: ml_collections.ConfigDict) -> None:
+    """The paper's setup: frozen T5-XXL, batch 2048, 2.5M steps, 10k warmup, bfloat16 + remat,
+    parameters fully sharded over all devices."""
+    c.text.encoder = "google/t5-v1_1-xxl"
+    c.text.max_length = 128
+    c.text.dtype = "bfloat16"
+    c.train.batch_size = 2048
+    c.train.num_steps = 2_500_000
+    c.train.warmup_steps = 10_000
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.mesh.fsdp = -1
+    c.mesh.data = 1

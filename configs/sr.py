@@ -5,35 +5,19 @@ Variants: `:size=tiny_sr` (tests), `demo_sr` (shapes demo, 32 -> 128 px), `bench
 linear schedule).
 """
 
-from configs.common import stage_config
+from configs import common
 from jaxt2i.config import parse_variant
 
 
 def get_config(arg=None):
     v = parse_variant(arg, {"size": "demo_sr"})
-    c = stage_config(v["size"], sr=True)
+    c = common.stage_config(v["size"], sr=True)
     c.sample.sampler = "ddim"
     c.sample.guidance = 3.0
     if v["size"] == "tiny_sr":
-        c.train.batch_size = 4
-        c.train.num_steps = 20
-        c.train.warmup_steps = 2
-        c.train.log_every = 5
-        c.train.save_every = 10
-        c.sample.steps = 4
-        c.model.text_dim = 128
+        common.tiny(c)
     elif v["size"].startswith("paper_"):
-        c.text.encoder = "google/t5-v1_1-xxl"
-        c.text.max_length = 128
-        c.text.dtype = "bfloat16"
-        c.train.b2 = 0.999
-        c.train.batch_size = 2048 if v["size"] == "paper_sr256" else 4096
-        c.train.num_steps = 2_500_000
-        c.train.warmup_steps = 10_000
-        c.model.dtype = "bfloat16"
-        c.model.remat = True
-        c.mesh.fsdp = -1
-        c.mesh.data = 1
+        common.paper(c)  # Adam (0.9, 0.999) for the SR models, as in the paper
         if v["size"] == "paper_sr1024":
             c.diffusion.schedule = "linear"
             c.data.random_crop = True

@@ -1,5 +1,7 @@
 """Config plumbing: variants, overrides, validation, one-line CLI errors."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,3 +108,27 @@ def test_encode_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxt2i.encode"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "no prompts" in r.stderr
+
+
+@pytest.mark.parametrize("spec", [
+    "base.py:tiny", "base.py:demo", "base.py:bench_23m", "base.py:paper_base64",
+    "sr.py:tiny_sr", "sr.py:demo_sr", "sr.py:bench_sr22m", "sr.py:paper_sr256",
+    "sr.py:paper_sr1024"])
+def test_every_shipped_config_variant_is_valid(spec):
+    import os
+
+    from jaxt2i.models.unet import UNetConfig
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    c = load_config_file(os.path.join(root, spec))
+    validate(c)
+    unet = UNetConfig.from_dict(c.model.to_dict())
+    assert unet.is_sr == (c.stage == "sr")
+    assert from_json(to_json(c)).to_dict() == json.loads(to_json(c))
+    if "paper" in spec:
+        assert c.text.encoder == "google/t5-v1_1-xxl" and unet.text_dim == 4096
+
+
+def test_config_variant_with_unknown_size_is_one_line():
+    with pytest.raises(ValueError, match="paper_base65"):
+        load_config_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "base.py:paper_base65"))
