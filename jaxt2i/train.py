@@ -232,9 +232,6 @@ class Trainer:
                    "total_skipped": new_state.total_skipped}
         return new_state, metrics
 
-    def batch_shardings(self, batch_keys) -> dict:
-        return {k: NamedSharding(self.mesh, P(("data", "fsdp"))) for k in batch_keys}
-
     def _compile(self) -> None:
         self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self._jit_step = jax.jit(

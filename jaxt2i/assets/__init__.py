@@ -27,13 +27,9 @@ def text_encoder_dir() -> str:
 
 def vocabulary() -> list[str]:
     """Whole-word vocabulary of the bundled tokenizer: the shapes world's words + common words."""
-    words = set(_COMMON)
-    try:
-        from jaxt2i.data import shapes
-        words |= set(shapes.vocabulary())
-    except (ImportError, AttributeError):
-        pass
-    return sorted(words)
+    from jaxt2i.data import shapes
+
+    return sorted(set(_COMMON) | set(shapes.vocabulary()))
 
 
 _COMMON = """a an the one two three four five of on in at with and above below left right
