@@ -13,6 +13,8 @@ def get_config(arg=None):
     c = common.stage_config(v["size"], sr=False)
     if v["size"] == "tiny":
         common.tiny(c)
+    elif v["size"] == "demo":
+        common.demo(c, num_steps=3000)
     elif v["size"] == "paper_base64":
         common.paper(c)
         c.train.optimizer = "adafactor"

@@ -16,6 +16,9 @@ def get_config(arg=None):
     c.sample.guidance = 3.0
     if v["size"] == "tiny_sr":
         common.tiny(c)
+    elif v["size"] == "demo_sr":
+        common.demo(c, num_steps=1500)
+        c.train.batch_size = 16
     elif v["size"].startswith("paper_"):
         common.paper(c)  # Adam (0.9, 0.999) for the SR models, as in the paper
         if v["size"] == "paper_sr1024":

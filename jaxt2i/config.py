@@ -215,8 +215,28 @@ def _config_error_line(argv: list[str], name: str, exc: Exception) -> str:
     return first.strip("'\"")
 
 
+def _underscored(arg: str) -> str:
+    """'--num-images=4' -> '--num_images=4' when that flag exists; anything else unchanged."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    if "-" not in name or "." in name:
+        return arg
+    alt = name.replace("-", "_")
+    if alt in flags.FLAGS:
+        return f"--{alt}{eq}{value}"
+    if alt.startswith("no_") and alt[3:] in flags.FLAGS:  # --no-progress -> --noprogress
+        return f"--no{alt[3:]}{eq}{value}"
+    return arg
+
+
 def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
-    """absl flag parsing that turns any flag/config mistake into one line and exit code 2."""
+    """absl flag parsing that turns any flag/config mistake into one line and exit code 2.
+
+    `--num-images=4` is accepted for a flag defined as `num_images` (and `--no-foo` for
+    `--nofoo`'s underscore spelling); config overrides (`--config.a.b`) are left alone.
+    """
+    argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
     for i, a in enumerate(argv[1:], start=1):
         if a.startswith(f"--{config_flag}="):
             _importable(a.split("=", 1)[1].partition(":")[0])

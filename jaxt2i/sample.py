@@ -181,8 +181,13 @@ def _define_flags() -> None:
                             "stages or a comma list (default: each stage's saved config).")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point."""
     from jaxt2i.config import run_app
 
     _define_flags()
     run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

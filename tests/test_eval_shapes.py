@@ -1,5 +1,7 @@
 """Tests of the shapes detector and prompt scorer."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,73 @@ def test_score_catches_wrong_attributes():
     assert shapes_eval.score(blank, "a red circle")["whole"] is False
     agg = shapes_eval.evaluate([img, blank], ["a red circle above a blue square", "a red circle"])
     assert agg["n"] == 2 and agg["whole"] == 0.5 and agg["relation"] == 1.0 and agg["n_relation"] == 1
+
+
+class _RenderingCascade:
+    """Stands in for a cascade: 'samples' the true render of each prompt's scene (optionally
+    with every object recoloured), so the evaluator's bookkeeping is checked against the
+    detector on images whose answers are known."""
+
+    def __init__(self, scenes_by_prompt, size=64, recolour=None):
+        self.scenes, self.size, self.recolour = scenes_by_prompt, size, recolour
+        self.stages = [None]
+        self.calls = []
+
+    def check_prompts(self, prompts):
+        pass
+
+    def sample(self, prompts, seed, *, settings=None, num_stages=None):
+        self.calls.append((len(prompts), seed))
+        out = []
+        for p in prompts:
+            scene = json.loads(json.dumps(self.scenes[p]))
+            if self.recolour:
+                for o in scene["objects"]:
+                    o["colour"] = self.recolour
+            out.append(shapes.render(scene, self.size))
+        return np.stack(out)
+
+
+def _scenes(num, seed=0):
+    from jaxt2i.eval.shapes import eval_prompts
+
+    return {c: s for split in ("held_out", "test") for s, c in eval_prompts(split, num, seed)}
+
+
+def test_eval_prompts_respect_the_splits():
+    from jaxt2i.eval.shapes import eval_prompts
+
+    held = eval_prompts("held_out", 40)
+    seen = eval_prompts("test", 40)
+    assert all(shapes.is_held_out(s) for s, _ in held)
+    assert not any(shapes.is_held_out(s) for s, _ in seen)
+    assert [c for _, c in held] == [c for _, c in eval_prompts("held_out", 40)]  # deterministic
+    assert [c for _, c in held] != [c for _, c in eval_prompts("held_out", 40, seed=1)]
+    train_caps = {shapes.ShapesSource(32, 2000, "train", 0).caption_at(i) for i in range(2000)}
+    assert not train_caps & {c for _, c in held}
+
+
+def test_evaluate_cascade_scores_true_renders_perfectly_and_wrong_colours_not(tmp_path):
+    from jaxt2i.eval.shapes import evaluate_cascade, format_table
+
+    scenes = _scenes(10)
+    perfect = _RenderingCascade(scenes)
+    res = evaluate_cascade(perfect, num_prompts=10, batch_size=4, reference=True,
+                           out=str(tmp_path), progress=False)
+    for row in ("held_out", "test", "held_out (true renders)", "test (true renders)"):
+        agg = res["results"][row]
+        assert agg["n"] == 10 and agg["whole"] == 1.0, (row, agg)
+    # 10 prompts in batches of 4: 3 calls per split, each padded to the full batch
+    assert [n for n, _ in perfect.calls] == [4] * 6
+    assert len({s for _, s in perfect.calls}) == 6  # every batch its own seed
+    assert len(res["per_image"]["held_out"]) == 10
+    lines = (tmp_path / "held_out.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and json.loads(lines[0])["prompt"] in scenes
+    assert (tmp_path / "test.png").exists()
+    assert "held_out" in format_table(res["results"])
+
+    wrong = _RenderingCascade(scenes, recolour="yellow")
+    res = evaluate_cascade(wrong, num_prompts=10, batch_size=4, progress=False)
+    n_yellow = sum("yellow" in c for c in list(scenes)[:10])
+    assert res["results"]["held_out"]["colour"] <= n_yellow / 10 < 1
+    assert res["results"]["held_out"]["shape"] == 1.0

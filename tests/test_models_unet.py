@@ -280,3 +280,17 @@ def test_sharded_by_logical_rules_matches_unsharded(tiny, forward):
     with mesh, nn.logical_axis_rules(rules):
         out = jax.jit(lambda p, i: UNet(config).apply(p, **i))(params, inputs)
     np.testing.assert_allclose(out, forward(config, params, inputs), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear", "bicubic", "lanczos3"])
+def test_lowres_resize_matrices_equal_jax_image_resize(method):
+    """The SR stage resizes with one interpolation matrix per axis (so the batch may stay
+    symbolic for export); the result must be jax.image.resize's."""
+    from jaxt2i.models.unet import _resize_matrix
+
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 3)).astype(np.float32)
+    for size in [(32, 24), (16, 12)]:
+        want = jax.image.resize(x, (2, *size, 3), method)
+        got = jnp.einsum("Hh,bhwc,Ww->bHWc", _resize_matrix(8, size[0], method), x,
+                         _resize_matrix(6, size[1], method), precision="highest")
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)

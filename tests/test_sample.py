@@ -6,37 +6,20 @@ import re
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from jaxt2i.cascade import Cascade, check_compatible, load_cascade, resolve_stage_dirs
-from jaxt2i.config import ConfigError, load_config_file
+from jaxt2i.config import ConfigError
 from jaxt2i.sample import per_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def cascade_dir(tmp_path_factory):
-    """Trains a tiny base (16 px) and a tiny SR stage (16 -> 32 px) for 2 steps each (~1 min)."""
-    from jaxt2i.train import train
-
-    root = tmp_path_factory.mktemp("cascade")
-    for name, spec in [("base", "configs/base.py:tiny"), ("sr", "configs/sr.py:tiny_sr")]:
-        cfg = load_config_file(os.path.join(ROOT, spec))
-        cfg.train.num_steps = 2
-        cfg.train.log_every = 1
-        cfg.train.save_every = 0
-        cfg.data.num_examples = 64
-        if name == "sr":
-            cfg.model.lowres_size = 16
-            cfg.model.image_size = 32
-        train(cfg, str(root / name), devices=jax.devices()[:1], progress=False)
-    with open(root / "cascade.json", "w") as f:
-        json.dump({"stages": ["base/export", "sr/export"]}, f)
-    return root
+def cascade_dir(tiny_cascade_dir):
+    return tiny_cascade_dir
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +98,7 @@ def test_per_stage_values():
 
 
 @pytest.mark.parametrize("case", ["missing", "base+base", "long prompt", "no prompts",
-                                  "no demo", "bad steps"])
+                                  "bad steps"])
 def test_cli_errors(case, cascade_dir, tmp_path):
     base = f"--checkpoint={cascade_dir / 'base'}"
     args, expected = {
@@ -124,7 +107,6 @@ def test_cli_errors(case, cascade_dir, tmp_path):
         "long prompt": ([f"--checkpoint={cascade_dir}", "--prompt=" + "red " * 39],
                         "has 40 tokens but the text encoder's max_length is 32"),
         "no prompts": ([f"--checkpoint={cascade_dir}"], "no prompts given"),
-        "no demo": (["--prompt=a"], "bundled demo cascade is not installed yet.*--checkpoint"),
         "bad steps": ([f"--checkpoint={cascade_dir}", "--prompt=a", "--steps=1,2,3"],
                       "--steps=1,2,3 has 3 values"),
     }[case]
@@ -134,3 +116,55 @@ def test_cli_errors(case, cascade_dir, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert re.search(expected, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_default_is_the_bundled_demo_cascade(tmp_path):
+    out = tmp_path / "out"
+    r = _cli("--prompt=a red circle above a blue square", "--stages=1", "--steps=2", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads((out / "sample.json").read_text())
+    demo = os.path.join(ROOT, "jaxt2i", "assets", "demo_cascade")
+    assert record["checkpoints"][0].startswith(demo)
+    cascade = json.loads(open(os.path.join(demo, "cascade.json")).read())
+    assert len(cascade["stages"]) == 2 and record["steps_trained"][0] > 0
+    with Image.open(out / "000.png") as im:
+        assert im.size == (32, 32)
+
+
+def test_eval_cli(cascade_dir, tmp_path):
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+                        "--num_prompts=3", "--batch_size=2", "--steps=2", "--reference",
+                        f"--out={out}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "eval.json").read_text()) == record
+    assert record["image_size"] == 32 and [s["steps"] for s in record["settings"]] == [2, 2]
+    rows = record["results"]
+    assert set(rows) == {"held_out", "test", "held_out (true renders)", "test (true renders)"}
+    assert rows["held_out"]["n"] == 3
+    assert rows["held_out (true renders)"]["whole"] == 1.0  # the detector reads 32 px renders
+    for split in ("held_out", "test"):
+        assert len((out / f"{split}.jsonl").read_text().splitlines()) == 3
+        assert re.search(rf"^{re.escape(split)}\s+\d", r.stdout, re.M)
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+                          "--splits=held_out,nope"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "'nope' is not one of" in bad.stderr.strip()
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_hyphenated_flag_spellings(cascade_dir, tmp_path):
+    out = tmp_path / "out"
+    r = _cli("--prompt=a red circle", "--num-images=2", f"--checkpoint={cascade_dir}",
+             "--steps=1", "--stages=1", "--no-progress", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "sample.json").read_text())["num_images"] == 2
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a blue square\n\na green star\n")
+    r = _cli(f"--prompts-file={prompts}", f"--checkpoint={cascade_dir}", "--steps=1",
+             "--stages=1", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "sample.json").read_text())["prompts"] == ["a blue square",
+                                                                        "a green star"]

@@ -21,12 +21,14 @@ Named sizes live in ``SIZES`` and are picked with ``get_unet_config(name, **over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxt2i.models import layers
 
@@ -301,9 +303,16 @@ class UNet(nn.Module):
     def _resize(self, lowres: Array, shape: tuple[int, ...]) -> Array:
         """Resizes the low-res image to x_t's [B, H, W, C] (float32)."""
         lowres = lowres.astype(jnp.float32)
-        if lowres.shape == tuple(shape):
+        (h, w), (hh, ww) = lowres.shape[1:3], shape[1:3]
+        if (h, w) == (hh, ww):
             return lowres
-        return jax.image.resize(lowres, shape, method=self.config.lowres_resize)
+        # jax.image.resize is linear and separable, so it equals one interpolation matrix per
+        # axis (the resize of an identity). As einsums the batch size may stay symbolic
+        # (jax.export, ONNX), which the resize primitive does not allow.
+        rows, cols = _resize_matrix(h, hh, self.config.lowres_resize), _resize_matrix(
+            w, ww, self.config.lowres_resize)
+        return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, lowres, cols,
+                          precision=jax.lax.Precision.HIGHEST)
 
     def _text_tokens(self, text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
         """Normalises and projects text tokens, prepending a learned always-valid null token.
@@ -324,6 +333,13 @@ class UNet(nn.Module):
         tokens = jnp.concatenate([null, text], axis=1)
         mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
         return layers.constrain(tokens, layers.TOKEN_AXES), mask
+
+
+@functools.lru_cache(maxsize=None)
+def _resize_matrix(n: int, size: int, method: str) -> np.ndarray:
+    """[size, n] float32 matrix M with M @ v == jax.image.resize(v, (size,), method)."""
+    with jax.ensure_compile_time_eval():
+        return np.asarray(jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method))
 
 
 def example_inputs(config: UNetConfig, batch_size: int = 1, text_len: int = 8,

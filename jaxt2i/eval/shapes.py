@@ -1,0 +1,206 @@
+"""`python -m jaxt2i.eval.shapes`: how well a cascade's images follow the words.
+
+    python -m jaxt2i.eval.shapes                       # the bundled demo cascade
+    python -m jaxt2i.eval.shapes --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
+
+Draws prompts from the shapes world's `held_out` split (colour-shape pairs and stated
+relations that never appear in training) and its `test` split (new scenes made only of seen
+combinations), samples one image per prompt through the cascade, reads each image back with
+the shapes detector (`jaxt2i.eval.shapes_eval`) and prints, per split, the fraction of images
+whose colour, shape, size, count, relation, background and whole prompt are right. The same
+flags and seed give the same prompts and images. `--reference` also scores the true renders of
+the same scenes at the same resolution: the detector's ceiling, normally 100%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+from absl import flags
+
+from jaxt2i.config import ConfigError
+from jaxt2i.data import shapes
+from jaxt2i.eval import shapes_eval
+
+SPLITS = ("held_out", "test")
+_SHOWN = ("colour", "shape", "size", "count", "relation", "background", "whole")
+_PROMPT_SEED = 7_000_003  # prompt scenes: disjoint from the training stream's seeds
+
+
+def eval_prompts(split: str, num: int, seed: int = 0) -> list[tuple[dict, str]]:
+    """`num` (scene, caption) pairs of `split`, deterministic in (split, seed)."""
+    if split not in shapes.SPLITS:
+        raise ConfigError(f"--splits: {split!r} is not one of {shapes.SPLITS}")
+    out = []
+    for i in range(num):
+        rng = np.random.default_rng([_PROMPT_SEED, seed, shapes.SPLITS.index(split), i])
+        scene = shapes.sample_scene(rng, split)
+        out.append((scene, shapes.caption(scene, rng)))
+    return out
+
+
+def format_table(results: dict) -> str:
+    """{row name: aggregate dict} -> a fixed-width table of percentages."""
+    head = f"{'split':<22}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
+    lines = [head, "-" * len(head)]
+    for name, agg in results.items():
+        cells = "".join(f"{'-':>11}" if agg[k] is None else f"{100 * agg[k]:>10.1f}%"
+                        for k in _SHOWN)
+        lines.append(f"{name:<22}{cells}{agg['n']:>6}")
+    return "\n".join(lines)
+
+
+def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: int = 100,
+                     batch_size: int = 32, seed: int = 0, settings=None,
+                     num_stages: int | None = None, reference: bool = False,
+                     out: str | None = None, progress: bool = True) -> dict:
+    """Samples and scores `num_prompts` prompts of each split.
+
+    Args:
+      cascade: a loaded `jaxt2i.cascade.Cascade`.
+      splits: shapes splits to draw prompts from ('held_out', 'test', 'train').
+      num_prompts: prompts (= images) per split.
+      batch_size: images per sampler call; the last batch is padded so nothing recompiles.
+      seed: prompt and sampling seed (batch b of split s samples with seed + 1000 * s + b).
+      settings: per-stage `StageSettings` (default: each stage's saved config).
+      num_stages: stages to run (default: all).
+      reference: also score the true renders of the same scenes (the detector's ceiling).
+      out: if given, write each split's images as a grid PNG plus per-image scores JSONL there.
+      progress: tqdm bar over batches.
+
+    Returns:
+      {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
+       'seconds': sampling wall time, 'image_size': px}.
+    """
+    if num_prompts < 1:
+        raise ConfigError(f"--num_prompts ({num_prompts}) must be at least 1")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size ({batch_size}) must be at least 1")
+    n_stages = num_stages or len(cascade.stages)
+    results, per_image, seconds, size = {}, {}, 0.0, None
+    bar = None
+    batches = -(-num_prompts // batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches * len(splits), unit="batch", dynamic_ncols=True)
+    for s_idx, split in enumerate(splits):
+        pairs = eval_prompts(split, num_prompts, seed)
+        prompts = [c for _, c in pairs]
+        cascade.check_prompts(prompts)
+        images = []
+        for b in range(batches):
+            chunk = prompts[b * batch_size:(b + 1) * batch_size]
+            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            if bar is not None:
+                bar.set_description(f"{split} batch {b + 1}/{batches}")
+            t0 = time.perf_counter()
+            imgs = cascade.sample(padded, seed + 1000 * s_idx + b, settings=settings,
+                                  num_stages=n_stages)
+            seconds += time.perf_counter() - t0
+            images.extend(imgs[:len(chunk)])
+            if bar is not None:
+                bar.update(1)
+        size = int(images[0].shape[0])
+        scores = [dict(shapes_eval.score(im, p), prompt=p) for im, p in zip(images, prompts)]
+        per_image[split] = scores
+        results[split] = shapes_eval.aggregate(scores)
+        if reference:
+            renders = [shapes.render(scene, size) for scene, _ in pairs]
+            results[f"{split} (true renders)"] = shapes_eval.evaluate(renders, prompts)
+        if out:
+            from jaxt2i.sample import labelled_grid
+
+            os.makedirs(out, exist_ok=True)
+            shown = min(len(images), 64)
+            labelled_grid(np.stack(images[:shown]), prompts[:shown],
+                          os.path.join(out, f"{split}.png"), cols=8)
+            with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
+                for sc in scores:
+                    f.write(json.dumps(sc) + "\n")
+    if bar is not None:
+        bar.close()
+    return {"results": results, "per_image": per_image, "seconds": seconds, "image_size": size}
+
+
+def main(argv) -> None:
+    from jaxt2i.cascade import SETTING_NAMES, load_cascade
+    from jaxt2i.sample import _STAGE_FLAGS, demo_cascade_dir, per_stage
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    splits = [s.strip() for s in F.splits.split(",") if s.strip()]
+    for s in splits:
+        if s not in shapes.SPLITS:
+            raise ConfigError(f"--splits: {s!r} is not one of {', '.join(shapes.SPLITS)}")
+    checkpoints = F.checkpoint or [demo_cascade_dir()]
+    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None)
+    n = F.stages or len(cascade.stages)
+    if not 1 <= n <= len(cascade.stages):
+        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)}")
+    columns = {k: per_stage(k, getattr(F, k), n) for k in SETTING_NAMES}
+    try:
+        settings = cascade.settings([{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)],
+                                    num_stages=n)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    try:
+        res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
+                               batch_size=F.batch_size, seed=F.seed, settings=settings,
+                               num_stages=n, reference=F.reference, out=F.out,
+                               progress=sys.stderr.isatty() or F.progress)
+    except ValueError as e:  # a bad sampler / thresholding name, steps < 1
+        raise ConfigError(str(e).splitlines()[0]) from None
+    print(f"{F.num_prompts} prompts per split, {res['image_size']} px, stages {n}, "
+          f"sampling {res['seconds']:.1f} s; settings: "
+          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings))
+    print(format_table(res["results"]))
+    record = {"checkpoints": [s.path for s in cascade.stages[:n]],
+              "steps_trained": [s.step for s in cascade.stages[:n]],
+              "num_prompts": F.num_prompts, "seed": F.seed, "image_size": res["image_size"],
+              "settings": [dict(vars(s)) for s in settings], "results": res["results"],
+              "sampling_seconds": round(res["seconds"], 2)}
+    print(json.dumps(record), flush=True)
+    if F.out:
+        with open(os.path.join(F.out, "eval.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def _define_flags() -> None:
+    from jaxt2i.sample import _STAGE_FLAGS
+
+    flags.DEFINE_multi_string("checkpoint", None, "A cascade directory (cascade.json) or one "
+                              "stage export directory per stage, base first (repeatable; "
+                              "default: the bundled demo cascade).")
+    flags.DEFINE_string("splits", ",".join(SPLITS), "Comma list of shapes splits to draw "
+                        "prompts from: held_out (unseen combinations), test (seen ones), train.")
+    flags.DEFINE_integer("num_prompts", 100, "Prompts (one image each) per split.")
+    flags.DEFINE_integer("batch_size", 32, "Images per sampler call.")
+    flags.DEFINE_integer("seed", 0, "Seed of the prompts and of sampling.")
+    flags.DEFINE_integer("stages", None, "Stages to run (1 = score the base stage's images).")
+    flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")
+    flags.DEFINE_boolean("reference", False, "Also score the true renders of the same scenes.")
+    flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
+                        "(JSONL) and eval.json.")
+    flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
+    for name, kind in _STAGE_FLAGS.items():
+        flags.DEFINE_string(name, None, f"Per-stage {name} ({kind.__name__}): one value for all "
+                            "stages or a comma list (default: each stage's saved config).")
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    from jaxt2i.config import run_app
+
+    _define_flags()
+    run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

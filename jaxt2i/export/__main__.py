@@ -1,0 +1,129 @@
+"""`python -m jaxt2i.export`: a trained stage or cascade -> PyTorch, ONNX or StableHLO files.
+
+    python -m jaxt2i.export --checkpoint=runs/base --checkpoint=runs/sr --format=torch --out=export_pt
+    python -m jaxt2i.export --format=onnx --out=export_onnx          # the bundled demo cascade
+    python -m jaxt2i.export --format=stablehlo --steps=25,25 --out=export_hlo
+
+`--checkpoint` is a cascade directory (cascade.json), a stage export or a training workdir
+(repeatable, base first; default: the bundled demo cascade). The output has one folder per
+stage, the text encoder (a Hugging Face T5 directory with its tokenizer), a top-level
+cascade.json and manifest.json (source checkpoints, steps, config hashes, library versions,
+file hashes). A non-empty --out is refused unless --overwrite; a failed export leaves --out as
+it was.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+
+from jaxt2i.config import ConfigError
+from jaxt2i.export.common import FORMATS, staging_dir, write_manifest
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: str = "float32",
+           overrides: dict | None = None, platforms=None, opset: int | None = None,
+           stages: int | None = None, log=print) -> dict:
+    """Exports a cascade (or its first `stages` stages). Returns the manifest record."""
+    from jaxt2i.cascade import SETTING_NAMES, load_cascade
+    from jaxt2i.sample import per_stage
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    if fmt != "torch" and dtype != "float32":
+        raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
+    cascade = load_cascade(list(checkpoints), dtype="float32")
+    n = stages or len(cascade.stages)
+    if not 1 <= n <= len(cascade.stages):
+        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)}")
+    cascade.stages, cascade.models = cascade.stages[:n], cascade.models[:n]
+    columns = {k: per_stage(k, (overrides or {}).get(k), n) for k in SETTING_NAMES}
+    try:
+        settings = cascade.settings([{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)],
+                                    num_stages=n)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    with staging_dir(out, overwrite) as root:
+        if fmt == "torch":
+            from jaxt2i.export.torch_export import export_torch
+
+            record = export_torch(cascade, settings, root, dtype=dtype, progress=log)
+            packages = ("torch", "transformers")
+        elif fmt == "onnx":
+            from jaxt2i.export.onnx_export import OPSET, export_onnx
+
+            record = export_onnx(cascade, root, opset=opset or OPSET, progress=log)
+            packages = ("jax2onnx", "onnx", "onnxruntime")
+        else:
+            from jaxt2i.export.stablehlo import PLATFORMS, export_stablehlo
+
+            record = export_stablehlo(cascade, settings, root, platforms=platforms or PLATFORMS,
+                                      progress=log)
+            packages = ()
+        manifest = write_manifest(root, fmt=fmt, stages=cascade.stages,
+                                  settings=settings if fmt == "stablehlo" else None,
+                                  packages=packages, extra={"cascade": record, "dtype": dtype})
+    return manifest
+
+
+def main(argv) -> None:
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    from jaxt2i.sample import _STAGE_FLAGS, demo_cascade_dir
+
+    checkpoints = F.checkpoint or [demo_cascade_dir()]
+    platforms = [p.strip() for p in F.platforms.split(",") if p.strip()] if F.platforms else None
+    for p in platforms or []:
+        if p not in ("cpu", "cuda", "rocm", "tpu"):
+            raise ConfigError(f"--platforms: {p!r} is not one of cpu, cuda, rocm, tpu")
+    overrides = {k: getattr(F, k) for k in _STAGE_FLAGS}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    manifest = export(checkpoints, F.format, F.out, overwrite=F.overwrite, dtype=F.dtype,
+                      overrides=overrides, platforms=platforms, opset=F.opset, stages=F.stages,
+                      log=log)
+    size = sum(f["bytes"] for f in manifest["files"])
+    print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {os.path.abspath(F.out)}"
+          f" ({len(manifest['files'])} files, {size / 1e6:.1f} MB); see manifest.json", flush=True)
+
+
+def _define_flags() -> None:
+    from jaxt2i.sample import _STAGE_FLAGS
+
+    flags.DEFINE_multi_string("checkpoint", None, "A cascade directory, a stage export or a "
+                              "training workdir (repeatable, base first; default: the bundled "
+                              "demo cascade).")
+    flags.DEFINE_enum("format", None, list(FORMATS), "Target: torch (safetensors + a PyTorch "
+                      "U-Net), onnx (denoisers + text encoder), stablehlo (whole samplers).")
+    flags.DEFINE_string("out", None, "Output directory (must be empty or absent).")
+    flags.DEFINE_boolean("overwrite", False, "Replace a non-empty --out (only once the new "
+                         "export is complete).")
+    flags.DEFINE_string("dtype", "float32", "torch only: weight dtype float32 | bfloat16 | "
+                        "float16.")
+    flags.DEFINE_integer("stages", None, "Export only the first N stages.")
+    flags.DEFINE_string("platforms", None, "stablehlo only: comma list of lowering platforms "
+                        "(default cpu,cuda,tpu).")
+    flags.DEFINE_integer("opset", None, "onnx only: ONNX opset (default 23).")
+    for name, kind in _STAGE_FLAGS.items():
+        flags.DEFINE_string(name, None, f"stablehlo: per-stage {name} ({kind.__name__}) baked "
+                            "into the sampler; one value or a comma list (default: the saved "
+                            "config).")
+    flags.mark_flags_as_required(["format", "out"])
+
+
+def cli() -> None:
+    """Console-script entry point."""
+    from jaxt2i.config import run_app
+
+    _define_flags()
+    run_app(main)
+
+
+if __name__ == "__main__":
+    cli()
