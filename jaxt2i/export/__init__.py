@@ -1,0 +1,1 @@
+"""Export trained checkpoints to other frameworks: PyTorch (safetensors), ONNX, StableHLO."""

@@ -1,0 +1,485 @@
+"""PyTorch port of the jaxt2i U-Net (`jaxt2i.models.unet.UNet`) for exported checkpoints.
+
+Needs the ``[torch]`` extra (``pip install 'jaxt2i[torch]'``). A stage exported with
+``python -m jaxt2i.export --format=torch`` (or ``jaxt2i.export.torch_convert.save_pretrained``)
+is a folder with ``model.safetensors`` and ``config.json``; load and run it with::
+
+    import torch
+    from jaxt2i.export.torch_unet import TorchUNet
+
+    net = TorchUNet.from_pretrained("export_pt/stage0_base_64px").eval()
+    with torch.no_grad():
+        pred = net(x_t, noise_level, text_emb, text_mask)  # x_t [B, C, H, W] -> [B, C, H, W]
+        # SR stages also take lowres [B, C, h, w] and aug_level [B].
+
+``forward`` has the semantics of ``UNet.__call__`` (same conditioning, masks, learned null
+text token, low-res resize, output = ``config.objective``), with images in PyTorch's NCHW
+layout; the text inputs keep their [B, L, D] / [B, L] layout. Converted float32 weights give
+the JAX float32 outputs to ~1e-5 (tested at 1e-4).
+
+Dtypes. The module computes in the dtype of its parameters: float32 by default,
+``net.to(torch.bfloat16)`` (or a bfloat16 export, which ``from_pretrained`` loads as a
+bfloat16 module) for bfloat16. As in JAX, normalisation statistics, the sinusoidal level
+features, the low-res resize and the attention logits and softmax are float32 whatever the
+compute dtype; inputs may be float32 and the output is always float32. ``config.dtype`` (the
+JAX compute dtype) is not applied: a float32 module is the most exact copy of a
+bfloat16-trained model. On Ampere and newer GPUs PyTorch runs float32 convolutions in TF32
+by default (``torch.backends.cudnn.allow_tf32``); turn it off for bit-closer float32 results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jaxt2i.models.unet import UNetConfig, _resize_matrix
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+Tensor = torch.Tensor
+
+
+def sinusoidal_embedding(t: Tensor, dim: int, scale: float) -> Tensor:
+    """Sinusoidal features of a per-example scalar, as ``jaxt2i.models.layers``.
+
+    Args:
+      t: [B] values.
+      dim: even number of features.
+      scale: multiplier on ``t`` before the sinusoids.
+
+    Returns:
+      [B, dim] float32 features: sines of every frequency, then cosines.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                        device=t.device) / half)
+    args = (t.float() * scale)[:, None] * freqs[None, :]  # [B, half]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Scaled dot-product attention with float32 logits and softmax (as jax.nn's).
+
+    Args:
+      q: [B, T, heads, hd] queries.
+      k: [B, S, heads, hd] keys.
+      v: [B, S, heads, hd] values.
+      mask: [B, S] bool, True for the keys that may be attended, or None.
+
+    Returns:
+      [B, T, heads, hd] in v's dtype.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.einsum("btnd,bsnd->bnts", q.float(), k.float()) * scale  # [B, N, T, S]
+    if mask is not None:
+        big = -0.7 * torch.finfo(torch.float32).max
+        logits = logits.masked_fill(~mask[:, None, None, :], big)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.einsum("bnts,bsnd->btnd", probs, v)
+
+
+def _heads(config: UNetConfig, channels: int) -> tuple[int, int]:
+    """(number of heads, head dimension) for an attention layer over ``channels``."""
+    if config.num_heads:
+        return config.num_heads, config.head_dim
+    return max(1, channels // config.head_dim), config.head_dim
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over NCHW maps with float32 statistics and an optional scale and shift.
+
+    Mirrors ``jaxt2i.models.layers.GroupNorm``: ``gcd(groups, channels)`` groups, variance
+    as E[x^2] - E[x]^2 (clamped at 0), epsilon 1e-5, and ``y * (1 + s) + t`` conditioning
+    folded into one multiply-add per element.
+    """
+
+    def __init__(self, channels: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.groups = math.gcd(groups, channels)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Args: x [B, C, H, W]; scale_shift: optional ([B, C], [B, C]).
+
+        Returns:
+          [B, C, H, W] in x's dtype.
+        """
+        b, c, h, w = x.shape
+        g = self.groups
+        xf = x.float()
+        s1 = xf.sum(dim=(2, 3)).reshape(b, g, c // g)  # [B, G, C/G]
+        s2 = xf.square().sum(dim=(2, 3)).reshape(b, g, c // g)
+        n = h * w * (c // g)
+        mean = s1.sum(dim=-1, keepdim=True) / n  # [B, G, 1]
+        var = torch.clamp(s2.sum(dim=-1, keepdim=True) / n - mean.square(), min=0.0)
+        inv = torch.rsqrt(var + self.eps)
+        gamma, beta = self.weight.float(), self.bias.float()
+        a = (inv * gamma.reshape(g, -1)).reshape(b, c)  # [B, C]
+        shift = beta - (mean * inv).expand(b, g, c // g).reshape(b, c) * gamma
+        if scale_shift is not None:
+            s, t = scale_shift[0].float(), scale_shift[1].float()
+            a = a * (1 + s)
+            shift = shift * (1 + s) + t
+        return x * a[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with float32 statistics (flax's fast variance)."""
+
+    def __init__(self, features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(features))
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., D] -> [..., D] in the parameters' dtype."""
+        xf = x.float()
+        mean = xf.mean(dim=-1, keepdim=True)
+        var = torch.clamp(xf.square().mean(dim=-1, keepdim=True) - mean.square(), min=0.0)
+        y = (xf - mean) * (torch.rsqrt(var + self.eps) * self.weight.float())
+        return (y + self.bias.float()).to(self.weight.dtype)
+
+
+class LevelEmbedding(nn.Module):
+    """Noise (or augmentation) level -> [B, E]: sinusoids and a 2-layer SiLU MLP."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.dim, self.scale = config.base_channels, float(config.noise_scale)
+        self.fc1 = nn.Linear(config.base_channels, config.emb_dim)
+        self.fc2 = nn.Linear(config.emb_dim, config.emb_dim)
+
+    def forward(self, t: Tensor) -> Tensor:
+        """[B] float -> [B, E]."""
+        feats = sinusoidal_embedding(t, self.dim, self.scale).to(self.fc1.weight.dtype)
+        return self.fc2(F.silu(self.fc1(feats)))
+
+
+class AttentionPool(nn.Module):
+    """Pools text tokens into one vector with a learned query, respecting the mask."""
+
+    def __init__(self, config: UNetConfig, width: int):
+        super().__init__()
+        self.heads, self.head_dim = _heads(config, width)
+        inner = self.heads * self.head_dim
+        self.query = nn.Parameter(torch.empty(self.heads, self.head_dim))
+        nn.init.normal_(self.query, std=width ** -0.5)
+        self.kv = nn.Linear(width, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, config.emb_dim, bias=False)
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Args: tokens [B, L, E]; mask [B, L] bool.
+
+        Returns:
+          [B, emb_dim].
+        """
+        b, n = tokens.shape[:2]
+        kv = self.kv(tokens).reshape(b, n, 2, self.heads, self.head_dim)  # [B, L, 2, N, D]
+        q = self.query.to(tokens.dtype).expand(b, 1, self.heads, self.head_dim)
+        out = attend(q, kv[:, :, 0], kv[:, :, 1], mask)[:, 0]  # [B, N, D]
+        return self.out(out.reshape(b, -1))  # [B, E]
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, scale-and-shift from the embedding, GN-SiLU-conv, residual."""
+
+    def __init__(self, config: UNetConfig, in_channels: int, features: int):
+        super().__init__()
+        groups = config.norm_groups
+        self.norm1 = GroupNorm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, features, 3, padding=1)
+        self.film = nn.Linear(config.emb_dim, 2 * features)
+        self.norm2 = GroupNorm(features, groups)
+        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+        self.shortcut = (nn.Conv2d(in_channels, features, 1) if in_channels != features
+                         else None)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """Args: x [B, C_in, H, W]; emb [B, E] after SiLU.
+
+        Returns:
+          [B, features, H, W].
+        """
+        h = self.conv1(F.silu(self.norm1(x)))  # [B, F, H, W]
+        scale, shift = self.film(emb).chunk(2, dim=-1)  # 2 x [B, F]
+        h = self.conv2(F.silu(self.norm2(h, (scale, shift))))
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm attention over pixels: 'self', 'cross' (to text) or 'concat' (both)."""
+
+    def __init__(self, config: UNetConfig, channels: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.heads, self.head_dim = _heads(config, channels)
+        inner = self.heads * self.head_dim
+        self.norm = GroupNorm(channels, config.norm_groups)
+        if kind == "cross":
+            self.q = nn.Linear(channels, inner, bias=False)
+        else:
+            self.qkv = nn.Linear(channels, 3 * inner, bias=False)
+        if kind in ("cross", "concat"):
+            self.text_kv = nn.Linear(config.emb_dim, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, channels, bias=False)
+
+    def forward(self, x: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """Args: x [B, C, H, W]; text [B, L, E]; text_mask [B, L] bool.
+
+        Returns:
+          [B, C, H, W], the input plus the attention output.
+        """
+        b, c, hh, ww = x.shape
+        nh, hd = self.heads, self.head_dim
+        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, N, C]
+        mask = None
+        if self.kind == "cross":
+            q = self.q(h).reshape(b, hh * ww, nh, hd)  # [B, N, heads, hd]
+        else:
+            q, k, v = self.qkv(h).reshape(b, hh * ww, 3, nh, hd).unbind(dim=2)
+        if self.kind in ("cross", "concat"):
+            tk, tv = self.text_kv(text).reshape(b, text.shape[1], 2, nh, hd).unbind(dim=2)
+            if self.kind == "cross":
+                k, v, mask = tk, tv, text_mask
+            else:
+                k, v = torch.cat([k, tk], dim=1), torch.cat([v, tv], dim=1)
+                ones = torch.ones(b, hh * ww, dtype=torch.bool, device=x.device)
+                mask = torch.cat([ones, text_mask], dim=1)
+        out = attend(q, k, v, mask).reshape(b, hh * ww, nh * hd)  # [B, N, heads*hd]
+        out = self.out(out).transpose(1, 2).reshape(b, c, hh, ww)
+        return x + out
+
+
+class TorchUNet(nn.Module):
+    """The jaxt2i text-conditional U-Net in PyTorch (base or super-resolution stage).
+
+    Submodules keep the Flax module names (``noise_embed``, ``text_pool``, ``stem``,
+    ``down1_downsample``, ``down1_res0``, ``down1_attn0_0``, ``up0_res1``, ``head``...), so
+    the state dict of a converted checkpoint is
+    ``jaxt2i.export.torch_convert.unet_state_dict(params, config)``.
+
+    Attributes:
+      config: the UNetConfig.
+    """
+
+    def __init__(self, config: UNetConfig | Mapping[str, Any]):
+        """Args: config: a UNetConfig or its ``to_dict()`` (the "unet" entry of config.json)."""
+        super().__init__()
+        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+        self.config = cfg
+        widths, emb = cfg.widths, cfg.emb_dim
+        self.noise_embed = LevelEmbedding(cfg)
+        self.text_norm = LayerNorm(cfg.text_dim)
+        self.text_proj = nn.Linear(cfg.text_dim, emb)
+        self.text_null = nn.Parameter(torch.empty(emb))
+        nn.init.normal_(self.text_null, std=0.02)
+        self.text_pool = AttentionPool(cfg, emb)
+        if cfg.is_sr:
+            self.aug_embed = LevelEmbedding(cfg)
+
+        def stage(ch: int, i: int, j: int, prefix: str) -> int:
+            self.add_module(f"{prefix}{i}_res{j}", ResBlock(cfg, ch, widths[i]))
+            for k, kind in enumerate(self._kinds(i)):
+                self.add_module(f"{prefix}{i}_attn{j}_{k}", AttentionBlock(cfg, widths[i], kind))
+            return widths[i]
+
+        def merged(ch: int, skip: int) -> int:
+            return ch + skip if cfg.skip_mode == "concat" else ch
+
+        in_ch = cfg.channels * (2 if cfg.is_sr else 1)
+        self.stem = nn.Conv2d(in_ch, widths[0], 3, padding=1)
+        ch = widths[0]
+        for i, blocks in enumerate(cfg.num_res_blocks):
+            if i > 0 or cfg.stem_downsample:
+                self.add_module(f"down{i}_downsample", nn.Conv2d(ch, widths[i], 2, stride=2))
+                ch = widths[i]
+            for j in range(blocks):
+                ch = stage(ch, i, j, "down")
+        last = len(widths) - 1
+        for i in reversed(range(len(widths))):
+            if i < last:
+                ch = merged(ch, widths[i])
+            for j in range(cfg.num_res_blocks[i]):
+                ch = stage(ch, i, j, "up")
+            if i > 0 or cfg.stem_downsample:
+                out = widths[max(i - 1, 0)]
+                self.add_module(f"up{i}_upsample", nn.ConvTranspose2d(ch, out, 2, stride=2))
+                ch = out
+        if cfg.stem_downsample:
+            ch = merged(ch, widths[0])
+        self.head_norm = GroupNorm(ch, cfg.norm_groups)
+        self.head = nn.Conv2d(ch, cfg.channels, 3, padding=1)
+
+    def _kinds(self, level: int) -> list[str]:
+        kinds = self.config.attention[level]
+        return [] if kinds == "none" else kinds.split("+")
+
+    def forward(self, x_t: Tensor, noise_level: Tensor | float, text_emb: Tensor,
+                text_mask: Tensor, lowres: Tensor | None = None,
+                aug_level: Tensor | float | None = None) -> Tensor:
+        """Predicts eps, v or x0 (``config.objective``) for a noisy image.
+
+        Args:
+          x_t: [B, C, H, W] noisy images; H and W divisible by ``config.size_factor``.
+          noise_level: [B] (or a scalar): continuous time, log-SNR or a discrete step (see
+            ``config.noise_scale``).
+          text_emb: [B, L, text_dim] text-encoder outputs.
+          text_mask: [B, L] bool/int, 1 for real tokens; an all-zero row is allowed.
+          lowres: SR stages only: [B, C, h, w] low-resolution image in [-1, 1].
+          aug_level: SR stages only: [B] augmentation level in [0, 1] (zeros if None).
+
+        Returns:
+          [B, C, H, W] float32 prediction.
+        """
+        cfg = self.config
+        dt = self.stem.weight.dtype
+        b, _, height, width = x_t.shape
+        if height % cfg.size_factor or width % cfg.size_factor:
+            raise ValueError(f"image size {height}x{width} must be divisible by "
+                             f"{cfg.size_factor} for this U-Net (one halving per downsample)")
+        dev = x_t.device
+        noise_level = torch.as_tensor(noise_level, dtype=torch.float32, device=dev)
+        noise_level = noise_level.broadcast_to((b,))
+
+        x = x_t.float()
+        if cfg.is_sr:
+            if lowres is None:
+                raise ValueError("this is a super-resolution U-Net (lowres_size > 0): pass lowres")
+            x = torch.cat([x, self._resize(lowres, (height, width))], dim=1)  # [B, 2C, H, W]
+        elif lowres is not None or aug_level is not None:
+            raise ValueError("lowres/aug_level given to a base U-Net (config.lowres_size == 0)")
+
+        emb = self.noise_embed(noise_level)  # [B, E]
+        tokens, mask = self._text_tokens(text_emb, text_mask)  # [B, 1+L, E], [B, 1+L]
+        emb = emb + self.text_pool(tokens, mask)
+        if cfg.is_sr:
+            aug = 0.0 if aug_level is None else aug_level
+            aug = torch.as_tensor(aug, dtype=torch.float32, device=dev).broadcast_to((b,))
+            emb = emb + self.aug_embed(aug)
+        emb = F.silu(emb)
+
+        scale = torch.tensor(2 ** -0.5 if cfg.scale_skip else 1.0, dtype=dt, device=dev)
+
+        def merge(h: Tensor, skip: Tensor) -> Tensor:
+            if cfg.skip_mode == "add":
+                return (h + skip) * scale
+            return torch.cat([h, skip * scale], dim=1)
+
+        def stage(h: Tensor, i: int, j: int, prefix: str) -> Tensor:
+            h = getattr(self, f"{prefix}{i}_res{j}")(h, emb)
+            for k in range(len(self._kinds(i))):
+                h = getattr(self, f"{prefix}{i}_attn{j}_{k}")(h, tokens, mask)
+            return h
+
+        stem = self.stem(x.to(dt))  # [B, C0, H, W]
+        h = stem
+        skips = []
+        for i, blocks in enumerate(cfg.num_res_blocks):
+            if i > 0 or cfg.stem_downsample:
+                h = getattr(self, f"down{i}_downsample")(h)
+            for j in range(blocks):
+                h = stage(h, i, j, "down")
+            skips.append(h)
+        last = len(cfg.widths) - 1
+        for i in reversed(range(len(cfg.widths))):
+            if i < last:
+                h = merge(h, skips[i])
+            for j in range(cfg.num_res_blocks[i]):
+                h = stage(h, i, j, "up")
+            if i > 0 or cfg.stem_downsample:
+                h = getattr(self, f"up{i}_upsample")(h)
+        if cfg.stem_downsample:
+            h = merge(h, stem)
+        h = F.silu(self.head_norm(h))
+        return self.head(h).float()  # [B, C, H, W]
+
+    def _resize(self, lowres: Tensor, size: tuple[int, int]) -> Tensor:
+        """[B, C, h, w] -> [B, C, H, W] float32 with ``config.lowres_resize`` (as jax.image)."""
+        lowres = lowres.float()
+        (h, w), (hh, ww) = lowres.shape[2:], size
+        if (h, w) == (hh, ww):
+            return lowres
+        method = self.config.lowres_resize
+        # The interpolation matrices of the JAX model (numpy, cached there).
+        rows = torch.tensor(_resize_matrix(h, hh, method), device=lowres.device)  # [H, h]
+        cols = torch.tensor(_resize_matrix(w, ww, method), device=lowres.device)  # [W, w]
+        return torch.einsum("Hh,bchw,Ww->bcHW", rows, lowres, cols)
+
+    def _text_tokens(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised, projected text tokens after a learned always-valid null token.
+
+        Returns:
+          tokens [B, 1+L, E] in the compute dtype and mask [B, 1+L] bool.
+        """
+        b = text_emb.shape[0]
+        mask = torch.as_tensor(text_mask, device=text_emb.device).bool()  # [B, L]
+        # Zero padded positions so that even non-finite padding cannot leak through 0 * inf.
+        text = torch.where(mask[..., None], text_emb.float(), 0.0)
+        text = self.text_proj(self.text_norm(text))  # [B, L, E]
+        null = self.text_null.to(text.dtype).expand(b, 1, -1)
+        tokens = torch.cat([null, text], dim=1)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=mask.device)
+        return tokens, torch.cat([ones, mask], dim=1)
+
+    @classmethod
+    def from_pretrained(cls, directory: str, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "TorchUNet":
+        """Loads a folder written by ``jaxt2i.export.torch_convert.save_pretrained``.
+
+        Args:
+          directory: folder with ``config.json`` ({"unet": UNetConfig dict, ...}) and
+            ``model.safetensors``.
+          dtype: parameter dtype; default: the dtype stored in the file (a bfloat16 export
+            gives a bfloat16 module).
+          device: where the parameters are loaded.
+
+        Returns:
+          The module with every weight loaded (``strict=True``), in training mode as any
+          freshly built torch module: call ``.eval()`` (it has no dropout or batch norm).
+
+        Raises:
+          FileNotFoundError: if a file is missing.
+          ValueError: if config.json has no "unet" entry, or the file's tensors do not match
+            the config (the missing, unexpected and mis-shaped names are listed).
+        """
+        from safetensors.torch import load_file
+
+        for name in (CONFIG_FILE, MODEL_FILE):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise FileNotFoundError(f"no {name} in {directory}: not a TorchUNet export "
+                                        "(write one with jaxt2i.export.torch_convert."
+                                        "save_pretrained)")
+        with open(os.path.join(directory, CONFIG_FILE)) as f:
+            record = json.load(f)
+        if not isinstance(record, dict) or "unet" not in record:
+            raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has no 'unet' entry")
+        path = os.path.join(directory, MODEL_FILE)
+        state = load_file(path, device=str(device))
+        with torch.device("meta"):  # no memory or init cost before the weights arrive
+            net = cls(record["unet"])
+        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        missing = sorted(set(want) - set(state))
+        unexpected = sorted(set(state) - set(want))
+        shapes = sorted(f"{k}: file {tuple(state[k].shape)}, model {want[k]}"
+                        for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path} does not match its config.json U-Net: missing tensors "
+                             f"{missing}; unexpected tensors {unexpected}; shape mismatches "
+                             f"{shapes}")
+        dtypes = {v.dtype for v in state.values()}
+        target = dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
+        state = {k: v.to(target) for k, v in state.items()}
+        net.load_state_dict(state, strict=True, assign=True)
+        return net
