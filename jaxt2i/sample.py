@@ -49,6 +49,42 @@ def per_stage(name: str, value: str | None, num_stages: int) -> list:
     return vals * num_stages if len(vals) == 1 else vals
 
 
+def stage_settings(cascade, stages: int | None, overrides: dict | None) -> list:
+    """Validated `--stages` + per-stage flag strings -> one `StageSettings` per stage run.
+
+    Args:
+      cascade: the loaded `Cascade`.
+      stages: how many stages to run (None = all).
+      overrides: {setting name: '25,10' | '25' | None}.
+
+    Raises ConfigError (one line) for a bad stage count or value.
+    """
+    from jaxt2i.cascade import SETTING_NAMES
+
+    n = stages or len(cascade.stages)
+    if not 1 <= n <= len(cascade.stages):
+        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)} (the "
+                          "cascade's stages)")
+    columns = {k: per_stage(k, (overrides or {}).get(k), n) for k in SETTING_NAMES}
+    try:
+        return cascade.settings([{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)],
+                                num_stages=n)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def define_stage_flags(what: str = "Per-stage") -> None:
+    """Defines --sampler --steps --guidance --thresholding --aug_level (comma lists per stage)."""
+    for name, kind in _STAGE_FLAGS.items():
+        flags.DEFINE_string(name, None, f"{what} {name} ({kind.__name__}): one value for all "
+                            "stages or a comma list (default: each stage's saved config).")
+
+
+def stage_flag_values() -> dict:
+    """The per-stage flags' raw values, for `stage_settings`."""
+    return {k: getattr(flags.FLAGS, k) for k in _STAGE_FLAGS}
+
+
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts from --prompt flags and / or a file (one prompt a line, blank lines skipped)."""
     out = list(prompts or [])
@@ -110,24 +146,16 @@ def run(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *, num_ima
     """
     from PIL import Image
 
-    from jaxt2i.cascade import SETTING_NAMES, load_cascade
+    from jaxt2i.cascade import load_cascade
 
     if num_images < 1:
         raise ConfigError(f"--num_images ({num_images}) must be at least 1")
     if dtype not in (None, "", "float32", "bfloat16"):
         raise ConfigError(f"--dtype={dtype!r}; allowed: float32, bfloat16")
     cascade = load_cascade(list(checkpoints), dtype=dtype or None)
-    n = stages or len(cascade.stages)
-    if not 1 <= n <= len(cascade.stages):
-        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)} (the "
-                          "cascade's stages)")
+    settings = stage_settings(cascade, stages, overrides)
+    n = len(settings)
     cascade.check_prompts(list(prompts))
-    columns = {k: per_stage(k, (overrides or {}).get(k), n) for k in SETTING_NAMES}
-    per = [{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)]
-    try:
-        settings = cascade.settings(per, num_stages=n)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
     batch = [p for p in prompts for _ in range(num_images)]
     try:
         images = cascade.sample(batch, seed, settings=settings, num_stages=n, progress=progress)
@@ -158,7 +186,7 @@ def main(argv) -> None:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     prompts = read_prompts(F.prompt, F.prompts_file)
     checkpoints = F.checkpoint or [demo_cascade_dir()]
-    overrides = {k: getattr(F, k) for k in _STAGE_FLAGS}
+    overrides = stage_flag_values()
     record = run(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                  stages=F.stages, dtype=F.dtype, overrides=overrides,
                  progress=sys.stderr.isatty() or F.progress)
@@ -176,9 +204,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("stages", None, "How many stages to run (1 = base only; default all).")
     flags.DEFINE_string("dtype", None, "Compute dtype of U-Nets and T5: float32 | bfloat16.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
-    for name, kind in _STAGE_FLAGS.items():
-        flags.DEFINE_string(name, None, f"Per-stage {name} ({kind.__name__}): one value for all "
-                            "stages or a comma list (default: each stage's saved config).")
+    define_stage_flags()
 
 
 def cli() -> None:

@@ -129,8 +129,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
 
 
 def main(argv) -> None:
-    from jaxt2i.cascade import SETTING_NAMES, load_cascade
-    from jaxt2i.sample import _STAGE_FLAGS, demo_cascade_dir, per_stage
+    from jaxt2i.cascade import load_cascade
+    from jaxt2i.sample import demo_cascade_dir, stage_flag_values, stage_settings
 
     F = flags.FLAGS
     if len(argv) > 1:
@@ -141,15 +141,8 @@ def main(argv) -> None:
             raise ConfigError(f"--splits: {s!r} is not one of {', '.join(shapes.SPLITS)}")
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     cascade = load_cascade(list(checkpoints), dtype=F.dtype or None)
-    n = F.stages or len(cascade.stages)
-    if not 1 <= n <= len(cascade.stages):
-        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)}")
-    columns = {k: per_stage(k, getattr(F, k), n) for k in SETTING_NAMES}
-    try:
-        settings = cascade.settings([{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)],
-                                    num_stages=n)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    settings = stage_settings(cascade, F.stages, stage_flag_values())
+    n = len(settings)
     try:
         res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
                                batch_size=F.batch_size, seed=F.seed, settings=settings,
@@ -173,7 +166,7 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    from jaxt2i.sample import _STAGE_FLAGS
+    from jaxt2i.sample import define_stage_flags
 
     flags.DEFINE_multi_string("checkpoint", None, "A cascade directory (cascade.json) or one "
                               "stage export directory per stage, base first (repeatable; "
@@ -189,9 +182,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
                         "(JSONL) and eval.json.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
-    for name, kind in _STAGE_FLAGS.items():
-        flags.DEFINE_string(name, None, f"Per-stage {name} ({kind.__name__}): one value for all "
-                            "stages or a comma list (default: each stage's saved config).")
+    define_stage_flags()
 
 
 def cli() -> None:

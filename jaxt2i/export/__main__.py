@@ -29,8 +29,8 @@ def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: s
            overrides: dict | None = None, platforms=None, opset: int | None = None,
            stages: int | None = None, log=print) -> dict:
     """Exports a cascade (or its first `stages` stages). Returns the manifest record."""
-    from jaxt2i.cascade import SETTING_NAMES, load_cascade
-    from jaxt2i.sample import per_stage
+    from jaxt2i.cascade import load_cascade
+    from jaxt2i.sample import stage_settings
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -39,16 +39,9 @@ def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: s
     if fmt != "torch" and dtype != "float32":
         raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
     cascade = load_cascade(list(checkpoints), dtype="float32")
-    n = stages or len(cascade.stages)
-    if not 1 <= n <= len(cascade.stages):
-        raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)}")
+    settings = stage_settings(cascade, stages, overrides)
+    n = len(settings)
     cascade.stages, cascade.models = cascade.stages[:n], cascade.models[:n]
-    columns = {k: per_stage(k, (overrides or {}).get(k), n) for k in SETTING_NAMES}
-    try:
-        settings = cascade.settings([{k: columns[k][i] for k in SETTING_NAMES} for i in range(n)],
-                                    num_stages=n)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
     with staging_dir(out, overwrite) as root:
         if fmt == "torch":
             from jaxt2i.export.torch_export import export_torch
@@ -76,14 +69,14 @@ def main(argv) -> None:
     F = flags.FLAGS
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
-    from jaxt2i.sample import _STAGE_FLAGS, demo_cascade_dir
+    from jaxt2i.sample import demo_cascade_dir, stage_flag_values
 
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     platforms = [p.strip() for p in F.platforms.split(",") if p.strip()] if F.platforms else None
     for p in platforms or []:
         if p not in ("cpu", "cuda", "rocm", "tpu"):
             raise ConfigError(f"--platforms: {p!r} is not one of cpu, cuda, rocm, tpu")
-    overrides = {k: getattr(F, k) for k in _STAGE_FLAGS}
+    overrides = stage_flag_values()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     manifest = export(checkpoints, F.format, F.out, overwrite=F.overwrite, dtype=F.dtype,
                       overrides=overrides, platforms=platforms, opset=F.opset, stages=F.stages,
@@ -94,7 +87,7 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    from jaxt2i.sample import _STAGE_FLAGS
+    from jaxt2i.sample import define_stage_flags
 
     flags.DEFINE_multi_string("checkpoint", None, "A cascade directory, a stage export or a "
                               "training workdir (repeatable, base first; default: the bundled "
@@ -110,10 +103,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("platforms", None, "stablehlo only: comma list of lowering platforms "
                         "(default cpu,cuda,tpu).")
     flags.DEFINE_integer("opset", None, "onnx only: ONNX opset (default 23).")
-    for name, kind in _STAGE_FLAGS.items():
-        flags.DEFINE_string(name, None, f"stablehlo: per-stage {name} ({kind.__name__}) baked "
-                            "into the sampler; one value or a comma list (default: the saved "
-                            "config).")
+    define_stage_flags("stablehlo: baked-in per-stage")
     flags.mark_flags_as_required(["format", "out"])
 
 
