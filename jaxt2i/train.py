@@ -164,6 +164,40 @@ class Trainer:
             # rbg keys compile ~3x faster than threefry for a many-parameter init.
             return self._jit_init(jax.random.key(seed, impl="rbg"))
 
+    def init_state_from(self, path: str, seed: int) -> TrainState:
+        """A fresh train state whose params and EMA params are those of an exported model.
+
+        `path` is a stage export (params.safetensors + config.json) or a training workdir with
+        one in export/. The optimizer, step and EMA warm-up start afresh (fine-tuning); the
+        model's objective, loss and schedule may differ from the source run's, its shapes may not.
+        """
+        from jaxt2i.cascade import _export_dir
+        from jaxt2i.checkpoint import flatten, load_exported
+
+        loaded, _, step = load_exported(_export_dir(path))
+        state = self.init_state(seed)
+        want, got = flatten(state.params), flatten(loaded)
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        if missing or extra:
+            raise ConfigError(
+                f"train.init_from={path!r} does not fit this model: "
+                f"{len(missing)} params missing (first: {missing[:1]}), {len(extra)} unexpected "
+                f"(first: {extra[:1]}); use the source run's model config")
+        for name, a in want.items():
+            if tuple(got[name].shape) != tuple(a.shape):
+                raise ConfigError(
+                    f"train.init_from={path!r}: param {name} has shape {tuple(got[name].shape)} "
+                    f"but this model's is {tuple(a.shape)}; use the source run's model config")
+
+        def place(a, target):
+            a = np.asarray(a, target.dtype)
+            return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
+
+        params = jax.tree_util.tree_map(place, loaded, state.params)
+        ema = jax.tree_util.tree_map(place, loaded, state.ema_params)
+        log.warning("initialised params and EMA from %s (step %s)", path, step)
+        return state.replace(params=params, ema_params=ema)
+
     def _context(self):
         import contextlib
 
@@ -348,6 +382,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
         if data_state:
             data.set_state(data_state)
         log.warning("resumed from %s at step %d", ckpt.directory, start)
+    elif tc.get("init_from"):
+        state = trainer.init_state_from(tc.init_from, tc.seed)
     else:
         state = trainer.init_state(tc.seed)
     root_rng = jax.random.key(tc.seed + 1)

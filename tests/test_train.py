@@ -255,3 +255,46 @@ def test_adafactor_state_shards_on_fsdp_mesh():
     assert np.isfinite(float(m["loss"])) and int(state.step) == 1
     for leaf in jax.tree_util.tree_leaves(state.opt_state):
         assert len(leaf.sharding.spec) <= leaf.ndim
+
+
+def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
+    """train.init_from: params and EMA start at an export's values, placed with this run's
+    (FSDP) sharding; the optimizer starts afresh; a later resume ignores init_from; a model
+    of another shape is refused in one line."""
+    from jaxt2i.checkpoint import flatten, load_exported
+
+    src = tmp_path / "src"
+    train(_cfg(num_steps=2, save_every=2, log_every=1), str(src), devices=jax.devices()[:1],
+          progress=False)
+    loaded, _, step = load_exported(str(src / "export"))
+    assert step == 2
+
+    cfg = _cfg(num_steps=1, save_every=1, log_every=1, init_from=str(src))
+    cfg.model.objective = "v"  # e.g. fine-tune an eps model into a v-prediction model
+    cfg.mesh.data, cfg.mesh.fsdp = 1, 2
+    trainer = Trainer(cfg, devices=jax.devices()[:2])
+    state = trainer.init_state_from(str(src), seed=5)
+    want = flatten(loaded)
+    for tree in (state.params, state.ema_params):
+        got = flatten(jax.device_get(tree))
+        assert set(got) == set(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    sharded = [a for a in jax.tree_util.tree_leaves(state.params)
+               if not a.sharding.is_fully_replicated]
+    assert sharded, "no parameter is FSDP-sharded"
+    assert int(state.step) == 0
+    assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(state.opt_state)
+               if hasattr(x, "shape") and x.shape != ())  # fresh Adam moments
+
+    run = tmp_path / "ft"
+    out = train(cfg, str(run), devices=jax.devices()[:2], progress=False)
+    assert out["step"] == 1 and np.isfinite(out["losses"][1])
+    cfg.train.num_steps = 2
+    cfg.train.init_from = str(tmp_path / "does-not-exist")  # resuming: not read
+    assert train(cfg, str(run), devices=jax.devices()[:2], progress=False)["step"] == 2
+
+    wide = _cfg(num_steps=1, init_from=str(src))
+    wide.model.base_channels *= 2
+    with pytest.raises(ConfigError, match=r"init_from=.*shape .* but this model's is"):
+        Trainer(wide, devices=jax.devices()[:1]).init_state_from(str(src), seed=0)
