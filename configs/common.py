@@ -67,6 +67,9 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.9999
     c.train.max_skipped = 10  # consecutive non-finite updates before the run stops
     c.train.seed = 0
+    # Start from an exported model's params (a stage export dir or a training workdir) with a
+    # fresh optimizer: fine-tuning. Ignored when the workdir already holds a checkpoint.
+    c.train.init_from = ""
     c.train.log_every = 10
     c.train.save_every = 500
     c.train.keep_checkpoints = 3
