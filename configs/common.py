@@ -99,7 +99,15 @@ def tiny(c: ml_collections.ConfigDict) -> None:
 
 def demo(c: ml_collections.ConfigDict, num_steps: int) -> None:
     """The shipped shapes demo, sized to train on a 2-core CPU in about an hour per stage:
-    a higher learning rate with cosine decay and a faster EMA than the long-run defaults."""
+    a higher learning rate with cosine decay and a faster EMA than the long-run defaults.
+
+    v-prediction with an unweighted v loss: at low SNR the network predicts x0 directly (and the
+    loss weighs x0 errors by SNR + 1 >= 1), which fixes the global colour of a sample. An eps
+    model's x0 = (x_t - sigma eps) / alpha amplifies eps errors by 1 / alpha there (first demo:
+    tinted backgrounds and grain).
+    """
+    c.model.objective = "v"
+    c.diffusion.loss_weighting = "uniform"
     c.train.num_steps = num_steps
     c.train.lr = 5e-4
     c.train.schedule = "cosine"
