@@ -78,7 +78,6 @@ CHOICES: dict[str, Any] = {
     "text.dtype": ("float32", "bfloat16"),
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
-    "model.conv_backward": _lazy("jaxt2i.models.unet", "CONV_BACKWARDS"),
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
     "diffusion.aug_schedule": ("cosine", "linear"),
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),

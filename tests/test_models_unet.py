@@ -240,34 +240,6 @@ def test_remat_gives_same_outputs_and_gradients(tiny):
         np.testing.assert_allclose(g_r, g, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("strides, padding, kernel", [
-    ((1, 1), "SAME", 3), ((2, 2), "SAME", 3), ((1, 1), "VALID", 3), ((1, 1), "SAME", 1),
-    ((2, 1), ((1, 0), (0, 2)), 3)])
-def test_im2col_kernel_gradient_equals_xla(strides, padding, kernel):
-    """The im2col kernel gradient (a matmul over window patches) against XLA's transposed conv."""
-    from jaxt2i.models.layers import _conv_general_dilated_im2col
-
-    x = jax.random.normal(jax.random.key(0), (2, 9, 10, 5))
-    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 5, 7))
-    dn = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w, strides, padding, dimension_numbers=dn)))
-    ref = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-    got = jax.value_and_grad(loss(_conv_general_dilated_im2col), (0, 1))(x, w)
-    np.testing.assert_array_equal(got[0], ref[0])  # same forward
-    for g, r in zip(got[1], ref[1]):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
-
-
-def test_conv_backward_modes_give_the_same_unet_gradients(tiny_sr):
-    config, params, inputs = tiny_sr
-    loss_x, grads_x = loss_and_grad(get_unet_config("tiny_sr", conv_backward="xla"), params, inputs)
-    loss_i, grads_i = loss_and_grad(get_unet_config("tiny_sr", conv_backward="im2col"), params,
-                                    inputs)
-    np.testing.assert_allclose(loss_i, loss_x, rtol=1e-6)
-    for g_i, g_x in zip(jax.tree.leaves(grads_i), jax.tree.leaves(grads_x)):
-        np.testing.assert_allclose(g_i, g_x, rtol=1e-4, atol=1e-6)
-
-
 def test_bfloat16_compute_stays_close_to_float32(tiny, forward):
     config, params, inputs = tiny
     out32 = forward(config, params, inputs)

@@ -17,7 +17,6 @@ Logical names used here:
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -45,71 +44,6 @@ def constrain(x: Array, names: Sequence[str | None]) -> Array:
     return nn.with_logical_constraint(x, tuple(names))
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_im2col_grad(x: Array, w: Array, strides: tuple[int, int],
-                     pads: tuple[tuple[int, int], tuple[int, int]]) -> Array:
-    """NHWC x HWIO convolution whose kernel gradient is one matmul over the window patches.
-
-    The forward pass and the input gradient are XLA's; the kernel gradient
-    dW[i, j, c, o] = sum_{b,h,w} x_pad[b, s h + i, s w + j, c] dy[b, h, w, o] is an einsum over
-    the kh*kw strided views of the padded input (a transient [B, Ho, Wo, kh*kw, C] tensor), which
-    XLA:CPU runs as a large GEMM at 3-4x the speed of its transposed convolution.
-    """
-    return jax.lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_NHWC)
-
-
-def _conv_fwd(x, w, strides, pads):
-    return conv_im2col_grad(x, w, strides, pads), (x, w)
-
-
-def _conv_bwd(strides, pads, res, dy):
-    x, w = res
-    _, vjp_x = jax.vjp(
-        lambda x_: jax.lax.conv_general_dilated(x_, w, strides, pads, dimension_numbers=_NHWC), x)
-    (dx,) = vjp_x(dy)
-    kh, kw, c, o = w.shape
-    (sh, sw), (ho, wo) = strides, dy.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    views = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-             for i in range(kh) for j in range(kw)]
-    patches = jnp.stack(views, axis=3)  # [B, Ho, Wo, kh*kw, C]
-    dw = jnp.einsum("bhwkc,bhwo->kco", patches, dy, preferred_element_type=jnp.float32)
-    return dx, dw.reshape(kh, kw, c, o).astype(w.dtype)
-
-
-conv_im2col_grad.defvjp(_conv_fwd, _conv_bwd)
-
-
-def _conv_general_dilated_im2col(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                 rhs_dilation=None, dimension_numbers=None,
-                                 feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated` that routes plain 2-D NHWC convolutions through
-    `conv_im2col_grad` (everything else goes to lax unchanged)."""
-    plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
-             and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-    if not plain:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kwargs)
-    strides = tuple(int(s) for s in window_strides)
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return conv_im2col_grad(lhs, rhs, strides, pads)
-
-
-def use_im2col_backward(cfg: Any) -> bool:
-    """Whether `cfg.conv_backward` picks the im2col kernel gradient on this backend."""
-    mode = getattr(cfg, "conv_backward", "xla")
-    return mode == "im2col" or (mode == "auto" and jax.default_backend() == "cpu")
-
-
 def conv(cfg: Any, features: int, kernel: int = 3, zero_init: bool = False,
          name: str | None = None) -> nn.Conv:
     """Returns a 'SAME'-padded NHWC convolution with partitioned kernel and bias.
@@ -125,13 +59,11 @@ def conv(cfg: Any, features: int, kernel: int = 3, zero_init: bool = False,
       An unbound ``nn.Conv``.
     """
     kinit = _zeros if zero_init else nn.initializers.lecun_normal()
-    extra = ({"conv_general_dilated": _conv_general_dilated_im2col}
-             if use_im2col_backward(cfg) else {})
     return nn.Conv(
         features, (kernel, kernel), padding="SAME",
         dtype=cfg.compute_dtype, param_dtype=jnp.float32,
         kernel_init=partitioned(kinit, (None, None, "conv_in", "conv_out")),
-        bias_init=partitioned(_zeros, ("conv_out",)), name=name, **extra)
+        bias_init=partitioned(_zeros, ("conv_out",)), name=name)
 
 
 def dense(cfg: Any, features: int, axes: tuple[str, str] = ("embed", "mlp"),

@@ -36,7 +36,6 @@ Array = jax.Array
 
 OBJECTIVES = ("eps", "v", "x0")
 DTYPES = ("float32", "bfloat16")
-CONV_BACKWARDS = ("auto", "xla", "im2col")
 ATTENTION_KINDS = ("self", "cross", "concat")
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos3")
 SKIP_MODES = ("concat", "add")
@@ -80,10 +79,6 @@ class UNetConfig:
       objective: what the output predicts: 'eps', 'v' or 'x0'.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
       remat: rematerialise every residual / attention block in the backward pass.
-      conv_backward: how convolution kernel gradients are computed: 'xla' (XLA's transposed
-        convolution), 'im2col' (one matmul over the kernel-window patches), or 'auto' (im2col
-        on CPU, where XLA's kernel-gradient convolution runs 3-4x below its forward speed;
-        xla elsewhere). Values and forward pass are the same either way.
     """
     image_size: int = 64
     channels: int = 3
@@ -106,7 +101,6 @@ class UNetConfig:
     objective: str = "eps"
     dtype: str = "float32"
     remat: bool = False
-    conv_backward: str = "auto"
 
     def __post_init__(self):
         levels = len(self.channel_mults)
@@ -155,8 +149,6 @@ class UNetConfig:
             _fail("objective", self.objective, f"one of {OBJECTIVES}")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"one of {DTYPES}")
-        if self.conv_backward not in CONV_BACKWARDS:
-            _fail("conv_backward", self.conv_backward, f"one of {CONV_BACKWARDS}")
 
     @property
     def is_sr(self) -> bool:
