@@ -174,7 +174,11 @@ class Trainer:
         from jaxt2i.cascade import _export_dir
         from jaxt2i.checkpoint import flatten, load_exported
 
-        loaded, _, step = load_exported(_export_dir(path))
+        try:
+            export_dir = _export_dir(path)
+        except ConfigError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        loaded, _, step = load_exported(export_dir)
         state = self.init_state(seed)
         want, got = flatten(state.params), flatten(loaded)
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))

@@ -294,6 +294,9 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
     cfg.train.init_from = str(tmp_path / "does-not-exist")  # resuming: not read
     assert train(cfg, str(run), devices=jax.devices()[:2], progress=False)["step"] == 2
 
+    with pytest.raises(ConfigError, match=r"train.init_from: checkpoint .*missing"):
+        trainer.init_state_from(str(tmp_path / "missing"), seed=0)
+
     wide = _cfg(num_steps=1, init_from=str(src))
     wide.model.base_channels *= 2
     with pytest.raises(ConfigError, match=r"init_from=.*shape .* but this model's is"):

@@ -259,25 +259,17 @@ def _bench_stage(spec: str, seed: int, image_size: int | None = None):
     """A `Stage` with random params for a configs/ spec (the bench models are never trained)."""
     import jax
 
+    import flax.linen as nn
+
     from jaxt2i.cascade import Stage
-    from jaxt2i.models.unet import UNet, UNetConfig
+    from jaxt2i.models.unet import UNet, UNetConfig, example_inputs
 
     cfg = stage_config(spec)
     if image_size:
         cfg.model.image_size = image_size
     unet_cfg = UNetConfig.from_dict(cfg.model.to_dict())
-    model = UNet(unet_cfg)
-    size = unet_cfg.image_size
-    x = np.zeros((1, size, size, 3), np.float32)
-    t = np.zeros((1,), np.float32)
-    emb, mask = random_text(1, unet_cfg.text_dim)
-    extra = {}
-    if unet_cfg.is_sr:
-        low = unet_cfg.lowres_size
-        extra = {"lowres": np.zeros((1, low, low, 3), np.float32), "aug_level": t}
-    import flax.linen as nn
-
-    params = nn.unbox(jax.jit(lambda k: model.init(k, x, t, emb, mask, **extra))(
+    inputs = example_inputs(unet_cfg)
+    params = nn.unbox(jax.jit(lambda k: UNet(unet_cfg).init(k, **inputs))(
         jax.random.key(seed, impl="rbg"))["params"])
     return Stage(path=f"<random {spec}>", config=cfg.to_dict(), unet_cfg=unet_cfg,
                  params=params, step=0)
