@@ -261,22 +261,39 @@ class Cascade:
                 raise ConfigError(f"prompt {p!r} has {n} tokens but the text encoder's max_length "
                                   f"is {self.max_length}; shorten it")
 
+    def _given_lowres(self, lowres, batch: int, start_stage: int) -> jax.Array:
+        """Checks images standing in for stage start_stage - 1's output; -> [B, h, w, C] float32."""
+        want = self.stages[start_stage - 1].unet_cfg
+        shape = (batch, want.image_size, want.image_size, want.channels)
+        if lowres is None:
+            raise ConfigError(f"start_stage {start_stage} needs lowres images of shape {shape}")
+        if tuple(np.shape(lowres)) != shape:
+            raise ConfigError(f"lowres images have shape {tuple(np.shape(lowres))} but stage "
+                              f"{start_stage} takes stage {start_stage - 1}'s output {shape}")
+        return jnp.asarray(_as_model_images(lowres))
+
     def sample(self, prompts: Sequence[str], seed: int = 0, *,
                settings: Sequence[StageSettings] | None = None, num_stages: int | None = None,
-               progress: bool = False, return_all: bool = False):
-        """Generates one image per prompt through the first `num_stages` stages.
+               start_stage: int = 0, lowres=None, progress: bool = False,
+               return_all: bool = False):
+        """Generates one image per prompt through stages `start_stage` .. `num_stages` - 1.
 
         Args:
           prompts: B prompts (repeat a prompt for several images of it).
           seed: stage k uses the key fold_in(key(seed), k); same seed + settings -> same images.
-          settings: per-stage `StageSettings` (default: each stage's saved config).
+          settings: per-stage `StageSettings` for all `num_stages` stages (default: each
+            stage's saved config; entries before `start_stage` are not used).
           num_stages: how many stages to run (default: all).
+          start_stage: the first stage to run; with k > 0, `lowres` stands in for the output of
+            stage k - 1 (an SR stage fed given images, e.g. true renders: which stage is wrong?).
+          lowres: [B, h, w, 3] images at stage `start_stage` - 1's resolution, uint8 or float
+            in [-1, 1]; required exactly when start_stage > 0.
           progress: show a tqdm bar over the stages.
-          return_all: also return every stage's float output.
+          return_all: also return every run stage's float output.
 
         Returns:
           [B, H, W, 3] uint8 images of the last stage run (and, with return_all, the list of
-          per-stage [B, H_k, W_k, C] float32 numpy arrays).
+          per-stage [B, H_k, W_k, C] float32 numpy arrays of the stages run).
         """
         from jaxt2i.monitor import to_uint8
 
@@ -285,6 +302,13 @@ class Cascade:
         n = num_stages or len(self.stages)
         if not 1 <= n <= len(self.stages):
             raise ConfigError(f"stages ({n}) must be between 1 and {len(self.stages)}")
+        if not 0 <= start_stage < n:
+            raise ConfigError(f"start_stage ({start_stage}) must be between 0 and {n - 1}")
+        x = None
+        if start_stage > 0:
+            x = self._given_lowres(lowres, len(prompts), start_stage)
+        elif lowres is not None:
+            raise ConfigError("lowres images are only used with start_stage > 0 (an SR stage)")
         settings = list(settings) if settings is not None else self.settings(num_stages=n)
         ids, mask = self.encoder.tokenizer(prompts)  # [B, L] int32, [B, L] bool
         emb, mask = self._encode(self.encoder.params, jnp.asarray(ids), jnp.asarray(mask))
@@ -293,9 +317,9 @@ class Cascade:
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=n, unit="stage", dynamic_ncols=True)
-        x, outputs = None, []
-        for k in range(n):
+            bar = tqdm(total=n - start_stage, unit="stage", dynamic_ncols=True)
+        outputs = []
+        for k in range(start_stage, n):
             if bar is not None:
                 c = self.stages[k].unet_cfg
                 bar.set_description(f"stage {k} ({c.image_size} px, {settings[k].steps} steps)")
@@ -309,6 +333,14 @@ class Cascade:
             bar.close()
         images = to_uint8(outputs[-1])
         return (images, outputs) if return_all else images
+
+
+def _as_model_images(images) -> np.ndarray:
+    """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
+    a = np.asarray(images)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 127.5 - 1.0
+    return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 
 def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encoder=None) -> Cascade:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from jaxt2i.config import ConfigError
 from jaxt2i.data import shapes
 from jaxt2i.eval import shapes_eval
 
@@ -83,16 +84,25 @@ class _RenderingCascade:
     with every object recoloured), so the evaluator's bookkeeping is checked against the
     detector on images whose answers are known."""
 
-    def __init__(self, scenes_by_prompt, size=64, recolour=None):
+    def __init__(self, scenes_by_prompt, size=64, recolour=None, lowres_size=16):
         self.scenes, self.size, self.recolour = scenes_by_prompt, size, recolour
-        self.stages = [None]
+        base = type("Stage", (), {"unet_cfg": type("Cfg", (), {"image_size": lowres_size})})
+        self.stages = [base, None]
         self.calls = []
 
     def check_prompts(self, prompts):
         pass
 
-    def sample(self, prompts, seed, *, settings=None, num_stages=None):
+    def sample(self, prompts, seed, *, settings=None, num_stages=None, start_stage=0,
+               lowres=None):
+        """With start_stage=1 it checks that `lowres` is each prompt's true low-res render
+        and then draws the scene correctly: a perfect SR stage behind a (maybe) wrong base."""
         self.calls.append((len(prompts), seed))
+        if start_stage:
+            r = self.stages[0].unet_cfg.image_size
+            want = np.stack([shapes.render(self.scenes[p], r) for p in prompts])
+            np.testing.assert_array_equal(lowres, want)
+            return np.stack([shapes.render(self.scenes[p], self.size) for p in prompts])
         out = []
         for p in prompts:
             scene = json.loads(json.dumps(self.scenes[p]))
@@ -146,3 +156,16 @@ def test_evaluate_cascade_scores_true_renders_perfectly_and_wrong_colours_not(tm
     n_yellow = sum("yellow" in c for c in list(scenes)[:10])
     assert res["results"]["held_out"]["colour"] <= n_yellow / 10 < 1
     assert res["results"]["held_out"]["shape"] == 1.0
+    assert "held_out (SR of true 16 px)" not in res["results"]
+
+    # a wrong base behind a right SR stage: --true_lowres tells them apart
+    wrong = _RenderingCascade(scenes, recolour="yellow")
+    res = evaluate_cascade(wrong, num_prompts=10, batch_size=4, true_lowres=True,
+                           progress=False)
+    assert res["results"]["held_out"]["colour"] <= n_yellow / 10 < 1
+    assert res["results"]["held_out (SR of true 16 px)"]["whole"] == 1.0
+    assert res["results"]["test (SR of true 16 px)"]["n"] == 10
+    assert [n for n, _ in wrong.calls] == [4] * 12  # the last batch's lowres padded too
+    assert "held_out (SR of true 16 px)" in format_table(res["results"])
+    with pytest.raises(ConfigError, match="needs a super-resolution stage"):
+        evaluate_cascade(wrong, num_prompts=2, num_stages=1, true_lowres=True, progress=False)

@@ -76,6 +76,33 @@ def test_determinism_and_no_recompilation(cascade):
     assert base_only.shape == (2, 16, 16, 3)
 
 
+def test_start_stage_continues_from_given_lowres_images(cascade):
+    """Stage 1 fed stage 0's own output reproduces the full cascade exactly (same seed), and a
+    different low-res input gives different images; bad low-res input is one clear error."""
+    prompts = ["a red circle", "two green stars"]
+    settings = cascade.settings([{"steps": 2}, {"steps": 2}])
+    full, outs = cascade.sample(prompts, seed=5, settings=settings, return_all=True)
+    sr, sr_outs = cascade.sample(prompts, seed=5, settings=settings, start_stage=1,
+                                 lowres=outs[0], return_all=True)
+    np.testing.assert_array_equal(sr, full)
+    assert len(sr_outs) == 1 and sr_outs[0].shape == (2, 32, 32, 3)
+    white = np.full((2, 16, 16, 3), 255, np.uint8)  # uint8 input: 255 -> +1
+    np.testing.assert_array_equal(
+        cascade.sample(prompts, seed=5, settings=settings, start_stage=1, lowres=white),
+        cascade.sample(prompts, seed=5, settings=settings, start_stage=1,
+                       lowres=np.ones((2, 16, 16, 3), np.float32)))
+    assert not np.array_equal(
+        cascade.sample(prompts, seed=5, settings=settings, start_stage=1, lowres=white), full)
+    with pytest.raises(ConfigError, match=r"start_stage 1 needs lowres images of shape \(2, 16, 16, 3\)"):
+        cascade.sample(prompts, settings=settings, start_stage=1)
+    with pytest.raises(ConfigError, match=r"shape \(2, 8, 8, 3\) but stage 1 takes stage 0's output"):
+        cascade.sample(prompts, settings=settings, start_stage=1, lowres=white[:, :8, :8])
+    with pytest.raises(ConfigError, match="only used with start_stage > 0"):
+        cascade.sample(prompts, settings=settings, lowres=white)
+    with pytest.raises(ConfigError, match=r"start_stage \(2\) must be between 0 and 1"):
+        cascade.sample(prompts, settings=settings, start_stage=2, lowres=white)
+
+
 def test_compatibility_checks(cascade_dir, cascade):
     base = str(cascade_dir / "base")
     with pytest.raises(ConfigError, match="stage 1 .* is a base stage"):
@@ -135,14 +162,16 @@ def test_eval_cli(cascade_dir, tmp_path):
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
                         "--num_prompts=3", "--batch_size=2", "--steps=2", "--reference",
-                        f"--out={out}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+                        "--true_lowres", f"--out={out}"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     record = json.loads(r.stdout.strip().splitlines()[-1])
     assert json.loads((out / "eval.json").read_text()) == record
     assert record["image_size"] == 32 and [s["steps"] for s in record["settings"]] == [2, 2]
     rows = record["results"]
-    assert set(rows) == {"held_out", "test", "held_out (true renders)", "test (true renders)"}
+    assert set(rows) == {"held_out", "test", "held_out (true renders)", "test (true renders)",
+                         "held_out (SR of true 16 px)", "test (SR of true 16 px)"}
+    assert rows["test (SR of true 16 px)"]["n"] == 3
     assert rows["held_out"]["n"] == 3
     assert rows["held_out (true renders)"]["whole"] == 1.0  # the detector reads 32 px renders
     for split in ("held_out", "test"):
@@ -152,6 +181,11 @@ def test_eval_cli(cascade_dir, tmp_path):
                           "--splits=held_out,nope"], cwd=ROOT, env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "'nope' is not one of" in bad.stderr.strip()
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+                          "--stages=1", "--true_lowres"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--true_lowres needs a super-resolution stage" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 

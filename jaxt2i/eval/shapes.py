@@ -46,19 +46,21 @@ def eval_prompts(split: str, num: int, seed: int = 0) -> list[tuple[dict, str]]:
 
 def format_table(results: dict) -> str:
     """{row name: aggregate dict} -> a fixed-width table of percentages."""
-    head = f"{'split':<22}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
+    w = max([22] + [len(name) + 1 for name in results])
+    head = f"{'split':<{w}}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
     lines = [head, "-" * len(head)]
     for name, agg in results.items():
         cells = "".join(f"{'-':>11}" if agg[k] is None else f"{100 * agg[k]:>10.1f}%"
                         for k in _SHOWN)
-        lines.append(f"{name:<22}{cells}{agg['n']:>6}")
+        lines.append(f"{name:<{w}}{cells}{agg['n']:>6}")
     return "\n".join(lines)
 
 
 def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: int = 100,
                      batch_size: int = 32, seed: int = 0, settings=None,
                      num_stages: int | None = None, reference: bool = False,
-                     out: str | None = None, progress: bool = True) -> dict:
+                     true_lowres: bool = False, out: str | None = None,
+                     progress: bool = True) -> dict:
     """Samples and scores `num_prompts` prompts of each split.
 
     Args:
@@ -70,6 +72,9 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       settings: per-stage `StageSettings` (default: each stage's saved config).
       num_stages: stages to run (default: all).
       reference: also score the true renders of the same scenes (the detector's ceiling).
+      true_lowres: also run the stages after the base fed the true renders at the base
+        stage's resolution instead of its samples (row '<split> (SR of true N px)'): with
+        `reference`, this splits a cascade's errors between its base and its SR stages.
       out: if given, write each split's images as a grid PNG plus per-image scores JSONL there.
       progress: tqdm bar over batches.
 
@@ -82,30 +87,46 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     if batch_size < 1:
         raise ConfigError(f"--batch_size ({batch_size}) must be at least 1")
     n_stages = num_stages or len(cascade.stages)
+    if true_lowres and n_stages < 2:
+        raise ConfigError("--true_lowres needs a super-resolution stage after the base "
+                          f"(stages to run: {n_stages})")
     results, per_image, seconds, size = {}, {}, 0.0, None
     bar = None
     batches = -(-num_prompts // batch_size)
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=batches * len(splits), unit="batch", dynamic_ncols=True)
-    for s_idx, split in enumerate(splits):
-        pairs = eval_prompts(split, num_prompts, seed)
-        prompts = [c for _, c in pairs]
-        cascade.check_prompts(prompts)
+        bar = tqdm(total=batches * len(splits) * (1 + true_lowres), unit="batch",
+                   dynamic_ncols=True)
+
+    def run(prompts, lows, s_idx, label):  # -> sampled images, one per prompt
+        nonlocal seconds
         images = []
         for b in range(batches):
-            chunk = prompts[b * batch_size:(b + 1) * batch_size]
-            padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+            lo, hi = b * batch_size, (b + 1) * batch_size
+            chunk = prompts[lo:hi]
+            pad = batch_size - len(chunk)
+            padded = chunk + [chunk[-1]] * pad
+            kwargs = {}
+            if lows is not None:
+                low = lows[lo:hi]
+                kwargs = {"start_stage": 1, "lowres": np.concatenate([low] + [low[-1:]] * pad)}
             if bar is not None:
-                bar.set_description(f"{split} batch {b + 1}/{batches}")
+                bar.set_description(f"{label} batch {b + 1}/{batches}")
             t0 = time.perf_counter()
             imgs = cascade.sample(padded, seed + 1000 * s_idx + b, settings=settings,
-                                  num_stages=n_stages)
+                                  num_stages=n_stages, **kwargs)
             seconds += time.perf_counter() - t0
             images.extend(imgs[:len(chunk)])
             if bar is not None:
                 bar.update(1)
+        return images
+
+    for s_idx, split in enumerate(splits):
+        pairs = eval_prompts(split, num_prompts, seed)
+        prompts = [c for _, c in pairs]
+        cascade.check_prompts(prompts)
+        images = run(prompts, None, s_idx, split)
         size = int(images[0].shape[0])
         scores = [dict(shapes_eval.score(im, p), prompt=p) for im, p in zip(images, prompts)]
         per_image[split] = scores
@@ -113,6 +134,11 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         if reference:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
             results[f"{split} (true renders)"] = shapes_eval.evaluate(renders, prompts)
+        if true_lowres:
+            r = cascade.stages[0].unet_cfg.image_size
+            lows = np.stack([shapes.render(scene, r) for scene, _ in pairs])
+            sr_images = run(prompts, lows, s_idx, f"{split} SR")
+            results[f"{split} (SR of true {r} px)"] = shapes_eval.evaluate(sr_images, prompts)
         if out:
             from jaxt2i.sample import labelled_grid
 
@@ -146,7 +172,8 @@ def main(argv) -> None:
     try:
         res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
                                batch_size=F.batch_size, seed=F.seed, settings=settings,
-                               num_stages=n, reference=F.reference, out=F.out,
+                               num_stages=n, reference=F.reference,
+                               true_lowres=F.true_lowres, out=F.out,
                                progress=sys.stderr.isatty() or F.progress)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
@@ -179,6 +206,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("stages", None, "Stages to run (1 = score the base stage's images).")
     flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")
     flags.DEFINE_boolean("reference", False, "Also score the true renders of the same scenes.")
+    flags.DEFINE_boolean("true_lowres", False, "Also score the SR stages fed the true renders "
+                         "at the base stage's resolution (with --reference: is the base or an "
+                         "SR stage at fault?).")
     flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
                         "(JSONL) and eval.json.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
