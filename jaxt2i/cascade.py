@@ -127,6 +127,10 @@ def _export_dir(path: str) -> str:
     for d in (path, os.path.join(path, "export")):
         if os.path.exists(os.path.join(d, EXPORT_PARAMS)):
             return d
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(f"training run {path!r} has no export/ yet (it is written when the run "
+                          "finishes); export its newest checkpoint with "
+                          f"`python -m jaxt2i.checkpoint --workdir={path}`")
     raise ConfigError(f"checkpoint {path!r} is neither a cascade directory ({CASCADE_FILE}) nor "
                       f"a stage export ({EXPORT_PARAMS} + config.json)")
 

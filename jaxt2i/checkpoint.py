@@ -1,5 +1,9 @@
 """Orbax checkpoints of a training run, and params-only exports for inference.
 
+`python -m jaxt2i.checkpoint --workdir=runs/base [--step=N] [--out=DIR]` writes the EMA params
+of a run's latest (or step N's) checkpoint as an export (default `runs/base/export`), so a run
+that is still training, or was stopped, can be sampled and evaluated.
+
 A run directory holds `checkpoints/<step>/` with three items: `state` (the sharded TrainState,
 every leaf a global array), `data` (the data iterator position, JSON) and `config` (JSON).
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it on
@@ -133,8 +137,8 @@ def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
 
     path = os.path.join(out_dir, EXPORT_PARAMS)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {EXPORT_PARAMS} in {out_dir}; export one with "
-                                "`python -m jaxt2i.train ... --export_dir` or point at a model dir")
+        raise FileNotFoundError(f"no {EXPORT_PARAMS} in {out_dir}; export a training run's "
+                                "checkpoint with `python -m jaxt2i.checkpoint --workdir=DIR`")
     with open(os.path.join(out_dir, EXPORT_CONFIG)) as f:
         meta = json.load(f)
     return unflatten(load_file(path)), meta["config"], meta.get("step")
@@ -165,3 +169,89 @@ def unflatten(flat: dict[str, Any], sep: str = "/") -> dict:
             node = node.setdefault(p, {})
         node[last] = value
     return tree
+
+
+def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None = None) -> tuple[str, int]:
+    """Exports the EMA params of a training run's checkpoint (what training exports at the end).
+
+    Reads the checkpoint without building the model (each array onto the default device), so it
+    works while the run goes on, after it was stopped, and for any mesh it was saved on.
+
+    Args:
+      workdir: the run directory (with checkpoints/).
+      step: the checkpoint step; None = the newest one that restores.
+      out_dir: where to write (default `workdir/export`); replaced atomically per file.
+
+    Returns:
+      (out_dir, step). Raises FileNotFoundError when there is no (such) checkpoint.
+    """
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; pass a training "
+                                "run's --workdir")
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # read_only's "setting create=False" notes
+    try:
+        mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    finally:
+        absl_logging.set_verbosity(level)
+    with mgr:
+        steps = sorted(mgr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint at step {step} in {directory}; "
+                                        f"steps there: {sorted(steps) or 'none'}")
+            steps = [step]
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory} yet")
+        for i, s in enumerate(steps):
+            try:
+                out = mgr.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+                ema, config = out.state["ema_params"], dict(out.config)
+            except Exception as e:  # noqa: BLE001 - a half-written or corrupt step
+                if step is not None or i + 1 == len(steps):
+                    raise
+                log.warning("checkpoint at step %d cannot be read (%s); trying step %d", s,
+                            str(e).strip().splitlines()[0][:200] if str(e).strip() else
+                            type(e).__name__, steps[i + 1])
+                continue
+            out_dir = out_dir or os.path.join(workdir, "export")
+            return export_params(ema, config, out_dir, step=int(s)), int(s)
+    raise AssertionError("unreachable")
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from jaxt2i.config import ConfigError
+
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    F = flags.FLAGS
+    if not F.workdir:
+        raise ConfigError("--workdir is required: the training run directory to export from")
+    try:
+        out, step = export_checkpoint(F.workdir, F.step, F.out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(f"exported the EMA params of step {step} to {out}", flush=True)
+
+
+def cli() -> None:
+    """Console entry point of `python -m jaxt2i.checkpoint`."""
+    from absl import flags
+
+    from jaxt2i.config import run_app
+
+    flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
+    flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/export).")
+    run_app(main)
+
+
+if __name__ == "__main__":
+    cli()

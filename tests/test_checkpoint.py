@@ -6,6 +6,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -72,3 +73,66 @@ def test_export_round_trip(tmp_path):
     back, cfg, step = load_exported(str(tmp_path / "ema"))
     np.testing.assert_array_equal(back["a"]["w"], params["a"]["w"])
     assert cfg == {"model": {"size": "tiny"}} and step == 7
+
+
+def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_path):
+    from jaxt2i.checkpoint import export_checkpoint
+
+    mesh = make_mesh({"data": 1, "fsdp": 4})
+    state = _state()
+    ema = {"dense": {"kernel": -jnp.arange(32.0).reshape(8, 4), "bias": jnp.full(4, 0.5)}}
+    shard = lambda x: NamedSharding(mesh, P("fsdp") if x.ndim and x.shape[0] % 4 == 0 else P())  # noqa: E731
+    ck = Checkpointer(str(tmp_path), max_to_keep=3)
+    ck.save(1, state, {}, {"stage": "base", "at": 1})
+    ck.wait()
+    later = jax.device_put(state.replace(ema_params=ema), jax.tree_util.tree_map(shard, state))
+    ck.save(2, later, {}, {"stage": "base", "at": 2})
+    ck.close()
+    out, step = export_checkpoint(str(tmp_path))
+    assert step == 2 and out == os.path.join(str(tmp_path), "export")
+    params, cfg, saved_step = load_exported(out)
+    np.testing.assert_array_equal(params["dense"]["kernel"], -np.arange(32.0).reshape(8, 4))
+    np.testing.assert_array_equal(params["dense"]["bias"], np.full(4, 0.5))
+    assert cfg == {"stage": "base", "at": 2} and saved_step == 2
+    out, step = export_checkpoint(str(tmp_path), step=1, out_dir=str(tmp_path / "s1"))
+    params, cfg, _ = load_exported(out)
+    np.testing.assert_array_equal(params["dense"]["kernel"], np.arange(32.0).reshape(8, 4))
+    assert step == 1 and cfg["at"] == 1
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 5 .* steps there: \[1, 2\]"):
+        export_checkpoint(str(tmp_path), step=5)
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory"):
+        export_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_export_checkpoint_cli_matches_the_export_written_by_training(tiny_cascade_dir, tmp_path):
+    """The tiny cascade's base run ends with a checkpoint and an export at the same step: the
+    CLI's export of that checkpoint must equal training's own export; a workdir without an
+    export is refused by the sampler with the command that makes one."""
+    import subprocess
+    import sys
+
+    from jaxt2i.cascade import load_cascade
+    from jaxt2i.config import ConfigError
+
+    run = tiny_cascade_dir / "base"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.checkpoint", f"--workdir={run}",
+                        f"--out={tmp_path / 'exp'}"], cwd=root, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == f"exported the EMA params of step 2 to {tmp_path / 'exp'}"
+    mine, cfg, step = load_exported(str(tmp_path / "exp"))
+    theirs, cfg_t, step_t = load_exported(str(run / "export"))
+    assert step == step_t == 2 and cfg == cfg_t
+    flat_m, flat_t = jax.tree_util.tree_leaves_with_path(mine), jax.tree_util.tree_leaves_with_path(theirs)
+    assert [p for p, _ in flat_m] == [p for p, _ in flat_t] and len(flat_m) > 10
+    for (_, a), (_, b) in zip(flat_m, flat_t):
+        np.testing.assert_array_equal(a, b)
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.checkpoint", f"--workdir={tmp_path}"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert "has no checkpoints/ directory" in bad.stderr
+    partial = tmp_path / "partial"
+    shutil.copytree(run / "checkpoints", partial / "checkpoints")
+    with pytest.raises(ConfigError, match="has no export/ yet .*`python -m jaxt2i.checkpoint --workdir="):
+        load_cascade([str(partial), str(tiny_cascade_dir / "sr")])
