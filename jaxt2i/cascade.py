@@ -341,9 +341,11 @@ class Cascade:
 
 def _as_model_images(images) -> np.ndarray:
     """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
+    from jaxt2i.data.pipeline import to_float
+
     a = np.asarray(images)
     if a.dtype == np.uint8:
-        return a.astype(np.float32) / 127.5 - 1.0
+        return to_float(a)
     return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 

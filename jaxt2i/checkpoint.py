@@ -180,7 +180,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
     Args:
       workdir: the run directory (with checkpoints/).
       step: the checkpoint step; None = the newest one that restores.
-      out_dir: where to write (default `workdir/export`); replaced atomically per file.
+      out_dir: where to write (default `workdir/export`), as `export_params` writes.
 
     Returns:
       (out_dir, step). Raises FileNotFoundError when there is no (such) checkpoint.
