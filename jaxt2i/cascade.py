@@ -346,6 +346,9 @@ def _as_model_images(images) -> np.ndarray:
     a = np.asarray(images)
     if a.dtype == np.uint8:
         return to_float(a)
+    if not np.issubdtype(a.dtype, np.floating):
+        raise ConfigError(f"lowres images have dtype {a.dtype}; pass uint8 in [0, 255] or float "
+                          "in [-1, 1] (e.g. images.astype(np.uint8))")
     return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 

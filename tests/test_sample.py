@@ -97,6 +97,8 @@ def test_start_stage_continues_from_given_lowres_images(cascade):
         cascade.sample(prompts, settings=settings, start_stage=1)
     with pytest.raises(ConfigError, match=r"shape \(2, 8, 8, 3\) but stage 1 takes stage 0's output"):
         cascade.sample(prompts, settings=settings, start_stage=1, lowres=white[:, :8, :8])
+    with pytest.raises(ConfigError, match="dtype int64; pass uint8 in"):  # not clipped silently
+        cascade.sample(prompts, settings=settings, start_stage=1, lowres=white.astype(np.int64))
     with pytest.raises(ConfigError, match="only used with start_stage > 0"):
         cascade.sample(prompts, settings=settings, lowres=white)
     with pytest.raises(ConfigError, match=r"start_stage \(2\) must be between 0 and 1"):
