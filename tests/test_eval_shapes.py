@@ -65,15 +65,17 @@ def test_score_catches_wrong_attributes():
     img = shapes.render(scene, 64)
     good = shapes_eval.score(img, "a large red circle above a small blue square")
     assert good == {"colour": True, "shape": True, "size": True, "count": True,
-                    "relation": True, "background": None, "whole": True}
+                    "relation": True, "background": None, "whole": True,
+                    "found": ["large red circle", "small blue square"]}
     assert shapes_eval.score(img, "a red circle below a blue square")["relation"] is False
     assert shapes_eval.score(img, "a green circle above a blue square")["colour"] is False
-    assert shapes_eval.score(img, "a red star above a blue square")["shape"] is False
+    star = shapes_eval.score(img, "a red star above a blue square")
+    assert star["shape"] is False and star["found"] == good["found"]
     assert shapes_eval.score(img, "a small red circle above a blue square")["size"] is False
     s = shapes_eval.score(img, "three red circles on a black background")
     assert not s["count"] and not s["background"] and not s["whole"]
     blank = np.full((64, 64, 3), 255, np.uint8)
-    assert shapes_eval.detect(blank) == []
+    assert shapes_eval.detect(blank) == [] and shapes_eval.score(blank, "a red circle")["found"] == []
     assert shapes_eval.score(blank, "a red circle")["whole"] is False
     agg = shapes_eval.evaluate([img, blank], ["a red circle above a blue square", "a red circle"])
     assert agg["n"] == 2 and agg["whole"] == 0.5 and agg["relation"] == 1.0 and agg["n_relation"] == 1
@@ -84,8 +86,10 @@ class _RenderingCascade:
     with every object recoloured), so the evaluator's bookkeeping is checked against the
     detector on images whose answers are known."""
 
-    def __init__(self, scenes_by_prompt, size=64, recolour=None, lowres_size=16):
+    def __init__(self, scenes_by_prompt, size=64, recolour=None, lowres_size=16,
+                 sr_reshape=None):
         self.scenes, self.size, self.recolour = scenes_by_prompt, size, recolour
+        self.sr_reshape = sr_reshape
         base = type("Stage", (), {"unet_cfg": type("Cfg", (), {"image_size": lowres_size})})
         self.stages = [base, None]
         self.calls = []
@@ -96,13 +100,20 @@ class _RenderingCascade:
     def sample(self, prompts, seed, *, settings=None, num_stages=None, start_stage=0,
                lowres=None):
         """With start_stage=1 it checks that `lowres` is each prompt's true low-res render
-        and then draws the scene correctly: a perfect SR stage behind a (maybe) wrong base."""
+        and then draws the scene correctly (a perfect SR stage behind a maybe wrong base), or
+        with every object turned into `sr_reshape` (an SR stage that loses the shapes)."""
         self.calls.append((len(prompts), seed))
         if start_stage:
             r = self.stages[0].unet_cfg.image_size
             want = np.stack([shapes.render(self.scenes[p], r) for p in prompts])
             np.testing.assert_array_equal(lowres, want)
-            return np.stack([shapes.render(self.scenes[p], self.size) for p in prompts])
+            out = []
+            for p in prompts:
+                scene = json.loads(json.dumps(self.scenes[p]))
+                for o in scene["objects"] if self.sr_reshape else []:
+                    o["shape"] = self.sr_reshape
+                out.append(shapes.render(scene, self.size))
+            return np.stack(out)
         out = []
         for p in prompts:
             scene = json.loads(json.dumps(self.scenes[p]))
@@ -169,3 +180,28 @@ def test_evaluate_cascade_scores_true_renders_perfectly_and_wrong_colours_not(tm
     assert "held_out (SR of true 16 px)" in format_table(res["results"])
     with pytest.raises(ConfigError, match="needs a super-resolution stage"):
         evaluate_cascade(wrong, num_prompts=2, num_stages=1, true_lowres=True, progress=False)
+
+
+def test_true_lowres_separates_a_lossy_sr_stage_from_the_base_resolution(tmp_path):
+    """An SR stage that turns every shape into a circle scores below the mere bilinear
+    upsampling of the same true low-res renders, which at 32 px still show every shape."""
+    from jaxt2i.eval.shapes import eval_prompts, evaluate_cascade
+
+    scenes = _scenes(12)
+    lossy = _RenderingCascade(scenes, size=128, lowres_size=32, sr_reshape="circle")
+    res = evaluate_cascade(lossy, num_prompts=12, batch_size=6, true_lowres=True,
+                           out=str(tmp_path), progress=False)
+    for split in ("held_out", "test"):
+        sr = res["results"][f"{split} (SR of true 32 px)"]
+        up = res["results"][f"{split} (true 32 px, bilinear)"]
+        assert up["n"] == sr["n"] == 12
+        assert up["shape"] == up["whole"] == 1.0, up  # the 32 px renders still show the shapes
+        circles_only = [all(o["shape"] == "circle" for o in s["objects"])
+                        for s, _ in eval_prompts(split, 12)]
+        assert sr["shape"] == pytest.approx(np.mean(circles_only)) and sr["shape"] < 1
+        assert sr["colour"] == 1.0  # colours kept, so only the shapes are lost
+        lines = [json.loads(x) for x in
+                 (tmp_path / f"{split}_sr_true.jsonl").read_text().splitlines()]
+        assert lines == res["per_image"][f"{split}_sr_true"] and len(lines) == 12
+        assert all(f.endswith(" circle") for x in lines for f in x["found"])
+        assert (tmp_path / f"{split}_sr_true.png").exists()

@@ -172,12 +172,14 @@ def test_eval_cli(cascade_dir, tmp_path):
     assert record["image_size"] == 32 and [s["steps"] for s in record["settings"]] == [2, 2]
     rows = record["results"]
     assert set(rows) == {"held_out", "test", "held_out (true renders)", "test (true renders)",
-                         "held_out (SR of true 16 px)", "test (SR of true 16 px)"}
+                         "held_out (SR of true 16 px)", "test (SR of true 16 px)",
+                         "held_out (true 16 px, bilinear)", "test (true 16 px, bilinear)"}
     assert rows["test (SR of true 16 px)"]["n"] == 3
     assert rows["held_out"]["n"] == 3
     assert rows["held_out (true renders)"]["whole"] == 1.0  # the detector reads 32 px renders
     for split in ("held_out", "test"):
         assert len((out / f"{split}.jsonl").read_text().splitlines()) == 3
+        assert len((out / f"{split}_sr_true.jsonl").read_text().splitlines()) == 3
         assert re.search(rf"^{re.escape(split)}\s+\d", r.stdout, re.M)
     bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
                           "--splits=held_out,nope"], cwd=ROOT, env=_env(), capture_output=True,

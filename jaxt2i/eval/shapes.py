@@ -9,7 +9,11 @@ combinations), samples one image per prompt through the cascade, reads each imag
 the shapes detector (`jaxt2i.eval.shapes_eval`) and prints, per split, the fraction of images
 whose colour, shape, size, count, relation, background and whole prompt are right. The same
 flags and seed give the same prompts and images. `--reference` also scores the true renders of
-the same scenes at the same resolution: the detector's ceiling, normally 100%.
+the same scenes at the same resolution: the detector's ceiling, normally 100%. `--true_lowres`
+also feeds the SR stages the true renders at the base's resolution, and scores those renders
+merely upsampled (bilinear), so a cascade's errors split between its base, its SR stages and
+what the base's resolution can show. With `--out`, per-image scores (what was found, in
+`found`) and grids are written per split.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from jaxt2i.config import ConfigError
 from jaxt2i.data import shapes
@@ -74,13 +79,16 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       reference: also score the true renders of the same scenes (the detector's ceiling).
       true_lowres: also run the stages after the base fed the true renders at the base
         stage's resolution instead of its samples (row '<split> (SR of true N px)'): with
-        `reference`, this splits a cascade's errors between its base and its SR stages.
+        `reference`, this splits a cascade's errors between its base and its SR stages. Row
+        '<split> (true N px, bilinear)' scores the same renders merely upsampled: what an SR
+        stage that only interpolates would score (below it, the SR stages lose information).
       out: if given, write each split's images as a grid PNG plus per-image scores JSONL there.
       progress: tqdm bar over batches.
 
     Returns:
       {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
-       'seconds': sampling wall time, 'image_size': px}.
+       'seconds': sampling wall time, 'image_size': px}; with `true_lowres`, per_image also
+      has '<split>_sr_true' (the SR stages' images of the true renders).
     """
     if num_prompts < 1:
         raise ConfigError(f"--num_prompts ({num_prompts}) must be at least 1")
@@ -134,21 +142,32 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         if reference:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
             results[f"{split} (true renders)"] = shapes_eval.evaluate(renders, prompts)
+        written = {split: (images, scores)}
         if true_lowres:
             r = cascade.stages[0].unet_cfg.image_size
             lows = np.stack([shapes.render(scene, r) for scene, _ in pairs])
             sr_images = run(prompts, lows, s_idx, f"{split} SR")
-            results[f"{split} (SR of true {r} px)"] = shapes_eval.evaluate(sr_images, prompts)
+            sr_scores = [dict(shapes_eval.score(im, p), prompt=p)
+                         for im, p in zip(sr_images, prompts)]
+            per_image[f"{split}_sr_true"] = sr_scores
+            results[f"{split} (SR of true {r} px)"] = shapes_eval.aggregate(sr_scores)
+            hw = (images[0].shape[1], images[0].shape[0])  # PIL: (width, height)
+            upsampled = [np.asarray(Image.fromarray(low).resize(hw, Image.BILINEAR))
+                         for low in lows]
+            results[f"{split} (true {r} px, bilinear)"] = shapes_eval.evaluate(upsampled,
+                                                                               prompts)
+            written[f"{split}_sr_true"] = (sr_images, sr_scores)
         if out:
             from jaxt2i.sample import labelled_grid
 
             os.makedirs(out, exist_ok=True)
-            shown = min(len(images), 64)
-            labelled_grid(np.stack(images[:shown]), prompts[:shown],
-                          os.path.join(out, f"{split}.png"), cols=8)
-            with open(os.path.join(out, f"{split}.jsonl"), "w") as f:
-                for sc in scores:
-                    f.write(json.dumps(sc) + "\n")
+            for name, (imgs, scs) in written.items():
+                shown = min(len(imgs), 64)
+                labelled_grid(np.stack(imgs[:shown]), prompts[:shown],
+                              os.path.join(out, f"{name}.png"), cols=8)
+                with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+                    for sc in scs:
+                        f.write(json.dumps(sc) + "\n")
     if bar is not None:
         bar.close()
     return {"results": results, "per_image": per_image, "seconds": seconds, "image_size": size}
@@ -207,8 +226,8 @@ def _define_flags() -> None:
     flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")
     flags.DEFINE_boolean("reference", False, "Also score the true renders of the same scenes.")
     flags.DEFINE_boolean("true_lowres", False, "Also score the SR stages fed the true renders "
-                         "at the base stage's resolution (with --reference: is the base or an "
-                         "SR stage at fault?).")
+                         "at the base stage's resolution, and those renders bilinear-upsampled "
+                         "(with --reference: is the base or an SR stage at fault?).")
     flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
                         "(JSONL) and eval.json.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")

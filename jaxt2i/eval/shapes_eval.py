@@ -194,10 +194,11 @@ def score(image: np.ndarray, prompt: str | dict, **kwargs) -> dict:
 
     Returns:
       {'colour', 'shape', 'count', 'whole': bool; 'size', 'relation', 'background': bool,
-      or None where the prompt does not state it}. Objects are matched to the prompt's
-      one-to-one; colour/shape/size hold if every prompt object's match has it; count if
-      exactly as many objects are found as the prompt names; relation compares box centres
-      (the stated direction must dominate); whole if all stated attributes hold.
+      or None where the prompt does not state it; 'found': what was detected, largest first,
+      as 'size colour shape' strings (to see why an image failed)}. Objects are matched to
+      the prompt's one-to-one; colour/shape/size hold if every prompt object's match has it;
+      count if exactly as many objects are found as the prompt names; relation compares box
+      centres (the stated direction must dominate); whole if all stated attributes hold.
     """
     parsed = shapes.parse_caption(prompt) if isinstance(prompt, str) else prompt
     found = detect_scene(image, **kwargs)
@@ -219,6 +220,8 @@ def score(image: np.ndarray, prompt: str | dict, **kwargs) -> dict:
     if parsed["background"]:
         out["background"] = found["background"] == parsed["background"]
     out["whole"] = all(v for v in out.values() if v is not None)
+    out["found"] = [f"{o['size']} {o['colour']} {o['shape']}"
+                    for o in sorted(found["objects"], key=lambda o: -o["area"])]
     return out
 
 
