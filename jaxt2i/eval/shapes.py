@@ -82,7 +82,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         `reference`, this splits a cascade's errors between its base and its SR stages. Row
         '<split> (true N px, bilinear)' scores the same renders merely upsampled: what an SR
         stage that only interpolates would score (below it, the SR stages lose information).
-      out: if given, write each split's images as a grid PNG plus per-image scores JSONL there.
+      out: if given, write each split's images as a grid PNG plus per-image scores JSONL there
+        (with `true_lowres`, also '<split>_sr_true.png' / '.jsonl').
       progress: tqdm bar over batches.
 
     Returns:
