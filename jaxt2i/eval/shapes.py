@@ -61,6 +61,11 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _scored(images, prompts) -> list[dict]:
+    """Per-image `shapes_eval.score` dicts, each with its prompt."""
+    return [dict(shapes_eval.score(im, p), prompt=p) for im, p in zip(images, prompts)]
+
+
 def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: int = 100,
                      batch_size: int = 32, seed: int = 0, settings=None,
                      num_stages: int | None = None, reference: bool = False,
@@ -137,7 +142,7 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         cascade.check_prompts(prompts)
         images = run(prompts, None, s_idx, split)
         size = int(images[0].shape[0])
-        scores = [dict(shapes_eval.score(im, p), prompt=p) for im, p in zip(images, prompts)]
+        scores = _scored(images, prompts)
         per_image[split] = scores
         results[split] = shapes_eval.aggregate(scores)
         if reference:
@@ -148,8 +153,7 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             r = cascade.stages[0].unet_cfg.image_size
             lows = np.stack([shapes.render(scene, r) for scene, _ in pairs])
             sr_images = run(prompts, lows, s_idx, f"{split} SR")
-            sr_scores = [dict(shapes_eval.score(im, p), prompt=p)
-                         for im, p in zip(sr_images, prompts)]
+            sr_scores = _scored(sr_images, prompts)
             per_image[f"{split}_sr_true"] = sr_scores
             results[f"{split} (SR of true {r} px)"] = shapes_eval.aggregate(sr_scores)
             hw = (images[0].shape[1], images[0].shape[0])  # PIL: (width, height)
