@@ -70,6 +70,9 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     # Start from an exported model's params (a stage export dir or a training workdir) with a
     # fresh optimizer: fine-tuning. Ignored when the workdir already holds a checkpoint.
     c.train.init_from = ""
+    # init_from an export that lacks some of this model's params (a layer added since, e.g. a
+    # zero-initialised model.text_conv): those keep their initialisation instead of an error.
+    c.train.init_from_allow_new = False
     c.train.log_every = 10
     c.train.save_every = 500
     c.train.keep_checkpoints = 3

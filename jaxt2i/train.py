@@ -170,9 +170,11 @@ class Trainer:
         `path` is a stage export (params.safetensors + config.json) or a training workdir with
         one in export/. The optimizer, step and EMA warm-up start afresh (fine-tuning); the
         model's objective, loss and schedule may differ from the source run's, its shapes may not.
+        With `train.init_from_allow_new`, params the export lacks (a layer added to the model,
+        e.g. a zero-initialised `model.text_conv`) keep this model's initialisation.
         """
         from jaxt2i.cascade import _export_dir
-        from jaxt2i.checkpoint import flatten, load_exported
+        from jaxt2i.checkpoint import flatten, load_exported, unflatten
 
         try:
             export_dir = _export_dir(path)
@@ -182,13 +184,17 @@ class Trainer:
         state = self.init_state(seed)
         want, got = flatten(state.params), flatten(loaded)
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        if missing or extra:
+        allow_new = bool(self.cfg.train.get("init_from_allow_new", False))
+        if extra or (missing and not allow_new):
+            hint = ("use the source run's model config" if extra else
+                    "use the source run's model config, or set train.init_from_allow_new=True "
+                    "to keep the new params at their initialisation")
             raise ConfigError(
                 f"train.init_from={path!r} does not fit this model: "
                 f"{len(missing)} params missing (first: {missing[:1]}), {len(extra)} unexpected "
-                f"(first: {extra[:1]}); use the source run's model config")
+                f"(first: {extra[:1]}); {hint}")
         for name, a in want.items():
-            if tuple(got[name].shape) != tuple(a.shape):
+            if name in got and tuple(got[name].shape) != tuple(a.shape):
                 raise ConfigError(
                     f"train.init_from={path!r}: param {name} has shape {tuple(got[name].shape)} "
                     f"but this model's is {tuple(a.shape)}; use the source run's model config")
@@ -197,9 +203,14 @@ class Trainer:
             a = np.asarray(a, target.dtype)
             return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
 
-        params = jax.tree_util.tree_map(place, loaded, state.params)
-        ema = jax.tree_util.tree_map(place, loaded, state.ema_params)
-        log.warning("initialised params and EMA from %s (step %s)", path, step)
+        def fill(tree):  # the export's values; this model's own for params it lacks
+            return unflatten({n: place(got[n], a) if n in got else a
+                              for n, a in flatten(tree).items()})
+
+        params, ema = fill(state.params), fill(state.ema_params)
+        log.warning("initialised params and EMA from %s (step %s)%s", path, step,
+                    f"; {len(missing)} new params keep their initialisation: "
+                    f"{', '.join(missing)}" if missing else "")
         return state.replace(params=params, ema_params=ema)
 
     def _context(self):

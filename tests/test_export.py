@@ -131,6 +131,37 @@ def test_onnx_denoisers_and_encoder_match_jax(cascade_dir, cascade, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_onnx_denoiser_with_text_conv_matches_jax(tmp_path):
+    """model.text_conv (a 1-D convolution over the text tokens) converts too; padded tokens
+    are NaN in the feed and must not leak."""
+    pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
+    import flax.linen as nn
+    from jaxt2i.export.onnx_export import convert, denoiser_fn, denoiser_inputs, run_denoiser
+    from jaxt2i.models import UNet, get_unet_config
+
+    cfg = get_unet_config("tiny", text_conv=3)
+    rng = np.random.default_rng(0)
+    x = {"x_t": rng.standard_normal((2, cfg.image_size, cfg.image_size, 3)).astype(np.float32),
+         "noise_level": np.array([0.3, 0.8], np.float32),
+         "text_emb": rng.standard_normal((2, 6, cfg.text_dim)).astype(np.float32),
+         "text_mask": np.array([[1, 1, 1, 0, 0, 0], [1] * 6], bool)}
+    model = UNet(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), **x)["params"])
+    params = jax.tree_util.tree_map(  # random, so the zero-initialised layers do something
+        lambda p: (0.2 * rng.standard_normal(p.shape)).astype(np.float32), params)
+    want = np.asarray(model.apply({"params": params}, **x))
+    names, specs = denoiser_inputs(cfg, 6, None)
+    path = str(tmp_path / "denoiser.onnx")
+    with open(path, "wb") as f:
+        f.write(convert(denoiser_fn(model, params), specs, names, ["out"],
+                        "text_conv denoiser").SerializeToString())
+    x["text_emb"][0, 3:] = np.nan
+    got = run_denoiser(path, x)
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_onnx_names_an_op_it_cannot_convert():
     pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
     from jax.extend.core import Primitive

@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 
 # Tiny configs covering every option of the JAX model: all attention kinds and their
 # combinations, skip modes, stem downsampling, per-level block counts, 2 and 3 levels, fixed
-# head counts, a custom embedding width, noise scales and low-res resize methods.
+# head counts, a custom embedding width, noise scales, low-res resize methods and text_conv.
 CASES = {
     "tiny": ("tiny", {}),
     "tiny_sr": ("tiny_sr", {}),
@@ -32,6 +32,7 @@ CASES = {
                                             stem_downsample=False, lowres_resize="nearest",
                                             emb_channels=24, objective="x0")),
     "sr_bicubic_6px": ("tiny_sr", dict(lowres_size=6, lowres_resize="bicubic")),
+    "text_conv": ("tiny", dict(text_conv=3)),
 }
 SIZE = {"tiny_sr_32px": 32}
 TOL = 1e-4  # float32 max abs error, outputs are O(1)

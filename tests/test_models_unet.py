@@ -223,6 +223,40 @@ def test_all_masked_text_is_finite_and_ignores_tokens(tiny, forward):
     np.testing.assert_allclose(forward(config, params, other), out, atol=1e-6)
 
 
+def test_text_conv_starts_as_identity_and_makes_word_order_visible(tiny, forward):
+    """Attention over text tokens has no positions: without text_conv, permuting the real
+    tokens changes nothing, so which colour goes with which noun can only come from the
+    encoder. text_conv starts as an identity (fine-tuning from an export without it) and,
+    once trained (random here), sees the order, while padding still changes nothing."""
+    config, params, inputs = tiny
+    conv_config = get_unet_config("tiny", text_conv=3)
+    init = UNet(conv_config).init(jax.random.PRNGKey(0), **inputs)["params"]
+    conv = jax.tree_util.tree_map(np.asarray, nn.unbox(init["text_conv"]))
+    assert conv["kernel"].shape == (3, config.emb_dim, config.emb_dim) and not np.any(
+        conv["kernel"]) and not np.any(conv["bias"])
+    with_conv = {"params": dict(params["params"], text_conv=conv)}
+    base = forward(config, params, inputs)
+    np.testing.assert_allclose(forward(conv_config, with_conv, inputs), base, atol=1e-6)
+
+    n = int(inputs["text_mask"][0].sum())  # real tokens come first in every row
+    order = np.r_[np.arange(n)[::-1], np.arange(n, inputs["text_mask"].shape[1])]
+    permuted = dict(inputs, text_emb=inputs["text_emb"][:, order])
+    np.testing.assert_allclose(forward(config, params, permuted), base, atol=1e-5)
+
+    rng = np.random.default_rng(5)
+    trained = {"params": dict(params["params"], text_conv={
+        "kernel": jnp.asarray(rng.standard_normal(conv["kernel"].shape) / np.sqrt(
+            3 * config.emb_dim), jnp.float32),
+        "bias": jnp.asarray(0.1 * rng.standard_normal(conv["bias"].shape), jnp.float32)})}
+    out = forward(conv_config, trained, inputs)
+    assert np.abs(forward(conv_config, trained, permuted) - out).max() > 1e-3
+    pad = ~inputs["text_mask"][..., None]
+    padded = dict(inputs, text_emb=jnp.where(pad, jnp.inf, inputs["text_emb"]))
+    np.testing.assert_allclose(forward(conv_config, trained, padded), out, atol=1e-6)
+    with pytest.raises(ValueError, match="text_conv"):
+        get_unet_config("tiny", text_conv=2)
+
+
 def test_noise_level_and_aug_level_condition_the_output(tiny_sr, forward):
     config, params, inputs = tiny_sr
     base = forward(config, params, inputs)

@@ -301,3 +301,19 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
     wide.model.base_channels *= 2
     with pytest.raises(ConfigError, match=r"init_from=.*shape .* but this model's is"):
         Trainer(wide, devices=jax.devices()[:1]).init_state_from(str(src), seed=0)
+
+    # A layer added since the export (the zero-initialised text_conv): refused unless allowed,
+    # then the export's params are kept and only the new ones start at their initialisation.
+    grown = _cfg(num_steps=1, init_from=str(src))
+    grown.model.text_conv = 3
+    with pytest.raises(ConfigError, match=r"2 params missing \(first: \['text_conv/bias'\]\)"
+                                          r".*init_from_allow_new=True"):
+        Trainer(grown, devices=jax.devices()[:1]).init_state_from(str(src), seed=0)
+    grown.train.init_from_allow_new = True
+    state = Trainer(grown, devices=jax.devices()[:1]).init_state_from(str(src), seed=0)
+    for tree in (state.params, state.ema_params):
+        got = flatten(jax.device_get(tree))
+        assert set(got) - set(want) == {"text_conv/kernel", "text_conv/bias"}
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+        assert not np.any(got["text_conv/kernel"]) and not np.any(got["text_conv/bias"])

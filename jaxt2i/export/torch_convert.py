@@ -10,6 +10,7 @@ and only the leaf names and layouts change:
   Flax leaf (shape)                          PyTorch name (shape)
   dense ``kernel`` [in, out]                 ``weight`` [out, in]          (nn.Linear)
   conv ``kernel`` [kh, kw, in, out] (HWIO)   ``weight`` [out, in, kh, kw]  (nn.Conv2d, OIHW)
+  ``text_conv/kernel`` [k, in, out]          ``weight`` [out, in, k]       (nn.Conv1d)
   ``*_upsample/kernel`` [2, 2, in, out]      ``weight`` [in, out, 2, 2]    (nn.ConvTranspose2d)
   norm ``scale`` / ``bias`` [C]              ``weight`` / ``bias`` [C]
   attention ``q`` [C, heads, hd]             ``q.weight`` [heads*hd, C]    (bias-free Linear)
@@ -80,6 +81,8 @@ def _kind(path: tuple[str, ...], ndim: int) -> str:
         return "dense"
     if leaf == "kernel" and ndim == 4:
         return "conv_transpose" if parent.endswith("_upsample") else "conv"
+    if leaf == "kernel" and ndim == 3:
+        return "conv1d"
     if leaf in ("scale", "bias", "query", "text_null"):
         return "copy"
     if leaf == "q" and ndim == 3:
@@ -118,6 +121,8 @@ def _to_torch(kind: str, x: np.ndarray) -> np.ndarray:
         return x.transpose(3, 2, 0, 1)
     if kind == "conv_transpose":  # HWIO -> IOHW (ConvTranspose2d's [in, out, kh, kw])
         return x.transpose(2, 3, 0, 1)
+    if kind == "conv1d":  # [k, in, out] -> [out, in, k]
+        return x.transpose(2, 1, 0)
     if kind == "heads_in1":  # [C, heads, hd] -> [heads*hd, C]
         return x.reshape(x.shape[0], -1).T
     if kind == "heads_in":  # [T, C, heads, hd] -> [T*heads*hd, C]
@@ -135,6 +140,8 @@ def _torch_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[3], shape[2], shape[0], shape[1])
     if kind == "conv_transpose":
         return (shape[2], shape[3], shape[0], shape[1])
+    if kind == "conv1d":
+        return shape[::-1]
     if kind == "heads_in1":
         return (shape[1] * shape[2], shape[0])
     if kind == "heads_in":
@@ -152,6 +159,8 @@ def _from_torch(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return x.transpose(2, 3, 1, 0)
     if kind == "conv_transpose":
         return x.transpose(2, 3, 0, 1)
+    if kind == "conv1d":
+        return x.transpose(2, 1, 0)
     if kind == "heads_in1":
         return x.T.reshape(shape)
     if kind == "heads_in":

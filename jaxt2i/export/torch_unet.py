@@ -283,6 +283,10 @@ class TorchUNet(nn.Module):
         self.noise_embed = LevelEmbedding(cfg)
         self.text_norm = LayerNorm(cfg.text_dim)
         self.text_proj = nn.Linear(cfg.text_dim, emb)
+        if cfg.text_conv:
+            self.text_conv = nn.Conv1d(emb, emb, cfg.text_conv, padding=cfg.text_conv // 2)
+            nn.init.zeros_(self.text_conv.weight)
+            nn.init.zeros_(self.text_conv.bias)
         self.text_null = nn.Parameter(torch.empty(emb))
         nn.init.normal_(self.text_null, std=0.02)
         self.text_pool = AttentionPool(cfg, emb)
@@ -428,6 +432,10 @@ class TorchUNet(nn.Module):
         # Zero padded positions so that even non-finite padding cannot leak through 0 * inf.
         text = torch.where(mask[..., None], text_emb.float(), 0.0)
         text = self.text_proj(self.text_norm(text))  # [B, L, E]
+        if self.config.text_conv:
+            text = torch.where(mask[..., None], text, torch.zeros((), dtype=text.dtype,
+                                                                  device=text.device))
+            text = text + self.text_conv(text.transpose(1, 2)).transpose(1, 2)
         null = self.text_null.to(text.dtype).expand(b, 1, -1)
         tokens = torch.cat([null, text], dim=1)
         ones = torch.ones(b, 1, dtype=torch.bool, device=mask.device)

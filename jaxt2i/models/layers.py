@@ -66,6 +66,24 @@ def conv(cfg: Any, features: int, kernel: int = 3, zero_init: bool = False,
         bias_init=partitioned(_zeros, ("conv_out",)), name=name)
 
 
+def conv1d(cfg: Any, features: int, kernel: int, name: str | None = None) -> nn.Conv:
+    """Returns a zero-initialised 'SAME'-padded convolution over a sequence [B, L, C].
+
+    Args:
+      cfg: the model's UNetConfig (compute dtype).
+      features: output channels.
+      kernel: kernel width (odd).
+      name: module name.
+
+    Returns:
+      An unbound ``nn.Conv`` whose kernel [kernel, in, out] and bias start at zero.
+    """
+    return nn.Conv(
+        features, (kernel,), padding="SAME", dtype=cfg.compute_dtype, param_dtype=jnp.float32,
+        kernel_init=partitioned(_zeros, (None, "conv_in", "conv_out")),
+        bias_init=partitioned(_zeros, ("conv_out",)), name=name)
+
+
 def dense(cfg: Any, features: int, axes: tuple[str, str] = ("embed", "mlp"),
           name: str | None = None) -> nn.Dense:
     """Returns a dense layer whose kernel is named ``axes`` and bias ``axes[1:]``.

@@ -64,6 +64,10 @@ class UNetConfig:
       emb_channels: width of the conditioning embedding and projected text tokens;
         0 means 4 * base_channels.
       text_dim: width of the text encoder's embeddings (4096 for T5-XXL).
+      text_conv: width of a 1-D convolution over the projected text tokens, added to them
+        (zero-initialised, so a model gains it as an identity and can be fine-tuned from an
+        export without it): each token's vector then also carries its neighbours' words, e.g.
+        a noun its colour, which a frozen encoder may carry only faintly. 0 = none; else odd.
       noise_scale: multiplier on the noise level before its sinusoidal embedding
         (1000 for continuous t in [0, 1]; 1 for discrete timesteps or log-SNR).
       lowres_size: resolution of the conditioning image for SR stages; 0 for a base model.
@@ -90,6 +94,7 @@ class UNetConfig:
     num_heads: int = 0
     emb_channels: int = 0
     text_dim: int = 4096
+    text_conv: int = 0
     noise_scale: float = 1000.0
     lowres_size: int = 0
     lowres_resize: str = "bilinear"
@@ -133,6 +138,8 @@ class UNetConfig:
         if self.num_heads < 0 or self.emb_channels < 0 or self.crop_size < 0:
             _fail("num_heads/emb_channels/crop_size",
                   (self.num_heads, self.emb_channels, self.crop_size), ">= 0")
+        if self.text_conv < 0 or (self.text_conv and self.text_conv % 2 == 0):
+            _fail("text_conv", self.text_conv, "0 (none) or an odd kernel width")
         for name in ("image_size", "crop_size"):
             if getattr(self, name) % self.size_factor:
                 _fail(name, getattr(self, name),
@@ -327,6 +334,10 @@ class UNet(nn.Module):
         text = jnp.where(mask[..., None], text_emb.astype(jnp.float32), 0.0)
         text = layers.layer_norm(cfg, name="text_norm")(text)
         text = layers.dense(cfg, cfg.emb_dim, ("text_embed", "embed"), name="text_proj")(text)
+        if cfg.text_conv:
+            # Padded positions are zeros to their real neighbours (text is right-padded).
+            text = jnp.where(mask[..., None], text, jnp.zeros((), text.dtype))
+            text = text + layers.conv1d(cfg, cfg.emb_dim, cfg.text_conv, name="text_conv")(text)
         null = self.param("text_null", layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
                           (cfg.emb_dim,), jnp.float32)
         null = jnp.broadcast_to(null.astype(text.dtype), (b, 1, cfg.emb_dim))
