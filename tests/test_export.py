@@ -137,7 +137,8 @@ def test_onnx_denoiser_with_text_conv_matches_jax(tmp_path):
     pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
     pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
     import flax.linen as nn
-    from jaxt2i.export.onnx_export import convert, denoiser_fn, denoiser_inputs, run_denoiser
+    from jaxt2i.export.onnx_export import (
+        _save, convert, denoiser_fn, denoiser_inputs, run_denoiser)
     from jaxt2i.models import UNet, get_unet_config
 
     cfg = get_unet_config("tiny", text_conv=3)
@@ -153,9 +154,7 @@ def test_onnx_denoiser_with_text_conv_matches_jax(tmp_path):
     want = np.asarray(model.apply({"params": params}, **x))
     names, specs = denoiser_inputs(cfg, 6, None)
     path = str(tmp_path / "denoiser.onnx")
-    with open(path, "wb") as f:
-        f.write(convert(denoiser_fn(model, params), specs, names, ["out"],
-                        "text_conv denoiser").SerializeToString())
+    _save(convert(denoiser_fn(model, params), specs, names, ["out"], "text_conv denoiser"), path)
     x["text_emb"][0, 3:] = np.nan
     got = run_denoiser(path, x)
     assert np.abs(want).max() > 0.1
