@@ -328,13 +328,14 @@ def _pipeline(trainer: Trainer, cfg):
             source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
             lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
             text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
+            tokenizer=None if cfg.text.cache else trainer.encoder.tokenizer,
             split=cfg.data.split)
     except (FileNotFoundError, ValueError) as e:  # a user's data / cache path or size
         raise ConfigError(f"data: {e}") from None
 
 
 def _host_batch(trainer: Trainer, local: dict) -> dict:
-    """Host-side preparation: tokenization (unless cached), crop for crop-trained SR stages."""
+    """Host-side preparation: the model's inputs, cropped for crop-trained SR stages."""
     out = {"image": local["image"]}
     if "lowres" in local:
         out["lowres"] = local["lowres"]
@@ -343,9 +344,8 @@ def _host_batch(trainer: Trainer, local: dict) -> dict:
         out = _random_crop_pair(out, c, np.asarray(local["index"]), trainer.cfg.data.seed)
     if "text_emb" in local:
         out["text_emb"], out["text_mask"] = local["text_emb"], local["text_mask"]
-    else:
-        ids, mask = trainer.encoder.tokenizer([str(s) for s in local["caption"]])
-        out["ids"], out["mask"] = ids, mask
+    else:  # tokenized by the input pipeline (in its workers, if any)
+        out["ids"], out["mask"] = local["ids"], local["mask"]
     return out
 
 

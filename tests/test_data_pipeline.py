@@ -145,9 +145,33 @@ def test_open_source_specs():
         pipeline.open_source("/no/such/dir", resolution=16)
 
 
+def _tokenizer(max_length=12):
+    from jaxt2i import assets
+    from jaxt2i.text import load_tokenizer
+
+    return load_tokenizer(assets.text_encoder_dir(), max_length)
+
+
+def test_the_pipeline_tokenizes_each_batch(tmp_path):
+    tok = _tokenizer(max_length=6)  # short: some captions are truncated
+    p = pipeline.make_pipeline(_shapes(12), resolution=16, batch_size=4, tokenizer=tok,
+                               process_index=0, process_count=1)
+    b = next(p)
+    want_ids, want_mask = tok([str(c) for c in b["caption"]])
+    assert b["ids"].dtype == np.int32 and b["mask"].dtype == bool
+    np.testing.assert_array_equal(b["ids"], want_ids)
+    np.testing.assert_array_equal(b["mask"], want_mask)
+    assert b["mask"].all(axis=1).any()  # truncated captions fill all L positions
+    with pytest.raises(ValueError, match="tokenizer=None with text_cache"):
+        pipeline.make_pipeline(_shapes(12), resolution=16, batch_size=4, tokenizer=tok,
+                               text_cache=str(tmp_path),
+                               process_index=0, process_count=1)
+
+
 def test_worker_processes_resume_exactly():
+    tok = _tokenizer()
     kw = dict(resolution=16, batch_size=4, seed=2, random_crop=True, process_index=0,
-              process_count=1, worker_count=2)
+              process_count=1, worker_count=2, tokenizer=tok)
     with pipeline.make_pipeline(_shapes(40, 16), **kw) as p:
         for _ in range(3):
             next(p)
@@ -157,3 +181,7 @@ def test_worker_processes_resume_exactly():
         q.set_state(state)
         got = [next(q) for _ in range(3)]
     assert all(_same(a, b) for a, b in zip(want, got))
+    for b in want:  # tokenized in the worker processes, as the main process would
+        ids, mask = tok([str(c) for c in b["caption"]])
+        np.testing.assert_array_equal(b["ids"], ids)
+        np.testing.assert_array_equal(b["mask"], mask)

@@ -7,12 +7,15 @@ object with `len` and `[i] -> {'image', 'caption'}`) becomes host-local numpy ba
   lowres  float32 [B, r, r, 3] in [-1, 1]   (SR stages: the same crop downsampled to r)
   caption str [B]                           (host side, for logging and on-the-fly T5)
   text_emb bfloat16 [B, L, D], text_mask bool [B, L]   (when a text cache is given)
+  ids int32 [B, L], mask bool [B, L]                    (when a tokenizer is given)
   index   int64 [B]                         (example ids in the source)
 
 Iteration runs on grain: each process reads only its shard (every process_count-th
 example), the order is a seeded per-epoch shuffle, per-example randomness is seeded by the
 element's position, so the iterator's position is a small JSON state and a restored
-iterator yields exactly the batches the uninterrupted one would. `to_global_array` turns
+iterator yields exactly the batches the uninterrupted one would. Tokenization, like decoding,
+runs in the grain worker processes when there are any, off the training loop's thread.
+`to_global_array` turns
 each process's batch into one sharded `jax.Array` over the mesh's data axes.
 """
 
@@ -148,6 +151,17 @@ class _Preprocess(grain.transforms.RandomMap):
         return out
 
 
+class _Tokenize(grain.transforms.Map):
+    """Adds 'ids' and 'mask' to a batch: its captions through the text tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, element):
+        element["ids"], element["mask"] = self.tokenizer([_text(c) for c in element["caption"]])
+        return element
+
+
 class Pipeline:
     """An iterator of host-local batches whose position is a JSON-serialisable state."""
 
@@ -221,7 +235,7 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
                   lowres: int | None = None, shuffle: bool = True, random_crop: bool = False,
                   num_epochs: int | None = None, process_index: int | None = None,
                   process_count: int | None = None, text_cache: str | TextCache | None = None,
-                  random_caption: bool = False, worker_count: int = 0,
+                  random_caption: bool = False, tokenizer: Any = None, worker_count: int = 0,
                   num_threads: int = 4, split: str = "train") -> Pipeline:
     """Builds the batch iterator of one cascade stage on this process.
 
@@ -239,6 +253,9 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
       text_cache: a `TextCache` or its directory: adds 'text_emb' and 'text_mask'.
       random_caption: pick one of a record's 'captions' lines at random (COCO-style data;
         not with a text cache, which holds the first caption only).
+      tokenizer: a picklable callable, list of captions -> (ids [B, L] int32, mask [B, L]
+        bool), e.g. `jaxt2i.text.Tokenizer`: adds 'ids' and 'mask' to each batch (in the
+        worker processes when worker_count > 0). Not with a text cache.
       worker_count: grain worker processes (0: threads in this process only). Each
         worker reads every worker_count-th batch, so the batch order depends on it: keep
         it fixed across a run's restarts.
@@ -258,6 +275,9 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
     if lowres is not None and not 0 < lowres <= resolution:
         raise ValueError(f"lowres ({lowres}) must be in (0, resolution={resolution}]")
     source = open_source(source, resolution=resolution, split=split)
+    if text_cache is not None and tokenizer is not None:
+        raise ValueError("a text cache already gives the text embeddings; pass "
+                         "tokenizer=None with text_cache")
     if isinstance(text_cache, str):
         text_cache = TextCache(text_cache)
     if text_cache is not None:
@@ -281,6 +301,8 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
     ds = ds.random_map(_Preprocess(resolution, lowres, random_crop, text_cache, random_caption))
     opts = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * local_batch)
     it = ds.to_iter_dataset(opts).batch(local_batch, drop_remainder=True)
+    if tokenizer is not None:  # one call per batch (the tokenizer batches in Rust)
+        it = it.map(_Tokenize(tokenizer))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run
             flags.FLAGS.mark_as_parsed()  # (notebooks, tests) their defaults are fine
