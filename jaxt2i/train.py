@@ -13,6 +13,7 @@ position and the config; SIGTERM saves at the next step boundary and exits 0.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -39,6 +40,9 @@ from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
 
 log = logging.getLogger("jaxt2i")
+# Steps dispatched ahead of the oldest loss the loop reads: the host prepares the next batch
+# while the device works, and at most this many steps' batches are queued on the device.
+_IN_FLIGHT = 2
 
 
 class TrainingStopped(RuntimeError):
@@ -416,16 +420,17 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     losses: dict[int, float] = {}
     reason, failed, saved_at = "finished", False, None
     t_last, data_wait, since = time.perf_counter(), 0.0, 0
-    pending = None
+    pending = collections.deque()  # (step, metrics) whose loss is not read yet
     with StopSignal() as stop:
         while it < tc.num_steps:
             t0 = time.perf_counter()
             batch = to_global_array(_host_batch(trainer, next(data)), trainer.mesh)
             data_wait += time.perf_counter() - t0
             state, metrics = trainer.step(state, batch, root_rng, it)
-            if pending is not None:  # read the previous step's loss: the device stays busy
-                losses[pending[0]] = float(pending[1]["loss"])
-            pending = (it + 1, metrics)
+            pending.append((it + 1, metrics))
+            if len(pending) > _IN_FLIGHT:  # an older step's loss: the device stays busy
+                done, m = pending.popleft()
+                losses[done] = float(m["loss"])
             it += 1
             since += 1
             if bar is not None:
@@ -460,8 +465,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
                 saved_at = it
             if tc.sample_every and it % tc.sample_every == 0:
                 _write_samples(trainer, state, it, workdir, writer)
-        if pending is not None and not failed:
-            losses[pending[0]] = float(jax.device_get(pending[1]["loss"]))
+        if not failed:
+            losses.update((done, float(m["loss"])) for done, m in pending)
         if not failed and saved_at != it and it not in ckpt.all_steps():
             ckpt.save(it, state, data.get_state(), config_dict, force=True)
         ckpt.wait()

@@ -68,6 +68,11 @@ def test_score_catches_wrong_attributes():
                     "relation": True, "background": None, "whole": True,
                     "found": ["large red circle", "small blue square"]}
     assert shapes_eval.score(img, "a red circle below a blue square")["relation"] is False
+    # Colours swapped: each object matches one prompt object by shape and the other by colour,
+    # so which one is 'the blue circle' is undecidable and neither relation is credited.
+    for rel in ("above", "below"):
+        swapped = shapes_eval.score(img, f"a blue circle {rel} a red square")
+        assert swapped["relation"] is False and swapped["count"] is True
     assert shapes_eval.score(img, "a green circle above a blue square")["colour"] is False
     star = shapes_eval.score(img, "a red star above a blue square")
     assert star["shape"] is False and star["found"] == good["found"]

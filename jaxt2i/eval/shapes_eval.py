@@ -162,26 +162,30 @@ def detect(image: np.ndarray, **kwargs) -> list[dict]:
     return detect_scene(image, **kwargs)["objects"]
 
 
-def _match(specs: list[dict], found: list[dict], relation: str | None):
-    """The assignment spec -> detected object (or None) agreeing on most attributes."""
+def _match(specs: list[dict], found: list[dict]) -> list[list]:
+    """Every assignment spec -> detected object (or None) agreeing on most attributes.
+
+    More than one ties when the image mixes up attributes (a blue square and a purple triangle
+    for 'a blue triangle ... a purple square' match either way); the first is used for the
+    attribute checks, all of them for the relation.
+    """
     found = sorted(found, key=lambda o: -o["area"])[:8]
     slots = list(range(len(found))) + [None] * len(specs)
-    best, best_key = None, None
+    best, best_key = [], None
     for perm in itertools.permutations(slots, len(specs)):
         if len({i for i in perm if i is not None}) != sum(i is not None for i in perm):
             continue
-        key = 0.0
+        key = 0
         for sp, i in zip(specs, perm):
             if i is not None:
                 o = found[i]
                 key += 1 + (o["colour"] == sp["colour"]) + (o["shape"] == sp["shape"]) + (
                     sp["size"] is None or o["size"] == sp["size"])
-        if relation and None not in perm[:2]:
-            key += 0.5 * shapes.relation_holds(found[perm[0]], found[perm[1]], relation,
-                                               strict=False)
         if best_key is None or key > best_key:
-            best, best_key = [None if i is None else found[i] for i in perm], key
-    return best
+            best, best_key = [perm], key
+        elif key == best_key and perm not in best:
+            best.append(perm)
+    return [[None if i is None else found[i] for i in perm] for perm in best]
 
 
 def score(image: np.ndarray, prompt: str | dict, **kwargs) -> dict:
@@ -198,12 +202,15 @@ def score(image: np.ndarray, prompt: str | dict, **kwargs) -> dict:
       as 'size colour shape' strings (to see why an image failed)}. Objects are matched to
       the prompt's one-to-one; colour/shape/size hold if every prompt object's match has it;
       count if exactly as many objects are found as the prompt names; relation compares box
-      centres (the stated direction must dominate); whole if all stated attributes hold.
+      centres (the stated direction must dominate) and must hold under every equally good
+      matching, so an image that swaps the two objects' attributes does not earn it; whole if
+      all stated attributes hold.
     """
     parsed = shapes.parse_caption(prompt) if isinstance(prompt, str) else prompt
     found = detect_scene(image, **kwargs)
     specs = [o for o in parsed["objects"] for _ in range(o["count"])]
-    matched = _match(specs, found["objects"], parsed["relation"])
+    assignments = _match(specs, found["objects"])
+    matched = assignments[0]
     pairs = list(zip(specs, matched))
     out = {
         "colour": all(m is not None and m["colour"] == s["colour"] for s, m in pairs),
@@ -213,10 +220,9 @@ def score(image: np.ndarray, prompt: str | dict, **kwargs) -> dict:
         "count": len(found["objects"]) == len(specs),
         "relation": None, "background": None,
     }
-    if parsed["relation"]:
-        a, b = matched[0], matched[1]
-        out["relation"] = a is not None and b is not None and shapes.relation_holds(
-            a, b, parsed["relation"], strict=False)
+    if parsed["relation"]:  # must hold however tied objects are read: no credit for a swap
+        out["relation"] = all(a is not None and b is not None and shapes.relation_holds(
+            a, b, parsed["relation"], strict=False) for a, b in (m[:2] for m in assignments))
     if parsed["background"]:
         out["background"] = found["background"] == parsed["background"]
     out["whole"] = all(v for v in out.values() if v is not None)
