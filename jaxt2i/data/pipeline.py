@@ -15,8 +15,8 @@ example), the order is a seeded per-epoch shuffle, per-example randomness is see
 element's position, so the iterator's position is a small JSON state and a restored
 iterator yields exactly the batches the uninterrupted one would. Tokenization, like decoding,
 runs in the grain worker processes when there are any, off the training loop's thread.
-`to_global_array` turns
-each process's batch into one sharded `jax.Array` over the mesh's data axes.
+`to_global_array` turns each process's batch into one sharded `jax.Array` over the mesh's
+data axes.
 """
 
 from __future__ import annotations
