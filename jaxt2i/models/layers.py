@@ -45,42 +45,25 @@ def constrain(x: Array, names: Sequence[str | None]) -> Array:
 
 
 def conv(cfg: Any, features: int, kernel: int = 3, zero_init: bool = False,
-         name: str | None = None) -> nn.Conv:
-    """Returns a 'SAME'-padded NHWC convolution with partitioned kernel and bias.
+         name: str | None = None, spatial_dims: int = 2) -> nn.Conv:
+    """Returns a 'SAME'-padded channels-last convolution with partitioned kernel and bias.
 
     Args:
       cfg: the model's UNetConfig (compute dtype).
       features: output channels.
-      kernel: square kernel size.
+      kernel: kernel size along every spatial dimension.
       zero_init: start the kernel at zero (output layers of residual branches).
       name: module name.
+      spatial_dims: 2 for images [B, H, W, C], 1 for sequences [B, L, C].
 
     Returns:
       An unbound ``nn.Conv``.
     """
     kinit = _zeros if zero_init else nn.initializers.lecun_normal()
     return nn.Conv(
-        features, (kernel, kernel), padding="SAME",
+        features, (kernel,) * spatial_dims, padding="SAME",
         dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(kinit, (None, None, "conv_in", "conv_out")),
-        bias_init=partitioned(_zeros, ("conv_out",)), name=name)
-
-
-def conv1d(cfg: Any, features: int, kernel: int, name: str | None = None) -> nn.Conv:
-    """Returns a zero-initialised 'SAME'-padded convolution over a sequence [B, L, C].
-
-    Args:
-      cfg: the model's UNetConfig (compute dtype).
-      features: output channels.
-      kernel: kernel width (odd).
-      name: module name.
-
-    Returns:
-      An unbound ``nn.Conv`` whose kernel [kernel, in, out] and bias start at zero.
-    """
-    return nn.Conv(
-        features, (kernel,), padding="SAME", dtype=cfg.compute_dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(_zeros, (None, "conv_in", "conv_out")),
+        kernel_init=partitioned(kinit, (None,) * spatial_dims + ("conv_in", "conv_out")),
         bias_init=partitioned(_zeros, ("conv_out",)), name=name)
 
 

@@ -337,7 +337,8 @@ class UNet(nn.Module):
         if cfg.text_conv:
             # Padded positions are zeros to their real neighbours (text is right-padded).
             text = jnp.where(mask[..., None], text, jnp.zeros((), text.dtype))
-            text = text + layers.conv1d(cfg, cfg.emb_dim, cfg.text_conv, name="text_conv")(text)
+            text = text + layers.conv(cfg, cfg.emb_dim, cfg.text_conv, zero_init=True,
+                                      spatial_dims=1, name="text_conv")(text)
         null = self.param("text_null", layers.partitioned(nn.initializers.normal(0.02), ("embed",)),
                           (cfg.emb_dim,), jnp.float32)
         null = jnp.broadcast_to(null.astype(text.dtype), (b, 1, cfg.emb_dim))
