@@ -76,6 +76,15 @@ def _check_batch(cfg, mesh) -> None:
                           f"({jax.process_count()})")
 
 
+def _widens_text_conv(name: str, src_shape, want_shape) -> bool:
+    """Whether `src_shape` is a narrower (odd) width of the text_conv kernel `want_shape`:
+    [k, in, out] -> [K, in, out] with k < K. The layer is zero-initialised, so the wider
+    kernel with the narrow one in its centre computes the same function."""
+    return (name.split("/")[-2:] == ["text_conv", "kernel"] and len(src_shape) == 3
+            and len(want_shape) == 3 and tuple(src_shape[1:]) == tuple(want_shape[1:])
+            and src_shape[0] % 2 == 1 and src_shape[0] < want_shape[0])
+
+
 class Trainer:
     """Holds the compiled pieces of one stage's training: model, mesh, step functions."""
 
@@ -175,7 +184,9 @@ class Trainer:
         one in export/. The optimizer, step and EMA warm-up start afresh (fine-tuning); the
         model's objective, loss and schedule may differ from the source run's, its shapes may not.
         With `train.init_from_allow_new`, params the export lacks (a layer added to the model,
-        e.g. a zero-initialised `model.text_conv`) keep this model's initialisation.
+        e.g. a zero-initialised `model.text_conv`) keep this model's initialisation, and a
+        narrower text_conv kernel is widened: centred, with zero outer taps, so the model
+        computes what the export did.
         """
         from jaxt2i.cascade import _export_dir
         from jaxt2i.checkpoint import flatten, load_exported, unflatten
@@ -197,24 +208,40 @@ class Trainer:
                 f"train.init_from={path!r} does not fit this model: "
                 f"{len(missing)} params missing (first: {missing[:1]}), {len(extra)} unexpected "
                 f"(first: {extra[:1]}); {hint}")
+        widened = []
         for name, a in want.items():
-            if name in got and tuple(got[name].shape) != tuple(a.shape):
-                raise ConfigError(
-                    f"train.init_from={path!r}: param {name} has shape {tuple(got[name].shape)} "
-                    f"but this model's is {tuple(a.shape)}; use the source run's model config")
+            if name not in got or tuple(got[name].shape) == tuple(a.shape):
+                continue
+            if allow_new and _widens_text_conv(name, got[name].shape, a.shape):
+                widened.append(name)
+                continue
+            hint = ("; set train.init_from_allow_new=True to widen it (its new taps start at "
+                    "zero)" if _widens_text_conv(name, got[name].shape, a.shape)
+                    else "; use the source run's model config")
+            raise ConfigError(
+                f"train.init_from={path!r}: param {name} has shape {tuple(got[name].shape)} "
+                f"but this model's is {tuple(a.shape)}{hint}")
 
         def place(a, target):
             a = np.asarray(a, target.dtype)
             return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
 
+        def widen(src, target):  # a narrower text_conv kernel, centred; outer taps zero as
+            out = np.zeros(target.shape, target.dtype)  # the layer's own init (host-local)
+            off = (out.shape[0] - src.shape[0]) // 2
+            out[off:off + src.shape[0]] = np.asarray(src, out.dtype)
+            return out
+
         def fill(tree):  # the export's values; this model's own for params it lacks
-            return unflatten({n: place(got[n], a) if n in got else a
+            return unflatten({n: a if n not in got else
+                              place(widen(got[n], a) if n in widened else got[n], a)
                               for n, a in flatten(tree).items()})
 
         params, ema = fill(state.params), fill(state.ema_params)
-        log.warning("initialised params and EMA from %s (step %s)%s", path, step,
+        log.warning("initialised params and EMA from %s (step %s)%s%s", path, step,
                     f"; {len(missing)} new params keep their initialisation: "
-                    f"{', '.join(missing)}" if missing else "")
+                    f"{', '.join(missing)}" if missing else "",
+                    f"; widened (centred, new taps zero): {', '.join(widened)}" if widened else "")
         return state.replace(params=params, ema_params=ema)
 
     def _context(self):

@@ -261,7 +261,7 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
     """train.init_from: params and EMA start at an export's values, placed with this run's
     (FSDP) sharding; the optimizer starts afresh; a later resume ignores init_from; a model
     of another shape is refused in one line."""
-    from jaxt2i.checkpoint import flatten, load_exported
+    from jaxt2i.checkpoint import flatten, load_exported, unflatten
 
     src = tmp_path / "src"
     train(_cfg(num_steps=2, save_every=2, log_every=1), str(src), devices=jax.devices()[:1],
@@ -317,3 +317,39 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
         assert not np.any(got["text_conv/kernel"]) and not np.any(got["text_conv/bias"])
+
+    # A narrower text_conv kernel (3 -> 5): refused unless allowed, then centred with zero
+    # outer taps, so the wider model denoises exactly as the export does.
+    from jaxt2i.checkpoint import export_params
+
+    rng = np.random.default_rng(0)
+    # Every param jittered: a 2-step model's zero-initialised output layers would hide the text.
+    narrow = jax.tree_util.tree_map(lambda a: np.asarray(a + rng.normal(0, 0.1, a.shape),
+                                                         np.float32), jax.device_get(state.params))
+    export_params(narrow, grown.to_dict(), str(tmp_path / "tc3"), step=7)
+    five = _cfg(num_steps=1)
+    five.model.text_conv = 5
+    with pytest.raises(ConfigError, match=r"text_conv/kernel has shape \(3, .* is \(5, .*"
+                                          r"init_from_allow_new=True to widen it"):
+        Trainer(five, devices=jax.devices()[:1]).init_state_from(str(tmp_path / "tc3"), seed=0)
+    five.train.init_from_allow_new = True
+    trainer5 = Trainer(five, devices=jax.devices()[:1])
+    state5 = trainer5.init_state_from(str(tmp_path / "tc3"), seed=0)
+    got = flatten(jax.device_get(state5.ema_params))
+    kernel = got["text_conv/kernel"]
+    assert kernel.shape[0] == 5 and not np.any(kernel[[0, 4]])
+    np.testing.assert_array_equal(kernel[1:4], flatten(narrow)["text_conv/kernel"])
+    S = five.model.image_size
+    x = rng.normal(size=(2, S, S, 3)).astype(np.float32)
+    t = np.array([0.3, 0.8], np.float32)
+    emb = rng.normal(size=(2, 6, 128)).astype(np.float32)
+    mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
+    model3 = Trainer(grown, devices=jax.devices()[:1]).model
+    want_out = model3.apply({"params": narrow}, x, t, emb, mask)
+    got_out = trainer5.model.apply({"params": jax.device_get(state5.params)}, x, t, emb, mask)
+    tol = 1e-5 * float(np.abs(want_out).max())
+    np.testing.assert_allclose(got_out, want_out, rtol=0, atol=tol)
+    # Not a no-op check: without the export's kernel the output moves by more than that.
+    zeroed = {**flatten(narrow), "text_conv/kernel": np.zeros_like(kernel)}
+    moved = trainer5.model.apply({"params": unflatten(zeroed)}, x, t, emb, mask) - want_out
+    assert float(np.abs(moved).max()) > 100 * tol
