@@ -212,12 +212,12 @@ class Trainer:
         for name, a in want.items():
             if name not in got or tuple(got[name].shape) == tuple(a.shape):
                 continue
-            if allow_new and _widens_text_conv(name, got[name].shape, a.shape):
+            widens = _widens_text_conv(name, got[name].shape, a.shape)
+            if widens and allow_new:
                 widened.append(name)
                 continue
             hint = ("; set train.init_from_allow_new=True to widen it (its new taps start at "
-                    "zero)" if _widens_text_conv(name, got[name].shape, a.shape)
-                    else "; use the source run's model config")
+                    "zero)" if widens else "; use the source run's model config")
             raise ConfigError(
                 f"train.init_from={path!r}: param {name} has shape {tuple(got[name].shape)} "
                 f"but this model's is {tuple(a.shape)}{hint}")
