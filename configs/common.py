@@ -46,6 +46,9 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.data.dataset = ""  # TFDS dataset name when source is a data dir
     c.data.split = "train"
     c.data.num_examples = 100_000  # size of the on-the-fly shapes dataset
+    # Scene-kind mix of the on-the-fly shapes world, e.g. 'single=0.1,relation=0.45,count=0.1,
+    # and=0.35' (weights; kinds left out get none); '' is the world's default mix.
+    c.data.shapes_kinds = ""
     c.data.random_crop = False
     c.data.seed = 0
     c.data.worker_count = 0

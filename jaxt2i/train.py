@@ -352,9 +352,21 @@ def _pipeline(trainer: Trainer, cfg):
     c = trainer.unet_cfg
     resolution = c.image_size
     source = cfg.data.source
-    if source == "shapes":
-        source = f"shapes:{cfg.data.num_examples}:{cfg.data.seed}"
+    kinds = cfg.data.get("shapes_kinds", "")
+    if kinds and source != "shapes":
+        raise ConfigError(f"data.shapes_kinds={kinds!r} applies only to data.source='shapes' "
+                          f"(not {source!r}); unset it")
+    if kinds and cfg.text.cache:
+        raise ConfigError(f"data.shapes_kinds={kinds!r} changes the shapes captions, so the text "
+                          f"cache {cfg.text.cache!r} (built from the default mix) cannot serve "
+                          f"them; unset text.cache")
     try:
+        if source == "shapes" and kinds:
+            from jaxt2i.data.shapes import ShapesSource
+            source = ShapesSource(resolution, cfg.data.num_examples, cfg.data.split,
+                                  cfg.data.seed, kinds=kinds)
+        elif source == "shapes":
+            source = f"shapes:{cfg.data.num_examples}:{cfg.data.seed}"
         return data_pipeline.make_pipeline(
             source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
             lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,

@@ -46,6 +46,28 @@ def test_splits_hold_out_combinations():
     assert counts == {1, 2, 3}
 
 
+def test_scene_kind_mix():
+    """data.shapes_kinds: kinds left out never appear, weights set the odds, default unchanged."""
+    default = shapes.ShapesSource(16, 40, "train", seed=5)
+    for same in (None, "", {"single": 25, "relation": 35, "count": 20, "and": 20}):
+        other = shapes.ShapesSource(16, 40, "train", seed=5, kinds=same)
+        assert [other.caption_at(i) for i in range(40)] == [default.caption_at(i)
+                                                            for i in range(40)]
+    only = shapes.ShapesSource(16, 200, "held_out", seed=1, kinds="relation=1")
+    assert {only.scene_and_caption(i)[0]["kind"] for i in range(200)} == {"relation"}
+    # 'single' and 'count' scenes both hold one (colour, shape) pair, so the held-out filter
+    # rejects them equally often and their odds stay those asked for: 3 to 1.
+    mix = shapes.ShapesSource(16, 1200, "train", seed=2, kinds="single=1, count=3")
+    kinds = [mix.scene_and_caption(i)[0]["kind"] for i in range(1200)]
+    assert set(kinds) == {"single", "count"}
+    assert abs(kinds.count("count") / len(kinds) - 0.75) < 0.04  # ~3 standard deviations
+    assert "kinds=single=0.25,relation=0,count=0.75,and=0" in repr(mix)
+    for bad, msg in [("single=1,pair=2", "unknown kind 'pair'"), ("single=-1", ">= 0"),
+                     ("single=0", "positive sum"), ("single", "numbers >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            shapes.ShapesSource(16, 4, "train", kinds=bad)
+
+
 def test_captions_parse_back_to_the_scene():
     src = shapes.ShapesSource(16, 300, "train", seed=1)
     for i in range(len(src)):

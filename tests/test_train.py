@@ -233,6 +233,8 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         (["--config.text.encoder=/no/such/t5"], "text.encoder='/no/such/t5'"),
         (["--config.train.optimiser=adamw"], "unknown config field 'train.optimiser'"),
         (["--config.diffusion.schedule=cosin"], "did you mean 'cosine'"),
+        (["--config.data.shapes_kinds=single=1,pair=2"], "data: scene kinds 'single=1,pair=2': "
+                                                         "unknown kind 'pair'"),
     ]:
         r = subprocess.run(_train_cmd(tmp_path / "w", *extra), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=300)

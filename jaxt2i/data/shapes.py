@@ -58,6 +58,7 @@ HELD_OUT_RELATIONS = frozenset(
 _MARGIN = 0.03  # free border around the scene
 _GAP = 0.05  # minimum free space between two objects' boxes
 _KIND_PROBS = {"single": 0.25, "relation": 0.35, "count": 0.2, "and": 0.2}
+KINDS = tuple(_KIND_PROBS)  # scene kinds; `parse_kinds` reads a mix of them
 _BG_PROBS = {"white": 0.5, "black": 0.25, "gray": 0.25}
 
 # --- geometry ----------------------------------------------------------------------------
@@ -245,8 +246,42 @@ def _layout(rng, specs, relation: str | None) -> list[dict] | None:
     return None
 
 
-def _sample_any(rng: np.random.Generator) -> dict:
-    kind = _pick(rng, _KIND_PROBS)
+def parse_kinds(spec: str | dict | None) -> dict[str, float]:
+    """The scene-kind mix as probabilities: '' or None is the default mix.
+
+    Args:
+      spec: 'single=0.1,relation=0.45,count=0.1,and=0.35' (weights, normalised; kinds left out
+        get 0) or such a dict.
+
+    Returns:
+      {kind: probability} over all of KINDS, summing to 1.
+    """
+    if not spec:
+        return dict(_KIND_PROBS)
+    if isinstance(spec, str):
+        weights = {}
+        for item in spec.split(","):
+            key, eq, value = item.partition("=")
+            try:
+                weights[key.strip()] = float(value) if eq else float("nan")
+            except ValueError:
+                weights[key.strip()] = float("nan")
+    else:
+        weights = {str(k): float(v) for k, v in spec.items()}
+    bad = [k for k in weights if k not in KINDS]
+    if bad:
+        raise ValueError(f"scene kinds {spec!r}: unknown kind {bad[0]!r}; use KIND=WEIGHT,... "
+                         f"with kinds from {KINDS}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not sum(
+            weights.values()) > 0:
+        raise ValueError(f"scene kinds {spec!r}: weights must be numbers >= 0 with a positive "
+                         f"sum, e.g. 'single=0.1,relation=0.45,count=0.1,and=0.35'")
+    total = sum(weights.values())
+    return {k: weights.get(k, 0.0) / total for k in KINDS}
+
+
+def _sample_any(rng: np.random.Generator, kinds: dict | None = None) -> dict:
+    kind = _pick(rng, kinds or _KIND_PROBS)
     relation = None
     if kind == "single":
         specs = _distinct_specs(rng, 1)
@@ -277,12 +312,14 @@ def is_held_out(scene: dict) -> bool:
     return False
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> dict:
+def sample_scene(rng: np.random.Generator, split: str = "train",
+                 kinds: dict | None = None) -> dict:
     """Samples a scene.
 
     Args:
       rng: numpy Generator (the scene is a pure function of its state).
       split: 'train' or 'test' (never held-out combinations) or 'held_out' (only them).
+      kinds: the scene-kind mix ({kind: probability}, see `parse_kinds`); None: the default.
 
     Returns:
       A JSON-serialisable dict: kind ('single' | 'relation' | 'count' | 'and'), background,
@@ -293,7 +330,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> dict:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     want = split == "held_out"
     while True:
-        scene = _sample_any(rng)
+        scene = _sample_any(rng, kinds)
         if is_held_out(scene) == want:
             return scene
 
@@ -418,15 +455,18 @@ class ShapesSource:
     machines agree. Different splits draw from different seed streams.
     """
 
-    def __init__(self, resolution: int, size: int, split: str = "train", seed: int = 0):
+    def __init__(self, resolution: int, size: int, split: str = "train", seed: int = 0,
+                 kinds: str | dict | None = None):
         """Args: resolution: image side; size: number of examples; split: one of SPLITS;
-        seed: dataset seed."""
+        seed: dataset seed; kinds: the scene-kind mix (`parse_kinds`; None: the default)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
         if resolution < 8 or size < 1:
             raise ValueError(f"resolution ({resolution}) must be >= 8 and size ({size}) >= 1")
         self.resolution, self.size, self.split, self.seed = int(resolution), int(size), split, int(
             seed)
+        self.kinds = parse_kinds(kinds)
+        self._custom_kinds = self.kinds != _KIND_PROBS
 
     def __len__(self) -> int:
         return self.size
@@ -436,7 +476,7 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} examples")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index)])
-        scene = sample_scene(rng, self.split)
+        scene = sample_scene(rng, self.split, self.kinds)
         return scene, caption(scene, rng)
 
     def caption_at(self, index: int) -> str:
@@ -449,8 +489,10 @@ class ShapesSource:
                 "scene": json.dumps(scene)}
 
     def __repr__(self) -> str:
+        kinds = (", kinds=" + ",".join(f"{k}={p:g}" for k, p in self.kinds.items())
+                 if self._custom_kinds else "")
         return (f"ShapesSource(resolution={self.resolution}, size={self.size}, "
-                f"split={self.split!r}, seed={self.seed})")
+                f"split={self.split!r}, seed={self.seed}{kinds})")
 
 
 def vocabulary(num_captions: int = 2000) -> list[str]:
