@@ -466,7 +466,6 @@ class ShapesSource:
         self.resolution, self.size, self.split, self.seed = int(resolution), int(size), split, int(
             seed)
         self.kinds = parse_kinds(kinds)
-        self._custom_kinds = self.kinds != _KIND_PROBS
 
     def __len__(self) -> int:
         return self.size
@@ -490,7 +489,7 @@ class ShapesSource:
 
     def __repr__(self) -> str:
         kinds = (", kinds=" + ",".join(f"{k}={p:g}" for k, p in self.kinds.items())
-                 if self._custom_kinds else "")
+                 if self.kinds != _KIND_PROBS else "")
         return (f"ShapesSource(resolution={self.resolution}, size={self.size}, "
                 f"split={self.split!r}, seed={self.seed}{kinds})")
 
