@@ -361,12 +361,10 @@ def _pipeline(trainer: Trainer, cfg):
                           f"cache {cfg.text.cache!r} (built from the default mix) cannot serve "
                           f"them; unset text.cache")
     try:
-        if source == "shapes" and kinds:
+        if source == "shapes":
             from jaxt2i.data.shapes import ShapesSource
             source = ShapesSource(resolution, cfg.data.num_examples, cfg.data.split,
-                                  cfg.data.seed, kinds=kinds)
-        elif source == "shapes":
-            source = f"shapes:{cfg.data.num_examples}:{cfg.data.seed}"
+                                  cfg.data.seed, kinds=kinds or None)
         return data_pipeline.make_pipeline(
             source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
             lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,

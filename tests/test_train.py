@@ -243,6 +243,27 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         assert len(lines) == 1 and expected in lines[0], (extra, r.stderr[-1500:])
 
 
+def test_scene_kind_mix_is_refused_where_it_cannot_apply(tmp_path):
+    """data.shapes_kinds shapes only the on-the-fly shapes world: with another source, or with
+    a text cache (whose captions come from the default mix), the run stops before any data is
+    read, naming the value and the fix."""
+    from types import SimpleNamespace
+
+    from jaxt2i.train import _pipeline
+
+    trainer = SimpleNamespace(unet_cfg=SimpleNamespace(image_size=16, lowres_size=0))
+    cfg = _cfg()
+    cfg.data.shapes_kinds = "relation=1"
+    cfg.data.source = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.shapes_kinds='relation=1' applies only to "
+                                          r"data.source='shapes' .*unset it"):
+        _pipeline(trainer, cfg)
+    cfg.data.source = "shapes"
+    cfg.text.cache = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"cannot serve them; unset text.cache"):
+        _pipeline(trainer, cfg)
+
+
 def test_adafactor_state_shards_on_fsdp_mesh():
     """Adafactor's factored statistics have other shapes than their params: they replicate,
     moments shaped like params follow the params' sharding, and a step runs."""
