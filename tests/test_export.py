@@ -131,6 +131,30 @@ def test_onnx_denoisers_and_encoder_match_jax(cascade_dir, cascade, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
+def test_onnx_cli_exports_the_bundled_demo_in_a_fresh_process(tmp_path):
+    """The README's `python -m jaxt2i.export --format=onnx --out=DIR` in a new process (no
+    resize matrix cached by earlier JAX code: it crashed under jax2onnx's patched
+    jax.image.resize); onnxruntime reproduces the demo stages' JAX outputs."""
+    pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
+    pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
+    from jaxt2i.export.onnx_export import run_denoiser
+    from jaxt2i.sample import demo_cascade_dir
+
+    out = tmp_path / "export_onnx"
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.export", "--format=onnx", f"--out={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    record = json.loads((out / "cascade.json").read_text())
+    assert record["stages"] == ["stage0_base_32px", "stage1_sr_128px"]
+    demo = load_cascade(demo_cascade_dir())
+    for name, (x, want) in zip(record["stages"], _jax_outputs(demo)):
+        got = run_denoiser(str(out / name / "denoiser.onnx"), x)
+        assert np.abs(want).max() > 0.1
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
 def test_onnx_denoiser_with_text_conv_matches_jax(tmp_path):
     """model.text_conv (a 1-D convolution over the text tokens) converts too; padded tokens
     are NaN in the feed and must not leak."""
@@ -215,6 +239,24 @@ def test_output_directory_is_protected(cascade_dir, tmp_path, monkeypatch):
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ConfigError, match="is not empty; pass --overwrite"):
         export([str(cascade_dir)], "stablehlo", str(out))
+    # --overwrite replaces only an earlier export (manifest.json), never a user's directory.
+    with pytest.raises(ConfigError, match="is not an earlier export"):
+        export([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    monkeypatch.chdir(out)
+    with pytest.raises(ConfigError, match="holds the current directory"):
+        export([str(cascade_dir)], "stablehlo", ".", overwrite=True)
+    assert os.listdir(out) == ["keep.txt"]
+    monkeypatch.chdir(tmp_path)
+
+    out = tmp_path / "earlier"
+    small = dict(stages=1, platforms=["cpu"], overrides={"steps": "1"})
+    export([str(cascade_dir)], "stablehlo", str(out), **small)
+    before = sorted(os.listdir(out))
+    # A killed export's partial directory (a dead pid) is removed by the next export.
+    stale = tmp_path / "earlier.partial-999999999"
+    stale.mkdir()
+    (stale / "big.bin").write_bytes(b"0" * 1000)
 
     from jaxt2i.export import stablehlo
 
@@ -225,12 +267,12 @@ def test_output_directory_is_protected(cascade_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(stablehlo, "export_stablehlo", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
-    assert os.listdir(out) == ["keep.txt"]  # the old export survives a failed one
-    assert not [p for p in os.listdir(tmp_path) if p.startswith("taken.")]  # no partial dir
+    assert sorted(os.listdir(out)) == before  # the old export survives a failed one
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("earlier.")]  # no partial dir
     monkeypatch.undo()
-    export([str(cascade_dir)], "stablehlo", str(out), overwrite=True, stages=1,
-           platforms=["cpu"], overrides={"steps": "1"})
-    assert "keep.txt" not in os.listdir(out) and (out / "manifest.json").exists()
+    (out / "manifest.json").write_text(json.dumps({"format": "stablehlo", "marker": 1}))
+    export([str(cascade_dir)], "stablehlo", str(out), overwrite=True, **small)
+    assert "marker" not in json.loads((out / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -328,3 +328,40 @@ def test_lowres_resize_matrices_equal_jax_image_resize(method):
         got = jnp.einsum("Hh,bhwc,Ww->bHWc", _resize_matrix(8, size[0], method), x,
                          _resize_matrix(6, size[1], method), precision="highest")
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["nearest", "bilinear", "bicubic", "lanczos3"])
+def test_resize_matrix_is_jax_image_resize_of_the_identity(method):
+    """The numpy-built matrix equals jax.image.resize of an identity (the reference) for up-
+    and downsampling, integer and odd ratios; exactly for power-of-two upsampling (the demo's
+    32 -> 128), else within float32 rounding (XLA fuses the weight arithmetic differently)."""
+    from jaxt2i.models.unet import _resize_matrix
+
+    for n, size in [(32, 128), (16, 32), (8, 32), (32, 16), (64, 32), (7, 5), (5, 7), (3, 17),
+                    (13, 100), (17, 3), (4, 1), (1, 4), (10, 10)]:
+        want = np.asarray(jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method))
+        got = _resize_matrix(n, size, method)
+        assert got.shape == (size, n) and got.dtype == np.float32
+        if method in ("nearest", "bilinear") and size in (2 * n, 4 * n):
+            np.testing.assert_array_equal(got, want, err_msg=f"{n} -> {size}")
+        else:
+            np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg=f"{n} -> {size}")
+
+
+def test_resize_matrix_does_not_call_jax_image(monkeypatch):
+    """jax2onnx patches jax.image.resize while it traces and refuses to run it (a fresh
+    `python -m jaxt2i.export --format=onnx` crashed); the matrix must be a numpy constant."""
+    from jaxt2i.models import unet
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("jax.image.resize called")
+
+    monkeypatch.setattr(jax.image, "resize", refuse)
+    monkeypatch.setattr(jax.image, "scale_and_translate", refuse)
+    unet._resize_matrix.cache_clear()
+    try:
+        m = unet._resize_matrix(4, 8, "bilinear")
+    finally:
+        unet._resize_matrix.cache_clear()  # nothing made under the patch outlives the test
+    np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)  # rows interpolate: weights sum to 1
+    np.testing.assert_array_equal(m[:2], [[1, 0, 0, 0], [0.75, 0.25, 0, 0]])

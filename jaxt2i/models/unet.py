@@ -347,11 +347,54 @@ class UNet(nn.Module):
         return layers.constrain(tokens, layers.TOKEN_AXES), mask
 
 
+def _triangle(x: np.ndarray) -> np.ndarray:
+    return np.maximum(np.float32(0), np.float32(1) - x)
+
+
+def _keys_cubic(x: np.ndarray) -> np.ndarray:  # Keys (1981) cubic, a = -0.5
+    f = np.float32
+    near = ((f(1.5) * x - f(2.5)) * x) * x + f(1)
+    far = ((f(-0.5) * x + f(2.5)) * x - f(4)) * x + f(2)
+    return np.where(x >= 2, f(0), np.where(x >= 1, far, near))
+
+
+def _lanczos3(x: np.ndarray) -> np.ndarray:
+    f, r = np.float32, np.float32(3)
+    y = r * np.sin(f(np.pi) * x) * np.sin(f(np.pi) * x / r)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(x > f(1e-3), y / (f(np.pi**2) * x * x), f(1))
+    return np.where(x > r, f(0), out)
+
+
+_KERNELS = {"bilinear": _triangle, "bicubic": _keys_cubic, "lanczos3": _lanczos3}
+
+
 @functools.lru_cache(maxsize=None)
 def _resize_matrix(n: int, size: int, method: str) -> np.ndarray:
-    """[size, n] float32 matrix M with M @ v == jax.image.resize(v, (size,), method)."""
-    with jax.ensure_compile_time_eval():
-        return np.asarray(jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method))
+    """[size, n] float32 matrix M with M @ v == jax.image.resize(v, (size,), method).
+
+    Built with numpy (the same float32 arithmetic as jax.image's `compute_weight_mat`,
+    antialiased), so it is a constant even while a tracer patches jax.image.resize (jax2onnx
+    does, and then refuses to run it).
+    """
+    f = np.float32
+    out_pos = np.arange(size, dtype=f) + f(0.5)
+    if method == "nearest":
+        src = np.floor(out_pos * f(n) / f(size)).astype(np.int64)
+        m = np.zeros((size, n), f)
+        m[np.arange(size), src] = 1
+        return m
+    inv_scale = f(1.0 / (size / n))  # as jax.image: 1 / scale, rounded to float32
+    sample = out_pos * inv_scale - f(0.5)  # [size] input coordinate of each output centre
+    x = np.abs(sample[None, :] - np.arange(n, dtype=f)[:, None])  # [n, size]
+    # Downsampling widens the kernel (antialiasing); upsampling only interpolates.
+    w = _KERNELS[method](x / max(inv_scale, f(1)))
+    total = w.sum(0, keepdims=True, dtype=f)
+    w = np.where(np.abs(total) > f(1000 * np.finfo(np.float32).eps),
+                 w / np.where(total != 0, total, f(1)), f(0))
+    # Outputs whose centre falls outside the input get weight 0.
+    w = np.where(((sample >= -0.5) & (sample <= n - 0.5))[None, :], w, f(0))
+    return np.ascontiguousarray(w.T.astype(f))
 
 
 def example_inputs(config: UNetConfig, batch_size: int = 1, text_len: int = 8,
