@@ -67,7 +67,10 @@ def sample_stage(model, params, emb, mask, u_emb, u_mask, rng, lowres=None, *, s
       params: its parameters.
       emb: [B, L, D] float32 text embeddings; mask: [B, L] bool.
       u_emb: [1 or B, L, D] embeddings of the empty prompt; u_mask: [1 or B, L].
-      rng: PRNG key (the augmentation noise uses fold_in(rng, 1)).
+      rng: PRNG key; the start noise comes from split(rng)[0] (as in `diffusion.sample`).
+        SR stages draw the augmentation noise from fold_in(rng, 1) and the sampler's step
+        noise from fold_in(rng, 2): `diffusion.sample(rng)` takes its step noise from
+        split(rng)[1], which equals fold_in(rng, 1) under jax_threefry_partitionable.
       lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
       schedule: the stage's diffusion schedule (object or name).
       aug_schedule: schedule of the noise-conditioning augmentation (SR stages).
@@ -94,9 +97,13 @@ def sample_stage(model, params, emb, mask, u_emb, u_mask, rng, lowres=None, *, s
         return model.apply({"params": params}, x_t, model_t, cnd["text_emb"], cnd["text_mask"],
                            lowres=cnd.get("lowres"), aug_level=cnd.get("aug_level"))
 
-    size = c.image_size
+    shape = (emb.shape[0], c.image_size, c.image_size, c.channels)
+    x_init = None
+    if c.is_sr:  # same start noise as before, step noise from a key of its own
+        x_init = jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32)
+        rng = jax.random.fold_in(rng, 2)
     return diffusion.sample(
-        denoise, (emb.shape[0], size, size, c.channels), rng, schedule=schedule,
+        denoise, shape, rng, schedule=schedule, x_init=x_init,
         sampler=settings.sampler, num_steps=settings.steps, cond=cond,
         uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
         prediction=c.objective, thresholding=settings.thresholding)

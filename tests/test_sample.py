@@ -118,6 +118,96 @@ def test_compatibility_checks(cascade_dir, cascade):
         cascade.check_prompts(["red " * 39])
 
 
+class _StubSR:
+    """Stands in for an SR U-Net in `sample_stage`: a fixed, bounded x0 prediction."""
+
+    def __init__(self, image_size=16, lowres_size=8):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(is_sr=True, image_size=image_size, channels=3,
+                                      lowres_size=lowres_size, objective="x0")
+
+    def apply(self, variables, x_t, model_t, text_emb, text_mask, lowres=None, aug_level=None):
+        import jax
+
+        up = jax.image.resize(lowres, x_t.shape, "nearest")
+        return 0.5 * up + 0.3 * jax.numpy.tanh(x_t) + 0.1 * text_emb.mean((1, 2))[:, None, None, None]
+
+
+def _run_stub_stage(sampler, seed=0):
+    """(output, augmentation noise, [step noises]) of a stub SR stage's reverse process."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxt2i.cascade import StageSettings, sample_stage
+    from jaxt2i.diffusion import noising, samplers
+
+    aug, steps = [], []
+    real_q_sample, real_ddpm = noising.q_sample, samplers.DDPM.update
+
+    def q_sample(x0, t, noise, schedule):
+        aug.append(np.asarray(noise))
+        return real_q_sample(x0, t, noise, schedule)
+
+    def update(self, state, denoised, s, t, noise):
+        steps.append(np.asarray(noise))
+        return real_ddpm(self, state, denoised, s, t, noise)
+
+    rng = np.random.default_rng(1)
+    emb = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    mask = jnp.ones((2, 4), bool)
+    lowres = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    settings = StageSettings(sampler=sampler, steps=4, guidance=1.0, thresholding="none",
+                             aug_level=0.3)
+    with pytest.MonkeyPatch.context() as mp, jax.disable_jit():  # eager: noises are concrete
+        mp.setattr(noising, "q_sample", q_sample)
+        mp.setattr(samplers.DDPM, "update", update)
+        x = sample_stage(_StubSR(), {}, emb, mask, emb[:1], mask[:1], jax.random.key(seed),
+                         lowres, schedule="cosine", aug_schedule="cosine", settings=settings)
+    return np.asarray(x), aug, steps
+
+
+def test_sr_augmentation_and_sampler_noise_are_independent():
+    """Issue #23: an SR stage drew its augmentation noise from fold_in(rng, 1), which (with
+    jax_threefry_partitionable) is the key of diffusion.sample's step noise, so step 1's noise
+    repeated the augmentation noise (correlation 1)."""
+    _, aug, steps = _run_stub_stage("ddpm")
+    assert len(aug) == 1 and len(steps) == 4
+    a = aug[0].ravel()  # 384 values: |corr| of independent draws is < 0.2 all but ~1e-4 of the time
+    for i, noise in enumerate(steps):
+        n = noise.ravel()
+        assert n.size > a.size
+        for part in (n[:a.size], n[-a.size:]):
+            corr = np.corrcoef(a, part)[0, 1]
+            assert abs(corr) < 0.2, f"step {i}: correlation {corr:.3f} with the augmentation noise"
+        assert not np.isin(a, n).any(), f"step {i} reuses augmentation noise values"
+
+
+def test_sr_deterministic_sampler_output_is_unchanged_by_the_key_fix():
+    """The fix only moves the step noise: a deterministic sampler's SR output is what
+    diffusion.sample(rng) gives with the augmentation noise of fold_in(rng, 1) (so the bundled
+    demo's images for a seed stay the same)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxt2i import diffusion
+
+    got, aug, _ = _run_stub_stage("ddim", seed=4)
+    key = jax.random.key(4)
+    rng = np.random.default_rng(1)
+    emb = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.float32)
+    mask = jnp.ones((2, 4), bool)
+    lowres = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
+    low, level = diffusion.noise_augment(jax.random.fold_in(key, 1), lowres, level=0.3)
+    np.testing.assert_array_equal(low, diffusion.q_sample(lowres, level, aug[0], "cosine"))
+    stub = _StubSR()
+    want = diffusion.sample(
+        lambda x, t, c: stub.apply({}, x, t, emb, mask, lowres=low), (2, 16, 16, 3), key,
+        schedule="cosine", sampler="ddim", num_steps=4, prediction="x0")
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 def test_per_stage_values():
     assert per_stage("steps", "25,10", 2) == [25, 10]
     assert per_stage("guidance", "4", 3) == [4.0, 4.0, 4.0]
