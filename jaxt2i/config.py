@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import sys
 from typing import Any, Callable, Iterable, Mapping
 
@@ -106,7 +107,8 @@ _MISSING = object()
 
 
 def validate(cfg: ml_collections.ConfigDict, choices: Mapping[str, Any] | None = None) -> None:
-    """Checks every enumerated field present in `cfg`; raises a one-line ConfigError."""
+    """Checks every enumerated field (and every numeric field's range, `RANGES`) present in
+    `cfg`; raises a one-line ConfigError."""
     for path, allowed in (choices or CHOICES).items():
         value = _get(cfg, path)
         if value is _MISSING:
@@ -118,6 +120,56 @@ def validate(cfg: ml_collections.ConfigDict, choices: Mapping[str, Any] | None =
             raise ConfigError(
                 f"config field {path}={value!r} is not allowed{hint}; allowed values: "
                 + ", ".join(map(str, allowed)))
+    if choices is None:
+        for path, spec in RANGES.items():
+            value = _get(cfg, path)
+            if value is not _MISSING:
+                _check_range(path, value, spec)
+
+
+# Numeric config fields and their sensible ranges: (low, high, low inclusive, high inclusive,
+# what the field means). NaN, infinities and absurd values (a learning rate of 1e30 trains to
+# finite garbage) are refused before any work starts.
+_INF = float("inf")
+RANGES: dict[str, tuple] = {
+    "train.lr": (0.0, 1.0, False, True, "the peak learning rate (e.g. 1e-4)"),
+    "train.b1": (0.0, 1.0, True, False, "Adam's beta1"),
+    "train.b2": (0.0, 1.0, True, False, "Adam's beta2"),
+    "train.eps": (0.0, 1.0, False, True, "Adam's epsilon"),
+    "train.weight_decay": (0.0, 10.0, True, True, "the decoupled weight decay"),
+    "train.end_lr_factor": (0.0, 1.0, True, True, "the final learning rate / peak"),
+    "train.grad_clip": (0.0, _INF, True, False, "the global-norm clip (0 = off)"),
+    "train.ema_decay": (0.0, 1.0, True, True, "the EMA decay"),
+    "train.warmup_steps": (0, _INF, True, False, "warmup steps"),
+    "train.num_steps": (0, _INF, True, False, "the number of updates"),
+    "train.batch_size": (1, _INF, True, False, "the global batch size"),
+    "train.grad_accum": (1, _INF, True, False, "micro-batches per update"),
+    "train.max_skipped": (1, _INF, True, False, "non-finite updates in a row before stopping"),
+    "train.log_every": (1, _INF, True, False, "steps between log lines"),
+    "train.save_every": (0, _INF, True, False, "steps between checkpoints (0 = at the end)"),
+    "train.sample_every": (0, _INF, True, False, "steps between sample grids (0 = at the end)"),
+    # Retention keeps this many newest checkpoints; 0 would delete every one of them.
+    "train.keep_checkpoints": (1, _INF, True, False, "how many checkpoints to keep"),
+    "diffusion.cond_drop_prob": (0.0, 1.0, True, True, "the text-dropout probability"),
+    "diffusion.aug_max_level": (0.0, 1.0, True, True, "the largest augmentation level"),
+    "diffusion.min_snr_gamma": (0.0, _INF, False, False, "the min-SNR gamma"),
+    "sample.steps": (1, _INF, True, False, "sampler steps"),
+    "sample.guidance": (0.0, 100.0, True, True, "the guidance scale (1 = none)"),
+    "sample.aug_level": (0.0, 1.0, True, True, "the augmentation level at sampling"),
+}
+
+
+def _check_range(path: str, value: Any, spec: tuple) -> None:
+    lo, hi, lo_in, hi_in, what = spec
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config field {path}={value!r} must be a number ({what})")
+    ok = (math.isfinite(value) and (value >= lo if lo_in else value > lo)
+          and (value <= hi if hi_in else value < hi))
+    if not ok:
+        left, right = "[" if lo_in else "(", "]" if hi_in else ")"
+        hi_s = "inf" if hi == _INF else f"{hi:g}"
+        raise ConfigError(f"config field {path}={value!r} is out of range: {what} must be in "
+                          f"{left}{lo:g}, {hi_s}{right}")
 
 
 def _importable(path: str) -> None:
@@ -257,18 +309,28 @@ def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[st
 
 
 def run_app(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run` with one-line errors for flag/config mistakes and for `ConfigError`."""
+    """`absl.app.run` with one-line errors for flag/config mistakes and for `ConfigError`
+    (exit 2), and for a full disk or unwritable output (exit 1)."""
 
     def wrapped(argv):
         from absl import logging as absl_logging
 
         if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv):
             absl_logging.set_verbosity(absl_logging.WARNING)  # keep library chatter off screen
+        from jaxt2i.workdir import disk_error
+
         try:
             return main(argv)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except OSError as e:  # a full disk or an unwritable path while writing results
+            why = disk_error(e)
+            if why is None:
+                raise
+            print(f"error: cannot write: {why}; free space or choose another output directory "
+                  "(files written before this point are complete)", file=sys.stderr)
+            sys.exit(1)
 
     app.run(wrapped, flags_parser=parse_flags_or_exit)
 
@@ -284,7 +346,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "CHOICES", "ConfigError", "define_config_flag", "explain_override", "from_json",
+    "CHOICES", "RANGES", "ConfigError", "define_config_flag", "explain_override", "from_json",
     "load_config_file", "parse_flags_or_exit", "parse_variant", "register_choices", "run_app",
     "to_json", "validate",
 ]

@@ -46,6 +46,24 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert np.isfinite(np.asarray(state.params["w"])).all()
 
 
+@pytest.mark.parametrize("case", ["nan_lr", "overflow"])
+def test_update_with_nonfinite_result_is_skipped(case):
+    """Finite loss and gradients, non-finite result: a NaN learning rate gives NaN params; an
+    update that overflows float32 gives infinite params. Neither may reach the state."""
+    import optax
+
+    big = np.float32(3e38)
+    params = {"w": jnp.array([1.0, 2.0, big if case == "overflow" else 3.0], jnp.float32)}
+    tx = optax.sgd(float("nan") if case == "nan_lr" else 1e38)
+    state = create_train_state(params, tx)
+    grads = {"w": jnp.array([0.5, 0.5, -1.0], jnp.float32)}  # 3e38 + 1e38 = inf
+    assert np.isfinite(np.asarray(grads["w"])).all()
+    new, _ = apply_gradients(state, grads, jnp.float32(1.0), tx, 0.9)
+    assert int(new.skipped) == 1 and int(new.total_skipped) == 1 and int(new.step) == 0
+    np.testing.assert_array_equal(np.asarray(new.params["w"]), np.asarray(params["w"]))
+    np.testing.assert_array_equal(np.asarray(new.ema_params["w"]), np.asarray(params["w"]))
+
+
 def test_ema_tracks_params_with_warmup():
     params = {"w": jnp.zeros(())}
     tx = make_optimizer(_cfg(warmup_steps=0, schedule="constant", grad_clip=0.0))

@@ -1,0 +1,186 @@
+"""Directories that commands write into: one run per workdir, writable up front, full disks
+said in one line.
+
+* `WorkdirLock`: an exclusive `flock` on `WORKDIR/.lock`. The kernel drops the lock when its
+  process dies (SIGKILL included), so a killed run never leaves it stuck; the file keeps the
+  holder's pid, host and start time, which a second process names when it is refused and a
+  later run names when it takes over a lock left by a dead one.
+* `check_writable(path, flag)`: creates the directory and writes a probe file before any
+  work starts, so a read-only or unwritable path is one line at once, not a traceback after
+  an hour of sampling.
+* `disk_error(exc)`: the one-line form of an OSError from a full disk, a file-size limit, a
+  read-only filesystem or a denied permission (None for other errors).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import contextlib
+import json
+import logging
+import os
+import socket
+import uuid
+
+from jaxt2i.config import ConfigError
+
+LOCK_FILE = ".lock"
+# errno values that mean "this place cannot take (more) bytes", and what to tell the user.
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem or the process's file-size limit",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+class WorkdirBusy(ConfigError):
+    """Another live process holds the workdir's lock."""
+
+
+def disk_error(exc: BaseException) -> str | None:
+    """'<what> (<path>)' for an OSError caused by the disk or permissions, else None.
+
+    Looks through `__cause__` / `__context__` chains (Orbax and TensorStore wrap the OSError)
+    and through the text of errors that carry only a message.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{_DISK_ERRORS[exc.errno]}{where}"
+        text = str(exc)
+        for code, what in _DISK_ERRORS.items():
+            if os.strerror(code) in text and code not in (errno.EPERM,):
+                return what
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(path: str, flag: str) -> str:
+    """Creates directory `path` if needed and proves a file can be written there.
+
+    Args:
+      path: the directory a command will write into.
+      flag: how the user named it (e.g. '--workdir'), for the error line.
+
+    Returns:
+      The absolute path. Raises ConfigError (one line) when it cannot be written.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a file, not a directory; choose a directory")
+    probe = os.path.join(path, f".write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)  # a few blocks: a completely full disk fails here
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        why = disk_error(e) or e.strerror or str(e)
+        raise ConfigError(f"{flag}={path} cannot be written: {why}; choose a writable "
+                          "directory or free space") from None
+    finally:
+        try:
+            os.remove(probe)
+        except OSError:
+            pass
+    return path
+
+
+class WorkdirLock:
+    """Exclusive lock of a run directory for the lifetime of one process.
+
+    Usage: `with WorkdirLock(workdir): ...`. Raises `WorkdirBusy` (one line naming the
+    holder) when another live process holds it. A lock file left by a process that died is
+    taken over with a warning (`took_over` holds the dead holder's record).
+    """
+
+    def __init__(self, workdir: str, *, log=None, flag: str = "--workdir"):
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+        self._flag = flag
+        self.took_over: dict | None = None
+        self._log = log
+        self._fd: int | None = None
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "WorkdirLock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = self._read()
+            who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                   f"(since {holder.get('started', '?')})") if holder else "another process"
+            raise WorkdirBusy(
+                f"{os.path.dirname(self.path)} is in use by {who}; wait for it to end (or "
+                f"stop it), or pass another {self._flag}") from None
+        previous = self._read()
+        if previous.get("pid"):  # a clean end empties the file: its holder died holding it
+            self.took_over = previous
+            if self._log is not None:
+                self._log(f"took over the lock of {os.path.dirname(self.path)} left by "
+                          f"process {previous.get('pid')} on {previous.get('host')} (started "
+                          f"{previous.get('started')}), which no longer holds it (it was "
+                          "killed or crashed)")
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # an empty lock file: the run ended cleanly
+        except OSError:
+            pass
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> "WorkdirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _DropDiskErrors(logging.Filter):
+    """Drops log records (with their tracebacks) about a disk error: the caller reports it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        text = record.getMessage()
+        return not ((exc is not None and disk_error(exc)) or disk_error(Exception(text)))
+
+
+@contextlib.contextmanager
+def quiet_disk_errors():
+    """Within: libraries' own log records about a full or read-only disk are dropped (Orbax's
+    background save threads log one traceback each), because the command says it in one line."""
+    f = _DropDiskErrors()
+    loggers = [logging.getLogger(), logging.getLogger("absl")]
+    for lg in loggers:
+        lg.addFilter(f)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(f)
