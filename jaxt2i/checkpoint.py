@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxt2i.config import ConfigError
 
 log = logging.getLogger("jaxt2i")
 
@@ -29,16 +32,82 @@ EXPORT_PARAMS = "params.safetensors"
 EXPORT_CONFIG = "config.json"
 
 
+CORRUPT_DIR = "corrupt_checkpoints"
+# Config fields that define what a checkpoint's state is: resuming with any of them changed
+# would restore into another model (or fail and restart). Others (steps, lr, logging) may
+# change between runs.
+IDENTITY_FIELDS = ("stage", "model", "train.optimizer", "diffusion.schedule")
+# ... except these, which change how the same state is computed, not what it is.
+FREE_FIELDS = ("model.dtype", "model.remat")
+
+
+class CheckpointError(ConfigError):
+    """A run directory's checkpoints exist but cannot be used (one line, what to do)."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint was saved by a run with another model config."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def config_mismatch(saved: dict, current: dict) -> str | None:
+    """The first `IDENTITY_FIELDS` leaf that differs, as 'model.x: checkpoint A, config B'."""
+
+    def leaves(tree, prefix):
+        if isinstance(tree, dict):
+            for k in sorted(tree):
+                yield from leaves(tree[k], f"{prefix}.{k}" if prefix else k)
+        else:
+            yield prefix, tree
+
+    def get(tree, path):
+        for part in path.split("."):
+            if not isinstance(tree, dict) or part not in tree:
+                return _ABSENT
+            tree = tree[part]
+        return tree
+
+    for field in IDENTITY_FIELDS:
+        a, b = get(saved, field), get(current, field)
+        if a is _ABSENT:  # an older run's config lacks the field: nothing to compare
+            continue
+        pairs = dict(leaves(a, field))
+        for path, value in leaves(b, field):
+            old = pairs.get(path, _ABSENT)
+            if old is not _ABSENT and path not in FREE_FIELDS and _norm(old) != _norm(value):
+                return f"{path}: checkpoint {old!r}, config {value!r}"
+    return None
+
+
+_ABSENT = object()
+
+
+def _norm(v):
+    """JSON round-trips turn tuples into lists: compare them alike."""
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 class Checkpointer:
-    """Saves / restores (state, data-iterator state, config) under `workdir/checkpoints`."""
+    """Saves / restores (state, data-iterator state, config) under `workdir/checkpoints`.
+
+    Made by the process that holds the workdir's lock (`jaxt2i.workdir.WorkdirLock`).
+    """
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        if max_to_keep < 1:
+            raise ConfigError(f"max_to_keep={max_to_keep} would delete every checkpoint; keep "
+                              "at least 1")
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                create=True),
+                # Temporary dirs of a killed save: safe to remove, the run holds the workdir lock.
+                create=True, cleanup_tmp_directories=True),
             item_names=("state", "data", "config"),
         )
 
@@ -65,19 +134,38 @@ class Checkpointer:
         """Blocks until pending async saves are durable."""
         self.manager.wait_until_finished()
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict, dict] | None:
+    def restore(self, abstract_state: Any, config: dict | None = None,
+                step: int | None = None) -> tuple[int, Any, dict, dict] | None:
         """Restores the newest readable checkpoint (or `step`).
+
+        A checkpoint saved with a different model (see `IDENTITY_FIELDS`) stops the run with
+        `CheckpointMismatch`, never a fresh start that retention would then delete the run
+        for. A newest checkpoint that cannot be read while an older one can (a corrupt or
+        half-copied step) is moved aside to `WORKDIR/corrupt_checkpoints/` (kept for
+        inspection) with a warning, so the retrained step can be saved again. When no
+        checkpoint can be read, nothing is moved and `CheckpointError` says why.
 
         Args:
           abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set: where each
             restored leaf goes (any mesh; it need not be the one that saved).
+          config: this run's config as a dict (checked against each checkpoint's own).
           step: a specific step; None means the latest readable one.
 
         Returns:
-          (step, state, data_state, config) or None when there is no checkpoint.
+          (step, state, data_state, config) or None when there is no checkpoint at all.
         """
         steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        for i, s in enumerate(steps):
+        failed: list[tuple[int, str]] = []
+        for s in steps:
+            if config is not None:
+                saved = self._saved_config(s)
+                diff = config_mismatch(saved, config) if saved is not None else None
+                if diff:
+                    raise CheckpointMismatch(
+                        f"the checkpoint at step {s} in {self.directory} was trained with "
+                        f"another model ({diff}); to resume, use that run's settings (its "
+                        f"config.json); to start afresh, pass another --workdir; to fine-tune "
+                        f"from it, pass --config.train.init_from=<its workdir> with a new one")
             try:
                 out = self.manager.restore(
                     s, args=ocp.args.Composite(
@@ -88,14 +176,47 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 if step is not None:
                     raise
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                nxt = steps[i + 1] if i + 1 < len(steps) else None
-                log.warning("checkpoint at step %d in %s cannot be restored (%s); %s", s,
-                            self.directory, reason,
-                            f"falling back to step {nxt}" if nxt is not None else "no older one left")
+                reason = _first_line(e)
+                failed.append((s, reason))
+                log.warning("checkpoint at step %d in %s cannot be restored (%s)", s,
+                            self.directory, reason)
                 continue
+            if failed:
+                self._move_aside([f for f, _ in failed])
             return s, out.state, dict(out.data or {}), dict(out.config or {})
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} can be restored ("
+                + "; ".join(f"step {s}: {r}" for s, r in failed)
+                + "); nothing was changed: move the checkpoints/ directory away to start "
+                "afresh, or restore it from a copy")
         return None
+
+    def _saved_config(self, step: int) -> dict | None:
+        """The config saved with checkpoint `step` (None when it cannot be read)."""
+        path = os.path.join(self.directory, str(step), "config", "metadata")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves unreadable step directories to WORKDIR/corrupt_checkpoints/ (process 0)."""
+        if jax.process_index() == 0:
+            aside = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
+            os.makedirs(aside, exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for s in steps:
+                dst = os.path.join(aside, f"{s}-{stamp}")
+                os.replace(os.path.join(self.directory, str(s)), dst)
+                log.warning("moved the unreadable checkpoint of step %d to %s (kept for "
+                            "inspection); its step will be trained and saved again", s, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxt2i_move_aside")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -213,15 +334,35 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
                     state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
                 ema, config = out.state["ema_params"], dict(out.config)
             except Exception as e:  # noqa: BLE001 - a half-written or corrupt step
-                if step is not None or i + 1 == len(steps):
-                    raise
+                if i + 1 == len(steps):
+                    raise CheckpointError(f"the checkpoint at step {s} in {directory} cannot be "
+                                          f"read ({_first_line(e)})") from None
                 log.warning("checkpoint at step %d cannot be read (%s); trying step %d", s,
-                            str(e).strip().splitlines()[0][:200] if str(e).strip() else
-                            type(e).__name__, steps[i + 1])
+                            _first_line(e), steps[i + 1])
                 continue
             out_dir = out_dir or os.path.join(workdir, "export")
+            _check_not_older(out_dir, int(s), explicit=step is not None)
             return export_params(ema, config, out_dir, step=int(s)), int(s)
     raise AssertionError("unreachable")
+
+
+def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:
+    """An export never goes back in steps unasked: refuse (or, for an explicit --step, warn)."""
+    try:
+        with open(os.path.join(out_dir, EXPORT_CONFIG)) as f:
+            have = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(have, int) or have <= step:
+        return
+    if explicit:
+        log.warning("replacing the export of step %d in %s with the older step %d (asked for "
+                    "by --step)", have, out_dir, step)
+        return
+    raise CheckpointError(
+        f"{out_dir} holds the export of step {have}, newer than the newest readable checkpoint "
+        f"(step {step}); pass --step={step} to replace it anyway, or --out=DIR to write "
+        "elsewhere")
 
 
 def main(argv) -> None:
@@ -234,6 +375,10 @@ def main(argv) -> None:
     F = flags.FLAGS
     if not F.workdir:
         raise ConfigError("--workdir is required: the training run directory to export from")
+    if F.out:
+        from jaxt2i.workdir import check_writable
+
+        check_writable(F.out, "--out")
     try:
         out, step = export_checkpoint(F.workdir, F.step, F.out)
     except FileNotFoundError as e:

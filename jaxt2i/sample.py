@@ -20,6 +20,7 @@ import numpy as np
 from absl import flags
 
 from jaxt2i.config import ConfigError
+from jaxt2i.workdir import check_writable
 
 _STAGE_FLAGS = {"sampler": str, "steps": int, "guidance": float, "thresholding": str,
                 "aug_level": float}
@@ -187,6 +188,7 @@ def main(argv) -> None:
     prompts = read_prompts(F.prompt, F.prompts_file)
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     overrides = stage_flag_values()
+    check_writable(F.out, "--out")  # before the sampling work, not after it
     record = run(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                  stages=F.stages, dtype=F.dtype, overrides=overrides,
                  progress=sys.stderr.isatty() or F.progress)

@@ -38,6 +38,7 @@ from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
+from jaxt2i.workdir import WorkdirLock, check_writable, disk_error, quiet_disk_errors
 
 log = logging.getLogger("jaxt2i")
 # Steps dispatched ahead of the oldest loss the loop reads: the host prepares the next batch
@@ -420,18 +421,54 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     Returns:
       Summary dict: final step, last loss, losses per step, stop reason.
     """
+    validate(cfg)  # bad values are refused before the workdir is touched
+    lock = None
+    if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
+        check_writable(workdir, "--workdir")
+        lock = WorkdirLock(workdir, log=log.warning).acquire()
+    try:
+        with quiet_disk_errors():
+            return _train_locked(cfg, workdir, encoder, devices, progress)
+    except Exception as e:
+        why = disk_error(e)
+        if why is None:
+            raise
+        steps = _saved_steps(workdir)
+        raise TrainingStopped(
+            f"cannot write to {os.path.abspath(workdir)}: {why}; "
+            + (f"the newest saved checkpoint (step {steps[-1]}) is intact" if steps else
+               "no checkpoint was saved yet")
+            + "; free space (or fix the permissions) and rerun the same command to resume"
+        ) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _saved_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints on disk (Orbax renames a step into place when done)."""
+    root = os.path.join(workdir, "checkpoints")
+    try:
+        return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+    except OSError:
+        return []
+
+
+def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     from jaxt2i.data.pipeline import to_global_array
 
     trainer = Trainer(cfg, encoder, devices)
     tc = cfg.train
-    os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     config_dict = json.loads(to_json(cfg))
+    # Checked before anything is written: a checkpoint of another model stops the run here.
+    restored = ckpt.restore(trainer.abstract_state, config_dict)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        tmp = os.path.join(workdir, "config.json.tmp")
+        with open(tmp, "w") as f:
             f.write(to_json(cfg))
+        os.replace(tmp, os.path.join(workdir, "config.json"))
     data = _pipeline(trainer, cfg)
-    restored = ckpt.restore(trainer.abstract_state)
     start = 0
     if restored is not None:
         start, state, data_state, _ = restored

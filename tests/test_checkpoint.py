@@ -43,7 +43,7 @@ def test_save_on_fsdp_mesh_restore_on_one_device(tmp_path):
     ck.close()
 
 
-def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
+def test_corrupt_latest_is_moved_aside_with_warning(tmp_path, caplog):
     state = _state()
     ck = Checkpointer(str(tmp_path), max_to_keep=3)
     ck.save(1, state, {"position": 1}, {})
@@ -60,7 +60,12 @@ def test_corrupt_latest_falls_back_with_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="jaxt2i"):
         step, restored, data, _ = Checkpointer(str(tmp_path)).restore(_abstract(state, lambda x: one))
     assert step == 1 and data == {"position": 1}
-    assert any("step 2" in r.message and "falling back to step 1" in r.message for r in caplog.records)
+    assert any("step 2" in r.message and "cannot be restored" in r.message for r in caplog.records)
+    # The unreadable step is kept for inspection, out of the way of the retrained one.
+    aside = os.listdir(os.path.join(tmp_path, "corrupt_checkpoints"))
+    assert len(aside) == 1 and aside[0].startswith("2-")
+    assert os.listdir(os.path.join(tmp_path, "corrupt_checkpoints", aside[0], "state"))
+    assert sorted(os.listdir(os.path.join(tmp_path, "checkpoints"))) == ["1"]
 
 
 def test_no_checkpoint_returns_none(tmp_path):

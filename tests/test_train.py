@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxt2i.config import ConfigError, load_config_file
+from jaxt2i import train as train_module
 from jaxt2i.train import Trainer, TrainingStopped, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,12 +125,23 @@ def test_grad_accumulation_matches_full_batch():
     np.testing.assert_allclose(float(m_acc["loss"]), np.mean(losses), rtol=1e-5)
 
 
-def test_nonfinite_loss_stops_run_and_keeps_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_run_and_keeps_checkpoint(tmp_path, monkeypatch):
     cfg = _cfg(num_steps=6, save_every=2, log_every=1, max_skipped=2)
     out = train(cfg, str(tmp_path / "ok"), devices=jax.devices()[:1], progress=False)
     assert out["step"] == 6
+    # A NaN learning rate is refused up front (config ranges); NaN data is caught per step.
     cfg = _cfg(num_steps=12, save_every=2, log_every=1, max_skipped=2, lr=float("nan"))
-    cfg.train.warmup_steps = 0
+    with pytest.raises(ConfigError, match=r"train.lr=nan is out of range"):
+        train(cfg, str(tmp_path / "nan"), devices=jax.devices()[:1], progress=False)
+    assert not (tmp_path / "nan").exists()
+    cfg = _cfg(num_steps=12, save_every=2, log_every=1, max_skipped=2)
+    real = train_module._host_batch
+
+    def poisoned(trainer, local):
+        out = real(trainer, local)
+        return {**out, "image": np.full_like(out["image"], np.nan)}
+
+    monkeypatch.setattr(train_module, "_host_batch", poisoned)
     with pytest.raises(TrainingStopped, match=r"2 non-finite updates in a row.*intact"):
         train(cfg, str(tmp_path / "nan"), devices=jax.devices()[:1], progress=False)
 
@@ -235,6 +247,10 @@ def test_cli_user_mistakes_are_one_line(tmp_path):
         (["--config.diffusion.schedule=cosin"], "did you mean 'cosine'"),
         (["--config.data.shapes_kinds=single=1,pair=2"], "data: scene kinds 'single=1,pair=2': "
                                                          "unknown kind 'pair'"),
+        (["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 is out of range"),
+        (["--config.train.lr=nan"], "train.lr=nan is out of range"),
+        (["--config.train.lr=1e30"], "train.lr=1e+30 is out of range"),
+        (["--config.train.ema_decay=1.5"], "train.ema_decay=1.5 is out of range"),
     ]:
         r = subprocess.run(_train_cmd(tmp_path / "w", *extra), cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=300)

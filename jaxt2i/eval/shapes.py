@@ -189,6 +189,10 @@ def main(argv) -> None:
     for s in splits:
         if s not in shapes.SPLITS:
             raise ConfigError(f"--splits: {s!r} is not one of {', '.join(shapes.SPLITS)}")
+    if F.out:
+        from jaxt2i.workdir import check_writable
+
+        check_writable(F.out, "--out")  # before the sampling work, not after it
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     cascade = load_cascade(list(checkpoints), dtype=F.dtype or None)
     settings = stage_settings(cascade, F.stages, stage_flag_values())
