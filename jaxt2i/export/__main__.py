@@ -8,8 +8,9 @@
 (repeatable, base first; default: the bundled demo cascade). The output has one folder per
 stage, the text encoder (a Hugging Face T5 directory with its tokenizer), a top-level
 cascade.json and manifest.json (source checkpoints, steps, config hashes, library versions,
-file hashes). A non-empty --out is refused unless --overwrite; a failed export leaves --out as
-it was.
+file hashes). A non-empty --out is refused unless --overwrite, which replaces only an earlier
+export (a directory with manifest.json); a failed export leaves --out as it was, and the
+partial directory of a killed one is removed by the next export to the same --out.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: s
     settings = stage_settings(cascade, stages, overrides)
     n = len(settings)
     cascade.stages, cascade.models = cascade.stages[:n], cascade.models[:n]
-    with staging_dir(out, overwrite) as root:
+    with staging_dir(out, overwrite, log=log) as root:
         if fmt == "torch":
             from jaxt2i.export.torch_export import export_torch
 
@@ -95,8 +96,8 @@ def _define_flags() -> None:
     flags.DEFINE_enum("format", None, list(FORMATS), "Target: torch (safetensors + a PyTorch "
                       "U-Net), onnx (denoisers + text encoder), stablehlo (whole samplers).")
     flags.DEFINE_string("out", None, "Output directory (must be empty or absent).")
-    flags.DEFINE_boolean("overwrite", False, "Replace a non-empty --out (only once the new "
-                         "export is complete).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an earlier export at --out (only a "
+                         "directory with manifest.json; only once the new export is complete).")
     flags.DEFINE_string("dtype", "float32", "torch only: weight dtype float32 | bfloat16 | "
                         "float16.")
     flags.DEFINE_integer("stages", None, "Export only the first N stages.")

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from importlib import metadata
 from typing import Any, Iterator, Sequence
 
@@ -60,24 +61,92 @@ def stage_dir_name(k: int, unet_cfg) -> str:
     return f"stage{k}_{kind}_{unet_cfg.image_size}px"
 
 
+def _is_export(path: str) -> bool:
+    """Whether `path` holds a previous export (its manifest names a known format)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return json.load(f).get("format") in FORMATS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(out: str, log=None) -> list[str]:
+    """Removes `OUT.partial-HOST-PID` / `OUT.old-HOST-PID` left by dead exports of this host.
+
+    A live process's partial (an export running now) and other hosts' are left alone.
+    Returns the removed paths.
+    """
+    parent, base = os.path.split(os.path.abspath(out))
+    host = socket.gethostname()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        for kind in (".partial-", ".old-"):
+            prefix = f"{base}{kind}"
+            if not name.startswith(prefix):
+                continue
+            tag = name[len(prefix):]
+            h, _, pid = tag.rpartition("-")
+            if h and h != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(os.path.join(parent, name))
+            if log is not None:
+                log(f"removed {os.path.join(parent, name)}, left by an export that was killed")
+    return removed
+
+
 @contextlib.contextmanager
-def staging_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+def staging_dir(out: str, overwrite: bool = False, log=None) -> Iterator[str]:
     """Yields an empty directory to write into; on success it becomes `out`.
 
-    Raises ConfigError if `out` is a non-empty directory (or a file) and `overwrite` is False.
-    On an exception the partial directory is removed and `out` is left as it was.
+    Raises ConfigError if `out` is a non-empty directory (or a file) and `overwrite` is False,
+    and, even with `overwrite`, if `out` is not a previous export (no manifest.json) or holds
+    the current directory: only an export is ever replaced. Partial directories of killed
+    exports are removed first. On an exception the partial directory is removed and `out` is
+    left as it was.
     """
     out = os.path.abspath(out)
     if os.path.isfile(out):
         raise ConfigError(f"--out {out!r} is a file; choose a directory")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise ConfigError(f"--out {out!r} is not empty; pass --overwrite to replace it or choose "
-                          "another directory")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise ConfigError(f"--out {out!r} is not empty; pass --overwrite to replace an "
+                              "earlier export there, or choose another directory")
+        cwd = os.path.realpath(os.getcwd())
+        real = os.path.realpath(out)
+        if cwd == real or cwd.startswith(real + os.sep):
+            raise ConfigError(f"--out {out!r} holds the current directory; --overwrite never "
+                              "replaces it: choose another directory")
+        if not _is_export(out):
+            raise ConfigError(f"--out {out!r} is not an earlier export (it has no {MANIFEST}); "
+                              "--overwrite replaces only an export: choose another directory")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    clean_stale_partials(out, log)
+    tag = f"{socket.gethostname()}-{os.getpid()}"
+    tmp = f"{out}.partial-{tag}"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as e:
+        from jaxt2i.workdir import disk_error
+
+        raise ConfigError(f"--out {out!r} cannot be written ({disk_error(e) or e.strerror}); "
+                          "choose a writable directory") from None
     try:
         yield tmp
     except BaseException:
@@ -85,7 +154,7 @@ def staging_dir(out: str, overwrite: bool = False) -> Iterator[str]:
         raise
     old = None
     if os.path.exists(out):
-        old = f"{out}.old-{os.getpid()}"
+        old = f"{out}.old-{tag}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old:
