@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -144,6 +145,55 @@ def test_sidecar_txt(tmp_path):
     for kind, n in _EXPECTED_COUNTS.items():
         assert report.counts[kind] == n, (kind, report.summary())
     assert len(b.as_data_source("train")) == len(_KEPT)
+
+
+def test_a_build_from_other_inputs_is_never_returned_as_the_old_one(tmp_path):
+    root, other = str(tmp_path / "photos"), str(tmp_path / "other" / "photos")
+    for r, n in ((root, 3), (other, 5)):
+        os.makedirs(r)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(os.path.join(r, f"{i}.png"))
+            with open(os.path.join(r, f"{i}.txt"), "w") as f:
+                f.write(f"a red square number {i}")
+    data = str(tmp_path / "tfds")
+    builders.build(builders.image_text_builder(data, root))
+    again = builders.image_text_builder(data, root)
+    builders.build(again)  # the same inputs: the existing build
+    assert len(again.as_data_source("train")) == 3
+    assert not os.path.exists(os.path.join(data, "downloads"))  # no empty leftovers
+    # Same name ('photos'), other folder / option / files: refused, naming the difference.
+    for b, expected in [
+        (builders.image_text_builder(data, other), f"root was '{root}'"),
+        (builders.image_text_builder(data, root, min_size=32), "min_size was 0"),
+    ]:
+        with pytest.raises(ValueError, match=expected):
+            builders.build(b)
+    Image.new("RGB", (40, 40)).save(os.path.join(root, "new.png"))
+    with open(os.path.join(root, "new.txt"), "w") as f:
+        f.write("a black square")
+    with pytest.raises(ValueError, match=r"input files changed.*6 files then, 8 now"):
+        builders.build(builders.image_text_builder(data, root))
+    # A killed build's incomplete directory is removed; --rebuild replaces the old build.
+    config_dir = os.path.join(data, "image_text", "photos")
+    os.makedirs(os.path.join(config_dir, "incomplete.ABCDEF_1.0.0"))
+    b = builders.image_text_builder(data, root)
+    builders.build(b, rebuild=True)
+    assert len(builders.image_text_builder(data, root).as_data_source("train")) == 4
+    assert not [d for d in os.listdir(config_dir) if d.startswith("incomplete.")]
+    # Another build of the same dataset running now: refused, not interleaved.
+    from jaxt2i.workdir import WorkdirLock
+
+    with WorkdirLock(config_dir):
+        with pytest.raises(ValueError, match="is in use by process"):
+            builders.build(builders.image_text_builder(data, root))
+    # Shapes: another split size under the same name is another dataset.
+    builders.build(builders.shapes_builder(data, 16, 8))
+    with pytest.raises(ValueError, match="test_size was 0 when it was built, now 4"):
+        builders.build(builders.shapes_builder(data, 16, 8, test_size=4))
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders", f"--data_dir={data}",
+                        "--shapes=16:8:4"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "pass --rebuild" in r.stderr
 
 
 def test_coco_captions(tmp_path):

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 import sys
 import zlib
 from concurrent import futures
@@ -33,6 +35,7 @@ from PIL import Image
 from jaxt2i.data import inputs, shapes
 
 REPORT_FILE = "build_report.json"
+INPUTS_FILE = "build_inputs.json"
 
 
 # --- the shapes world --------------------------------------------------------------------
@@ -229,38 +232,156 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
     return ImageText(config=cfg, data_dir=data_dir, file_format="array_record")
 
 
-def build(builder: tfds.core.DatasetBuilder) -> inputs.Report:
-    """Generates a dataset (if not already built) and returns its input report.
+def build_inputs(builder: tfds.core.DatasetBuilder) -> dict:
+    """What a build was made from: the builder's options and, for a user's folder, a digest of
+    every file under it (path, size, modification time) and of the manifest.
+
+    Stored beside the data (`build_inputs.json`); a later build of the same name whose
+    inputs differ is refused instead of returning the old data as new.
+    """
+    cfg = builder.builder_config
+    options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+               if f.name not in ("name", "version", "release_notes", "supported_versions",
+                                 "description", "tags", "num_threads")}
+    record: dict = {"builder": builder.name, "options": {}}
+    for k, v in sorted(options.items()):
+        if k in ("root", "manifest") and v:
+            v = os.path.abspath(v)
+        record["options"][k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    if isinstance(builder, ImageText):
+        h, n = hashlib.sha256(), 0
+        paths = [cfg.manifest] if cfg.manifest else []
+        for dirpath, dirnames, names in os.walk(cfg.root):
+            dirnames.sort()
+            paths.extend(os.path.join(dirpath, x) for x in sorted(names))
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            n += 1
+            h.update(f"{os.path.relpath(path, cfg.root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                     .encode("utf-8", "surrogateescape"))
+        record["files"] = {"count": n, "sha256": h.hexdigest()}
+    return record
+
+
+def _inputs_difference(old: dict, new: dict) -> str | None:
+    """How two `build_inputs` records differ, in words (None if they do not)."""
+    for k in sorted(set(old.get("options", {})) | set(new.get("options", {}))):
+        a, b = old.get("options", {}).get(k), new.get("options", {}).get(k)
+        if a != b:
+            return f"{k} was {a!r} when it was built, now {b!r}"
+    if old.get("files") != new.get("files"):
+        a, b = old.get("files") or {}, new.get("files") or {}
+        return (f"the input files changed since it was built ({a.get('count', '?')} files then, "
+                f"{b.get('count', '?')} now, or some were modified)")
+    return None
+
+
+def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False) -> inputs.Report:
+    """Generates a dataset (if not already built from the same inputs) and returns its report.
 
     Args:
       builder: from `shapes_builder` or `image_text_builder`.
+      rebuild: replace an existing build of the same name whose inputs differ (by default
+        that is refused with a ValueError naming the difference).
 
     Returns:
       The `Report` (empty for shapes); also logged and written to
-      `<builder.data_dir>/build_report.json`. A dataset already built returns the report
-      saved with it.
+      `<builder.data_dir>/build_report.json`. A dataset already built from the same inputs
+      returns the report saved with it.
+
+    Builds of one dataset are serialised by a lock; a build that was killed leaves TFDS's
+    `incomplete.*` directory, which the next build removes (builds are not resumable: it
+    starts from the beginning, and says so).
     """
-    path = os.path.join(builder.data_dir, REPORT_FILE)
-    if builder.is_prepared():
-        report = inputs.Report()
-        if os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            report.counts.update(saved["counts"])
-            report.examples.update(saved["examples"])
-        return report
+    from jaxt2i.workdir import WorkdirLock
+
+    version_dir = builder.data_dir
+    config_dir = os.path.dirname(version_dir)
+    wanted = build_inputs(builder)
+    with WorkdirLock(config_dir, flag="--data_dir (a build of this dataset is running)"):
+        if builder.is_prepared():
+            saved_inputs = _read_json(os.path.join(version_dir, INPUTS_FILE))
+            diff = _inputs_difference(saved_inputs, wanted) if saved_inputs else None
+            if saved_inputs is None:
+                logging.warning("%s was built by an older jaxt2i without a record of its "
+                                "inputs; it is used as it is (pass --rebuild to build it again)",
+                                version_dir)
+            elif diff and not rebuild:
+                raise ValueError(
+                    f"{version_dir} was built from other inputs: {diff}; pass --rebuild to "
+                    "replace it, or --name=NEW (--data_dir=OTHER for shapes) to build beside it")
+            if diff is None or not rebuild:
+                return _saved_report(version_dir)
+            logging.warning("rebuilding %s: %s", version_dir, diff)
+            shutil.rmtree(version_dir)
+            builder = _fresh(builder)
+        stale = [d for d in _listdir(config_dir) if d.startswith("incomplete.")]
+        for d in stale:
+            shutil.rmtree(os.path.join(config_dir, d), ignore_errors=True)
+        if stale:
+            logging.warning("removed %d incomplete build(s) of %s left by a killed build; "
+                            "this build starts from the beginning", len(stale), config_dir)
+        downloads = os.path.join(str(builder.data_dir_root), "downloads")
+        had_downloads = os.path.exists(downloads)
+        try:
+            builder.download_and_prepare()
+        except AssertionError as e:  # TFDS refuses to write an empty split
+            if "No examples" not in str(e):
+                raise
+            summary = getattr(builder, "report", inputs.Report()).summary()
+            raise ValueError(f"no usable examples for {builder.name}/"
+                             f"{builder.builder_config.name}; input report: "
+                             f"{summary or 'no inputs found'}") from None
+        finally:
+            if not had_downloads:  # TFDS makes an empty downloads/extracted/ even offline
+                _remove_empty_tree(downloads)
+        report = getattr(builder, "report", inputs.Report())
+        with open(os.path.join(version_dir, REPORT_FILE), "w") as f:
+            json.dump(report.to_json(), f, indent=1, ensure_ascii=False)
+        with open(os.path.join(version_dir, INPUTS_FILE), "w") as f:
+            json.dump(wanted, f, indent=1, ensure_ascii=False)
+    logging.info("built %s at %s:\n%s", builder.name, version_dir, report.summary())
+    return report
+
+
+def _fresh(builder):
+    """The same builder, made again (TFDS caches what it found on disk when it was made)."""
+    return type(builder)(config=builder.builder_config, data_dir=str(builder.data_dir_root),
+                         file_format="array_record")
+
+
+def _read_json(path: str):
     try:
-        builder.download_and_prepare()
-    except AssertionError as e:  # TFDS refuses to write an empty split
-        if "No examples" not in str(e):
-            raise
-        summary = getattr(builder, "report", inputs.Report()).summary()
-        raise ValueError(f"no usable examples for {builder.name}/{builder.builder_config.name}"
-                         f"; input report: {summary or 'no inputs found'}") from None
-    report = getattr(builder, "report", inputs.Report())
-    with open(os.path.join(builder.data_dir, REPORT_FILE), "w") as f:
-        json.dump(report.to_json(), f, indent=1, ensure_ascii=False)
-    logging.info("built %s at %s:\n%s", builder.name, builder.data_dir, report.summary())
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _remove_empty_tree(path: str) -> None:
+    for dirpath, _, _ in os.walk(path, topdown=False):  # children first
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def _saved_report(version_dir: str) -> inputs.Report:
+    report = inputs.Report()
+    saved = _read_json(os.path.join(version_dir, REPORT_FILE))
+    if saved:
+        report.counts.update(saved["counts"])
+        report.examples.update(saved["examples"])
     return report
 
 
@@ -303,6 +424,9 @@ def main(argv=None) -> int:
     p.add_argument("--small_warn", type=int, default=0, help="count images below this size")
     p.add_argument("--max_size", type=int, default=None, help="downscale larger images")
     p.add_argument("--val_fraction", type=float, default=0.0)
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace an earlier build of the same name whose inputs or options "
+                   "differ (refused by default)")
     args = p.parse_args(argv)
     try:
         if args.shapes:
@@ -318,7 +442,7 @@ def main(argv=None) -> int:
                 args.data_dir, args.root, args.manifest, name=args.name, format=args.format,
                 min_size=args.min_size, small_warn=args.small_warn, max_size=args.max_size,
                 val_fraction=args.val_fraction)
-        report = build(builder)
+        report = build(builder, rebuild=args.rebuild)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
