@@ -109,6 +109,11 @@ class Trainer:
         self.model = UNet(self.unet_cfg)
         self.tx = make_optimizer(cfg.train)
         self.schedule = diffusion.get_schedule(cfg.diffusion.schedule)
+        if self.schedule.is_discrete and self.unet_cfg.noise_scale != 1:
+            raise ConfigError(
+                f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
+                f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
+                "continuous t in [0, 1]: set --config.model.noise_scale=1")
         self.encoder = encoder if encoder is not None else load_text_encoder(cfg.text)
         if self.encoder.config.d_model != self.unet_cfg.text_dim:
             raise ConfigError(

@@ -365,3 +365,27 @@ def test_resize_matrix_does_not_call_jax_image(monkeypatch):
         unet._resize_matrix.cache_clear()  # nothing made under the patch outlives the test
     np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)  # rows interpolate: weights sum to 1
     np.testing.assert_array_equal(m[:2], [[1, 0, 0, 0], [0.75, 0.25, 0, 0]])
+
+
+def test_aug_level_embedding_keeps_its_scale_when_noise_scale_follows_a_discrete_schedule():
+    """model.noise_scale=1 (integer timesteps of a discrete schedule) must not shrink the
+    embedding of the augmentation level, which stays continuous in [0, 1]: its sinusoids are
+    those of scale 1000, so neighbouring levels stay apart (cos-sim 0.16-like, not ~1)."""
+    from jaxt2i.models.layers import sinusoidal_embedding
+
+    cont = get_unet_config("tiny_sr")
+    disc = get_unet_config("tiny_sr", noise_scale=1.0)
+    inputs = example_inputs(cont, batch_size=2, text_len=4)
+    inputs["aug_level"] = jnp.array([0.3, 0.7])
+    params = UNet(cont).init(jax.random.key(0), **inputs)["params"]
+
+    def aug_out(config):
+        _, state = UNet(config).apply(
+            {"params": params}, **inputs, capture_intermediates=lambda m, _: m.name == "aug_embed")
+        return np.asarray(state["intermediates"]["aug_embed"]["__call__"][0])
+
+    np.testing.assert_array_equal(aug_out(disc), aug_out(cont))
+    # Independent check of what scale 1000 means: features of t=0.3 and t=0.301 differ clearly.
+    f = np.asarray(sinusoidal_embedding(jnp.array([0.3, 0.301]), 64, 1000.0))
+    cos = float(f[0] @ f[1] / np.linalg.norm(f[0]) / np.linalg.norm(f[1]))
+    assert cos < 0.99

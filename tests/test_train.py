@@ -103,6 +103,13 @@ def test_config_mistakes_are_clear():
     with pytest.raises(ConfigError, match=r"text encoder's width \(128\) differs from "
                        r"model.text_dim \(64\)"):
         Trainer(cfg, devices=jax.devices()[:1])
+    cfg = _cfg()  # integer timesteps times the continuous-t scale 1000: refused
+    cfg.diffusion.schedule = "discrete_linear"
+    with pytest.raises(ConfigError, match=r"model.noise_scale=1000 is for continuous t.*"
+                       r"--config.model.noise_scale=1"):
+        Trainer(cfg, devices=jax.devices()[:1])
+    cfg.model.noise_scale = 1.0
+    Trainer(cfg, devices=jax.devices()[:1])
 
 
 def test_grad_accumulation_matches_full_batch():

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxt2i.models.unet import UNetConfig, _resize_matrix
+from jaxt2i.models.unet import AUG_LEVEL_SCALE, UNetConfig, _resize_matrix
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -153,9 +153,10 @@ class LayerNorm(nn.Module):
 class LevelEmbedding(nn.Module):
     """Noise (or augmentation) level -> [B, E]: sinusoids and a 2-layer SiLU MLP."""
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, scale: float | None = None):
         super().__init__()
-        self.dim, self.scale = config.base_channels, float(config.noise_scale)
+        self.dim = config.base_channels
+        self.scale = float(config.noise_scale if scale is None else scale)
         self.fc1 = nn.Linear(config.base_channels, config.emb_dim)
         self.fc2 = nn.Linear(config.emb_dim, config.emb_dim)
 
@@ -291,7 +292,7 @@ class TorchUNet(nn.Module):
         nn.init.normal_(self.text_null, std=0.02)
         self.text_pool = AttentionPool(cfg, emb)
         if cfg.is_sr:
-            self.aug_embed = LevelEmbedding(cfg)
+            self.aug_embed = LevelEmbedding(cfg, AUG_LEVEL_SCALE)
 
         def stage(ch: int, i: int, j: int, prefix: str) -> int:
             self.add_module(f"{prefix}{i}_res{j}", ResBlock(cfg, ch, widths[i]))

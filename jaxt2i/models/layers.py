@@ -158,14 +158,17 @@ class LevelEmbedding(nn.Module):
 
     Attributes:
       cfg: the model's UNetConfig.
+      scale: multiplier before the sinusoids; None = cfg.noise_scale (the noise level's).
     """
     cfg: Any
+    scale: float | None = None
 
     @nn.compact
     def __call__(self, t: Array) -> Array:
         """Maps [B] floats to [B, emb_dim] features through sinusoids and a 2-layer MLP."""
         cfg = self.cfg
-        feats = sinusoidal_embedding(t, cfg.base_channels, cfg.noise_scale)  # [B, C0]
+        scale = cfg.noise_scale if self.scale is None else self.scale
+        feats = sinusoidal_embedding(t, cfg.base_channels, scale)  # [B, C0]
         feats = feats.astype(cfg.compute_dtype)
         h = dense(cfg, cfg.emb_dim, ("embed", "mlp"), name="fc1")(feats)
         h = dense(cfg, cfg.emb_dim, ("mlp", "embed"), name="fc2")(nn.silu(h))

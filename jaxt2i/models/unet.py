@@ -34,6 +34,9 @@ from jaxt2i.models import layers
 
 Array = jax.Array
 
+# The augmentation level (SR stages) is continuous in [0, 1] whatever the diffusion schedule,
+# so its sinusoidal embedding has a fixed scale (model.noise_scale follows the schedule).
+AUG_LEVEL_SCALE = 1000.0
 OBJECTIVES = ("eps", "v", "x0")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_KINDS = ("self", "cross", "concat")
@@ -69,7 +72,9 @@ class UNetConfig:
         export without it): each token's vector then also carries its neighbours' words, e.g.
         a noun its colour, which a frozen encoder may carry only faintly. 0 = none; else odd.
       noise_scale: multiplier on the noise level before its sinusoidal embedding
-        (1000 for continuous t in [0, 1]; 1 for discrete timesteps or log-SNR).
+        (1000 for continuous t in [0, 1]; 1 for discrete timesteps or log-SNR; training
+        refuses a discrete schedule with another value). The augmentation level of an SR
+        stage is always continuous in [0, 1] and has its own fixed scale, AUG_LEVEL_SCALE.
       lowres_size: resolution of the conditioning image for SR stages; 0 for a base model.
       lowres_resize: jax.image.resize method that brings the low-res image to x_t's size.
       crop_size: training crop of the SR input pipeline (the 1024 stage); 0 = full image.
@@ -263,7 +268,7 @@ class UNet(nn.Module):
         if cfg.is_sr:
             aug = jnp.zeros((b,), jnp.float32) if aug_level is None else aug_level
             aug = jnp.broadcast_to(jnp.asarray(aug, jnp.float32), (b,))
-            emb = emb + layers.LevelEmbedding(cfg, name="aug_embed")(aug)
+            emb = emb + layers.LevelEmbedding(cfg, AUG_LEVEL_SCALE, name="aug_embed")(aug)
         emb = nn.silu(emb)
 
         res_block = nn.remat(layers.ResBlock) if cfg.remat else layers.ResBlock
