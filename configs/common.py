@@ -27,11 +27,17 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.text.cache = ""  # directory of a precomputed text-embedding cache ('' = encode on the fly)
 
     c.diffusion = ml_collections.ConfigDict()
+    # 'cosine' is the continuous log-SNR cosine clipped to +-20; the paper variants use
+    # 'cosine_offset' (Nichol & Dhariwal's s = 0.008, log-SNR from 8.77), as Imagen cites.
     c.diffusion.schedule = "cosine"
+    # min-SNR (Hang et al. 2023) for the small configs; Imagen trains an unweighted eps loss,
+    # which the paper variants use.
     c.diffusion.loss_weighting = "min_snr"
     c.diffusion.min_snr_gamma = 5.0
     c.diffusion.cond_drop_prob = 0.1  # text dropped for classifier-free guidance
     c.diffusion.aug_schedule = "cosine"  # noise-conditioning augmentation (SR stages)
+    # Training draws the augmentation level from [0, aug_max_level): 0.5 for the small configs
+    # (the demo's SR stage); the paper draws it from [0, 1], as the paper variants do.
     c.diffusion.aug_max_level = 0.5
 
     c.sample = ml_collections.ConfigDict()
@@ -57,6 +63,10 @@ def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # global batch (all processes)
     c.train.num_steps = 1000
     c.train.optimizer = "adamw"
+    # Adafactor only: scale updates by each param's RMS (T5X's relative steps, for lr ~1e-2).
+    # Off, lr is the update's size as for Adam, so the paper's lr 1e-4 moves every param,
+    # zero-initialised ones included (an update of ~1e-7 a step otherwise).
+    c.train.adafactor_param_scale = False
     c.train.lr = 1e-4
     c.train.b1 = 0.9
     c.train.b2 = 0.999
@@ -125,8 +135,12 @@ def demo(c: ml_collections.ConfigDict, num_steps: int) -> None:
 
 
 def paper(c: ml_collections.ConfigDict) -> None:
-    """The paper's setup: frozen T5-XXL, batch 2048, 2.5M steps, 10k warmup, bfloat16 + remat,
-    parameters fully sharded over all devices."""
+    """The paper's setup: frozen T5-XXL, batch 2048, 2.5M steps, 10k warmup, an unweighted eps
+    loss, Nichol & Dhariwal's cosine schedule (with its offset), augmentation levels from
+    [0, 1], bfloat16 + remat, parameters fully sharded over all devices."""
+    c.diffusion.schedule = "cosine_offset"
+    c.diffusion.loss_weighting = "uniform"
+    c.diffusion.aug_max_level = 1.0
     c.text.encoder = "google/t5-v1_1-xxl"
     c.text.max_length = 128
     c.text.dtype = "bfloat16"

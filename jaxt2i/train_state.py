@@ -61,7 +61,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     """The optax optimizer of a `train` config section.
 
     Fields used: optimizer ('adamw' | 'adafactor'), lr, b1, b2, eps, weight_decay, warmup_steps,
-    schedule, num_steps, grad_clip (0 = off).
+    schedule, num_steps, grad_clip (0 = off), adafactor_param_scale (Adafactor's relative step
+    size; off: lr is the update size, as for Adam).
     """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"train.optimizer {cfg.optimizer!r} is not one of {OPTIMIZERS}")
@@ -69,7 +70,13 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.optimizer == "adamw":
         opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     else:  # Adafactor, as the paper used for the base model
-        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None)
+        # optax's default multiply_by_parameter_scale=True scales each update by the param's
+        # RMS (T5X pairs it with learning rates near 1e-2): at Imagen's lr 1e-4 a zero-initialised
+        # kernel would then move by ~1e-7 a step. Off (the default here), lr is the update's
+        # RMS, as for Adam.
+        opt = optax.adafactor(
+            lr, weight_decay_rate=cfg.weight_decay or None,
+            multiply_by_parameter_scale=bool(cfg.get("adafactor_param_scale", False)))
     chain = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     # Gradient accumulation happens inside the train step (a scan over micro-batches), so one
     # optimizer update = one step and the EMA / schedules count real updates.

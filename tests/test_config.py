@@ -126,6 +126,13 @@ def test_every_shipped_config_variant_is_valid(spec):
     assert from_json(to_json(c)).to_dict() == json.loads(to_json(c))
     if "paper" in spec:
         assert c.text.encoder == "google/t5-v1_1-xxl" and unet.text_dim == 4096
+        # Imagen (arXiv 2205.11487): unweighted eps loss, augmentation levels in [0, 1],
+        # Nichol & Dhariwal's cosine for the base and 64->256, linear for 256->1024.
+        assert unet.objective == "eps" and c.diffusion.loss_weighting == "uniform"
+        assert c.diffusion.aug_max_level == 1.0
+        want = "linear" if spec.endswith("1024") else "cosine_offset"
+        assert c.diffusion.schedule == want
+        assert c.train.optimizer == ("adafactor" if spec.startswith("base") else "adamw")
 
 
 def test_config_variant_with_unknown_size_is_one_line():

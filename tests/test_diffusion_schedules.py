@@ -56,6 +56,10 @@ def test_cosine_matches_nichol_dhariwal():
     ref = np.cos(np.pi / 2 * (t + s) / (1 + s)) ** 2
     np.testing.assert_allclose(np.asarray(sched.alpha(t)) ** 2, ref, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(sched.sigma(t)) ** 2, 1 - ref, rtol=1e-4, atol=1e-6)
+    # The named schedule the paper variants train with: the same curve (clipped at -20).
+    named = diffusion.get_schedule("cosine_offset")
+    np.testing.assert_allclose(float(named.logsnr(0.0)), 8.77, atol=5e-3)
+    np.testing.assert_allclose(np.asarray(named.alpha(t)) ** 2, ref, rtol=2e-3)  # the clip
 
 
 def test_linear_matches_numerical_integral_of_beta():

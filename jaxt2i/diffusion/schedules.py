@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-CONTINUOUS_NAMES = ('cosine', 'linear')
+CONTINUOUS_NAMES = ('cosine', 'cosine_offset', 'linear')
+# Nichol & Dhariwal's offset s: alpha^2(t) = cos^2((t + s) / (1 + s) * pi / 2) / (its t=0 value).
+COSINE_OFFSET = 0.008
 BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 SCHEDULE_NAMES = CONTINUOUS_NAMES + tuple(f'discrete_{b}' for b in BETA_SCHEDULES)
 SPACINGS = ('trailing', 'leading', 'linspace', 'linspace_exclusive')
@@ -89,10 +91,15 @@ class _ContinuousBase:
 
 @dataclasses.dataclass(frozen=True)
 class CosineSchedule(_ContinuousBase):
-    """Cosine schedule (Nichol & Dhariwal 2021), clipped to [logsnr_min, logsnr_max].
+    """Cosine schedule (Nichol & Dhariwal 2021) in continuous time, as a log-SNR range.
 
     logsnr(t) = -2 log tan(a t + b), with a, b chosen so logsnr(0) = logsnr_max and
-    logsnr(1) = logsnr_min; this is alpha^2 = cos^2 of an angle linear in t, as in the paper.
+    logsnr(1) = logsnr_min: alpha^2 = cos^2 of an angle linear in t. With the defaults (+-20,
+    the continuous-time form of Kingma et al.'s VDM and Hoogeboom et al.'s simple diffusion),
+    t = 0 is nearly noise-free. Nichol & Dhariwal's schedule, which Imagen cites, has an
+    offset s = 0.008 that starts it at logsnr_max = -2 log tan(s / (1 + s) pi / 2) = 8.77:
+    `get_schedule('cosine_offset')` (the `paper` config variants use it); 'cosine' (+-20) is
+    kept for the demo and existing runs.
     """
 
     logsnr_min: float = -20.0
@@ -239,7 +246,8 @@ def get_schedule(name: str, **kwargs) -> Schedule:
     """Builds a schedule by name.
 
     Args:
-        name: 'cosine' | 'linear' (continuous log-SNR) or 'discrete_linear' |
+        name: 'cosine' | 'cosine_offset' (Nichol & Dhariwal's s = 0.008) | 'linear'
+            (continuous log-SNR) or 'discrete_linear' |
             'discrete_scaled_linear' | 'discrete_squaredcos_cap_v2' (DDPM betas).
         **kwargs: fields of the schedule dataclass (e.g. logsnr_min, spacing, model_input).
 
@@ -248,6 +256,10 @@ def get_schedule(name: str, **kwargs) -> Schedule:
     """
     check_choice('schedule', name, SCHEDULE_NAMES)
     if name == 'cosine':
+        return CosineSchedule(**kwargs)
+    if name == 'cosine_offset':
+        s = COSINE_OFFSET
+        kwargs.setdefault('logsnr_max', -2.0 * math.log(math.tan(s / (1 + s) * math.pi / 2)))
         return CosineSchedule(**kwargs)
     if name == 'linear':
         return LinearSchedule(**kwargs)
