@@ -159,16 +159,25 @@ RANGES: dict[str, tuple] = {
 }
 
 
-def _check_range(path: str, value: Any, spec: tuple) -> None:
+def check_range(path: str, value: Any, label: str | None = None) -> None:
+    """Raises a one-line ConfigError if `value` is outside `RANGES[path]` (or not finite).
+
+    `label` names the value in the message (default 'config field <path>'), e.g. '--guidance'.
+    """
+    _check_range(path, value, RANGES[path], label)
+
+
+def _check_range(path: str, value: Any, spec: tuple, label: str | None = None) -> None:
     lo, hi, lo_in, hi_in, what = spec
+    label = label or f"config field {path}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"config field {path}={value!r} must be a number ({what})")
+        raise ConfigError(f"{label}={value!r} must be a number ({what})")
     ok = (math.isfinite(value) and (value >= lo if lo_in else value > lo)
           and (value <= hi if hi_in else value < hi))
     if not ok:
         left, right = "[" if lo_in else "(", "]" if hi_in else ")"
         hi_s = "inf" if hi == _INF else f"{hi:g}"
-        raise ConfigError(f"config field {path}={value!r} is out of range: {what} must be in "
+        raise ConfigError(f"{label}={value!r} is out of range: {what} must be in "
                           f"{left}{lo:g}, {hi_s}{right}")
 
 
@@ -346,7 +355,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "CHOICES", "RANGES", "ConfigError", "define_config_flag", "explain_override", "from_json",
+    "CHOICES", "RANGES", "ConfigError", "check_range", "define_config_flag", "explain_override", "from_json",
     "load_config_file", "parse_flags_or_exit", "parse_variant", "register_choices", "run_app",
     "to_json", "validate",
 ]

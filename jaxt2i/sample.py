@@ -19,9 +19,12 @@ from typing import Sequence
 import numpy as np
 from absl import flags
 
-from jaxt2i.config import ConfigError
+from jaxt2i.config import RANGES, ConfigError, check_range
 from jaxt2i.workdir import check_writable
 
+# One batch goes through every stage at once: far more images than this exhaust the memory of
+# a machine (100,000 demo images had taken 26 GB when they were stopped).
+MAX_BATCH = 1024
 _STAGE_FLAGS = {"sampler": str, "steps": int, "guidance": float, "thresholding": str,
                 "aug_level": float}
 
@@ -47,6 +50,9 @@ def per_stage(name: str, value: str | None, num_stages: int) -> list:
         vals = [_STAGE_FLAGS[name](p) for p in parts]
     except ValueError:
         raise ConfigError(f"--{name}={value}: values must be {_STAGE_FLAGS[name].__name__}") from None
+    if f"sample.{name}" in RANGES:  # NaN, infinities, out-of-range levels
+        for v in vals:
+            check_range(f"sample.{name}", v, f"--{name}")
     return vals * num_stages if len(vals) == 1 else vals
 
 
@@ -62,7 +68,7 @@ def stage_settings(cascade, stages: int | None, overrides: dict | None) -> list:
     """
     from jaxt2i.cascade import SETTING_NAMES
 
-    n = stages or len(cascade.stages)
+    n = len(cascade.stages) if stages is None else stages
     if not 1 <= n <= len(cascade.stages):
         raise ConfigError(f"--stages ({n}) must be between 1 and {len(cascade.stages)} (the "
                           "cascade's stages)")
@@ -92,8 +98,13 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
     if prompts_file:
         if not os.path.isfile(prompts_file):
             raise ConfigError(f"--prompts_file {prompts_file!r} does not exist")
-        with open(prompts_file) as f:
-            out += [line.strip() for line in f if line.strip()]
+        try:
+            with open(prompts_file, encoding="utf-8") as f:
+                out += [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompts_file {prompts_file!r} is not UTF-8 text (byte "
+                              f"{e.object[e.start:e.start + 1]!r} at offset {e.start}); save it "
+                              "as UTF-8") from None
     if not out:
         raise ConfigError("no prompts given: pass --prompt TEXT (repeatable) or --prompts_file")
     return out
@@ -151,6 +162,12 @@ def run(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *, num_ima
 
     if num_images < 1:
         raise ConfigError(f"--num_images ({num_images}) must be at least 1")
+    if len(prompts) * num_images > MAX_BATCH:
+        raise ConfigError(f"{len(prompts)} prompt(s) x --num_images={num_images} = "
+                          f"{len(prompts) * num_images} images in one batch; at most {MAX_BATCH}"
+                          " per run: run again with another --seed for more")
+    if not 0 <= seed < 2 ** 63:
+        raise ConfigError(f"--seed={seed} must be in [0, 2**63)")
     if dtype not in (None, "", "float32", "bfloat16"):
         raise ConfigError(f"--dtype={dtype!r}; allowed: float32, bfloat16")
     cascade = load_cascade(list(checkpoints), dtype=dtype or None)
