@@ -253,16 +253,41 @@ def host_gather(tree: Any) -> Any:
 
 
 def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
-    """Reads `export_params` output: (params tree of numpy arrays, config dict, step)."""
+    """Reads `export_params` output: (params tree of numpy arrays, config dict, step).
+
+    Raises FileNotFoundError when there is no export, and `CheckpointError` (one line naming
+    the file and what is wrong) for a truncated, empty or foreign params file, a non-float or
+    non-finite tensor, or a config.json that is not an export's.
+    """
     from safetensors.numpy import load_file
 
     path = os.path.join(out_dir, EXPORT_PARAMS)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {EXPORT_PARAMS} in {out_dir}; export a training run's "
                                 "checkpoint with `python -m jaxt2i.checkpoint --workdir=DIR`")
-    with open(os.path.join(out_dir, EXPORT_CONFIG)) as f:
-        meta = json.load(f)
-    return unflatten(load_file(path)), meta["config"], meta.get("step")
+    cfg_path = os.path.join(out_dir, EXPORT_CONFIG)
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} cannot be read as JSON ({_first_line(e)}); export "
+                              "the stage again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_path} is not a stage export's config (a JSON object with a "
+                              "'config' object); export the stage again")
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types for a bad file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
+                              "it may be truncated: export the stage again") from None
+    for name, a in tensors.items():
+        if not np.issubdtype(a.dtype, np.floating):
+            raise CheckpointError(f"{path}: tensor {name} is {a.dtype}; a stage export holds "
+                                  "floating-point params only")
+        if not np.isfinite(a).all():
+            raise CheckpointError(f"{path}: tensor {name} has {int((~np.isfinite(a)).sum())} "
+                                  "non-finite values (NaN or inf); export an earlier checkpoint")
+    return unflatten(tensors), meta["config"], meta.get("step")
 
 
 def flatten(tree: Any, sep: str = "/") -> dict[str, Any]:

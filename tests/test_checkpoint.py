@@ -80,6 +80,44 @@ def test_export_round_trip(tmp_path):
     assert cfg == {"model": {"size": "tiny"}} and step == 7
 
 
+def test_damaged_exports_are_one_line_errors(tmp_path):
+    """Files a user may hand `sample` or `train.init_from`: each is refused naming the file
+    and the problem, never a safetensors / JSON traceback or silently wrong params."""
+    from safetensors.numpy import save_file
+
+    from jaxt2i.checkpoint import CheckpointError
+
+    params = {"a": {"w": np.random.rand(3, 2).astype(np.float32)}}
+    good = str(tmp_path / "good")
+    export_params(params, {"model": {}}, good, step=1)
+    raw = open(os.path.join(good, "params.safetensors"), "rb").read()
+
+    def damaged(name, params_bytes=None, config_text=None, tensors=None):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        if params_bytes is not None:
+            (d / "params.safetensors").write_bytes(params_bytes)
+        if tensors is not None:
+            save_file(tensors, str(d / "params.safetensors"))
+        if config_text is not None:
+            (d / "config.json").write_text(config_text)
+        return str(d)
+
+    for d, expected in [
+        (damaged("truncated", raw[:len(raw) // 2]), "not a readable safetensors file"),
+        (damaged("empty", b""), "not a readable safetensors file"),
+        (damaged("foreign", b"PK\x03\x04 a zip file"), "not a readable safetensors file"),
+        (damaged("int", tensors={"a/w": np.ones((3, 2), np.int32)}), "tensor a/w is int32"),
+        (damaged("nan", tensors={"a/w": np.full((3, 2), np.nan, np.float32)}),
+         "tensor a/w has 6 non-finite values"),
+        (damaged("list", config_text="[1, 2]"), "is not a stage export's config"),
+        (damaged("bad_json", config_text="{"), "cannot be read as JSON"),
+    ]:
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_exported(d)
+        assert "\n" not in str(info.value) and d in str(info.value)
+
+
 def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_path):
     from jaxt2i.checkpoint import export_checkpoint
 
