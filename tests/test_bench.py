@@ -88,6 +88,13 @@ def test_cli_mistakes_are_one_line(tmp_path):
     assert "bogus" in p.stderr and "quality" in p.stderr
     p = _bench("--vs-imagen-pytorch", f"--imagen_pytorch_script={tmp_path}/missing.py")
     assert p.returncode == 2 and "missing.py" in p.stderr and p.stderr.strip().count("\n") == 0
+    p = _bench("--vs-imagen-pytorch", f"--anchor_python={tmp_path}/no/python")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
+    assert "is not an executable Python" in p.stderr
+    # The test environment has no imagen-pytorch (it lives in a venv of its own).
+    p = _bench("--vs-imagen-pytorch", f"--anchor_python={sys.executable}")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0, p.stderr
+    assert "imagen_pytorch" in p.stderr and "--anchor_python=.venv-anchor/bin/python" in p.stderr
 
 
 FAKE_ANCHOR = """
@@ -107,7 +114,8 @@ def test_train_and_mfu_end_to_end_with_a_stand_in_anchor(tmp_path):
     fake.write_text(FAKE_ANCHOR)
     out = tmp_path / "bench.json"
     p = _bench("--tiny", "--quick", "--phases=train", "--vs-imagen-pytorch",
-               f"--imagen_pytorch_script={fake}", f"--json={out}")
+               f"--imagen_pytorch_script={fake}", f"--anchor_python={sys.executable}",
+               f"--json={out}")
     assert p.returncode == 0, p.stderr[-2000:]
     lines = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith('{"bench"')]
     assert [r["phase"] for r in lines] == ["train"]

@@ -21,7 +21,7 @@ Phases (each prints a table and one JSON line `{"bench": "jaxt2i", "phase": ...}
 
 Every job runs in a fresh child process, one at a time, so peak RSS is per job and jobs never
 share the CPU. With --vs-imagen-pytorch, the vendored anchor script
-(jaxt2i/bench/imagen_pytorch_bench.py; needs `pip install -e '.[bench]'`) runs its matching
+(jaxt2i/bench/imagen_pytorch_bench.py; in a venv of its own, --anchor_python) runs its matching
 phase right after ours, with the same batch sizes and thread count, and the ratios are printed
 pair by pair.
 """
@@ -60,7 +60,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("phases", list(DEFAULT_PHASES), f"Phases to run, from {', '.join(PHASES)}.")
 flags.DEFINE_bool("quick", False, "Fewer iterations and step counts (a smoke run).")
 flags.DEFINE_bool("vs_imagen_pytorch", False,
-                  "Also run imagen-pytorch's matching phases (pip install -e '.[bench]').")
+                  "Also run imagen-pytorch's matching phases (in --anchor_python's environment).")
+flags.DEFINE_string("anchor_python", None, "Python of the environment that has imagen-pytorch "
+                    "(default: this one). Its torchvision breaks transformers' torch models, so "
+                    "keep it in a venv of its own (BENCHMARKS.md).")
 flags.DEFINE_string("imagen_pytorch_script", ANCHOR_SCRIPT, "The imagen-pytorch anchor script.")
 flags.DEFINE_integer("cascade_steps", 4, "Sampling steps per stage of the end-to-end cascade "
                      "(the anchor uses 4).")
@@ -117,9 +120,10 @@ def run_child(job: str, opts: dict, timeout: int) -> dict:
     return _run(cmd, env, timeout, CHILD_TAG, lambda d: d)
 
 
-def run_anchor(phase: str, script: str, quick: bool, timeout: int) -> dict:
-    """Runs the imagen-pytorch anchor's `phase` in a fresh process."""
-    cmd = [sys.executable, script, "--phase", phase] + (["--quick"] if quick else [])
+def run_anchor(phase: str, script: str, quick: bool, timeout: int,
+               python: str | None = None) -> dict:
+    """Runs the imagen-pytorch anchor's `phase` in a fresh process (of `python`)."""
+    cmd = [python or sys.executable, script, "--phase", phase] + (["--quick"] if quick else [])
     return _run(cmd, dict(os.environ), timeout, "CHILD_JSON ",
                 lambda d: {**d[phase], "_meta": d.get("_meta", {})})
 
@@ -139,18 +143,27 @@ def _run(cmd, env, timeout, tag, pick) -> dict:
     return out
 
 
-def _anchor_ready(script: str) -> str | None:
+ANCHOR_INSTALL = ("python3 -m venv .venv-anchor && .venv-anchor/bin/pip install torch==2.13.0 "
+                  "torchvision==0.28.0 imagen-pytorch==2.1.0")
+
+
+def _anchor_ready(script: str, python: str | None = None) -> str | None:
     """Why the anchor cannot run (one line), or None."""
     if not os.path.exists(script):
         return f"--imagen_pytorch_script {script!r} does not exist"
-    import importlib.util
-
+    if python is not None and not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return f"--anchor_python {python!r} is not an executable Python"
     if os.path.abspath(script) != ANCHOR_SCRIPT:
         return None  # another copy of the anchor (or a stand-in): it brings its own environment
-    for mod, hint in (("torch", "torch==2.13.0"), ("imagen_pytorch", "imagen-pytorch==2.1.0")):
-        if importlib.util.find_spec(mod) is None:
-            return (f"--vs-imagen-pytorch needs {mod} ({hint}); install the extra: "
-                    "pip install -e '.[bench]'")
+    probe = ("import importlib.util as u; print(','.join(m for m in ('torch', 'imagen_pytorch') "
+             "if u.find_spec(m) is None))")
+    p = subprocess.run([python or sys.executable, "-c", probe], capture_output=True, text=True,
+                       timeout=120)
+    missing = p.stdout.strip()
+    if p.returncode != 0 or missing:
+        return (f"--vs-imagen-pytorch needs {missing or 'torch, imagen_pytorch'} in "
+                f"{python or sys.executable}; make an environment of its own ({ANCHOR_INSTALL}) "
+                "and pass --anchor_python=.venv-anchor/bin/python")
     return None
 
 
@@ -323,7 +336,7 @@ def main(argv) -> None:
         raise ConfigError(f"--phases {','.join(FLAGS.phases)!r}: unknown {bad}; choose from "
                           f"{', '.join(PHASES)}")
     if FLAGS.vs_imagen_pytorch:
-        why = _anchor_ready(FLAGS.imagen_pytorch_script)
+        why = _anchor_ready(FLAGS.imagen_pytorch_script, FLAGS.anchor_python)
         if why:
             raise ConfigError(why)
     jobs = []
@@ -339,7 +352,7 @@ def main(argv) -> None:
               file=sys.stderr, flush=True)
         if FLAGS.vs_imagen_pytorch and job in ANCHOR_PHASE:
             theirs[job] = run_anchor(ANCHOR_PHASE[job], FLAGS.imagen_pytorch_script, FLAGS.quick,
-                                     FLAGS.timeout)
+                                     FLAGS.timeout, FLAGS.anchor_python)
             print(f"    imagen-pytorch: {theirs[job].get('wall_s', '-')} s"
                   + (f"  ERROR {theirs[job]['error']}" if "error" in theirs[job] else ""),
                   file=sys.stderr, flush=True)
