@@ -251,3 +251,47 @@ def test_load_image_conversions():
     assert inputs.decode_text("  two\nlines ") == ("two lines", False)
     with pytest.raises(ValueError, match="unknown format"):
         list(inputs.read_entries("/tmp", None, "xml", inputs.Report()))
+
+
+def test_absurd_inputs_are_skipped_or_repaired_and_reported(tmp_path):
+    """The cases a scraped folder holds that used to pass silently or crash the build."""
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (200, 10, 10)).save(buf, "PNG")
+        return buf.getvalue()
+
+    assert inputs.load_image(png(1, 1))[2] == ["too_small"]
+    assert inputs.load_image(png(2000, 20))[2] == ["extreme_aspect"]
+    assert inputs.load_image(png(64, 48))[0] is not None  # an ordinary photo shape is kept
+    # UTF-16 (as Windows Notepad saves it) is read as text, not mojibake.
+    assert inputs.decode_text("ein roter Kreis über".encode("utf-16")) == (
+        "ein roter Kreis über", False)
+    report = inputs.Report()
+    caps = inputs._clean_captions([{"en": "a cat"}, 3, "x" * 10_000_000, "a dog"], "p", report)
+    assert caps == ["x" * inputs.MAX_CAPTION_CHARS, "a dog"]
+    assert report.counts["non_text_caption"] == 2 and report.counts["long_caption_cut"] == 1
+
+    # Malformed COCO entries are reported and skipped; a non-COCO file is one line.
+    root = tmp_path / "coco"
+    root.mkdir()
+    (root / "a.png").write_bytes(png(32, 32))
+    (root / "b.png").write_bytes(png(32, 32))
+    coco = {"images": [{"id": 1, "file_name": "a.png"}, "junk", {"id": "2", "file_name": 7},
+                       {"id": 3, "file_name": "b.png"}],
+            "annotations": [{"id": 1, "image_id": 1, "caption": "a red square"}, None,
+                            {"id": 2, "image_id": [3]}, {"id": 3, "image_id": 3,
+                                                         "caption": "a red box"}]}
+    (root / "captions.json").write_text(json.dumps(coco))
+    report = inputs.Report()
+    rows = list(inputs.read_entries(str(root), str(root / "captions.json"), "coco", report))
+    assert [(os.path.basename(p), c) for p, c in rows] == [("a.png", ["a red square"]),
+                                                          ("b.png", ["a red box"])]
+    assert report.counts["bad_manifest_line"] == 4
+    (root / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must be an object with 'images' and 'annotations'"):
+        list(inputs.read_entries(str(root), str(root / "list.json"), "coco", inputs.Report()))
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
+                        f"--data_dir={tmp_path / 'd'}", "--shapes=100000:1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        "error: --shapes resolution 100000 must be between 8 and 4096 px")

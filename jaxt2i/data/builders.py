@@ -435,6 +435,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"--shapes={args.shapes!r} must be "
                                  f"RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
             n = [int(x) for x in parts] + [0] * (5 - len(parts))
+            if not 8 <= n[0] <= 4096:
+                raise ValueError(f"--shapes resolution {n[0]} must be between 8 and 4096 px")
             builder = shapes_builder(args.data_dir, n[0], n[1], test_size=n[2],
                                      held_out_size=n[3], seed=n[4])
         else:

@@ -2,10 +2,12 @@
 
 Images: unreadable or truncated files are skipped; grayscale, palette, RGBA, CMYK and
 16-bit images become 8-bit RGB (transparency composited onto white); EXIF-rotated photos
-are turned upright; images below a minimum size are skipped, huge ones optionally
-downscaled. Captions: any language (UTF-8); non-UTF-8 bytes are decoded as Windows-1252;
-empty or missing captions skip the image. Every case is counted in a `Report` with example
-paths.
+are turned upright; images below a minimum size (and always those under `MIN_SIDE` pixels)
+or more than `MAX_ASPECT` times wider than high (or the reverse) are skipped, huge ones
+optionally downscaled. Captions: any language (UTF-8, or UTF-16 with its byte-order mark);
+other non-UTF-8 bytes are decoded as Windows-1252; captions longer than `MAX_CAPTION_CHARS`
+are cut there; a caption that is not text (a JSON object, a number) is skipped; empty or
+missing captions skip the image. Every case is counted in a `Report` with example paths.
 
 Captions come from a JSONL or CSV manifest, side-car `.txt` files next to the images, or a
 COCO-style captions JSON (`read_entries`).
@@ -26,6 +28,9 @@ from PIL import Image, ImageOps
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_KEYS = ("image", "file_name", "file", "filename", "path", "image_path")
 _CAPTION_KEYS = ("caption", "text", "prompt", "captions")
+MIN_SIDE = 8  # no stage can learn a scene from fewer pixels
+MAX_ASPECT = 5.0  # a square crop of a wider strip keeps under a fifth of it
+MAX_CAPTION_CHARS = 4096  # text encoders read ~128 tokens; megabyte "captions" are data errors
 
 
 class Report:
@@ -64,6 +69,11 @@ def decode_text(raw: bytes | str) -> tuple[str, bool]:
             return " ".join(raw.split()), False
         except UnicodeEncodeError:  # undecodable bytes smuggled in as surrogates
             raw = raw.encode("utf-8", "surrogateescape")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 with its byte-order mark
+        try:
+            return " ".join(raw.decode("utf-16").split()), False
+        except UnicodeDecodeError:
+            pass
     try:
         return " ".join(raw.decode("utf-8-sig").split()), False
     except UnicodeDecodeError:
@@ -99,8 +109,10 @@ def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None):
         events.append(f"converted_{img.mode.replace(';', '_')}")
         img, changed = _to_rgb(img), True
     w, h = img.size
-    if min(w, h) < max(min_size, 1):
+    if min(w, h) < max(min_size, MIN_SIDE):
         return None, (w, h), events + ["too_small"]
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return None, (w, h), events + ["extreme_aspect"]
     if max_size and min(w, h) > max_size:
         f = max_size / min(w, h)
         img, changed = img.resize((max(1, round(w * f)), max(1, round(h * f))),
@@ -137,9 +149,15 @@ def _clean_captions(raw_caps, path: str, report: Report) -> list[str]:
     for raw in raw_caps:
         if raw is None:
             continue
-        text, bad = decode_text(raw if isinstance(raw, (str, bytes)) else str(raw))
+        if not isinstance(raw, (str, bytes)):  # a JSON object / number: not a caption
+            report.add("non_text_caption", path)
+            continue
+        text, bad = decode_text(raw)
         if bad:
             report.add("non_utf8_caption", path)
+        if len(text) > MAX_CAPTION_CHARS:
+            report.add("long_caption_cut", path)
+            text = text[:MAX_CAPTION_CHARS]
         if text:
             caps.append(text)
     if not caps:
@@ -261,15 +279,31 @@ def _csv_rows(manifest: str, base: str, report: Report):
 
 def _coco_rows(manifest: str, base: str, report: Report):
     with open(manifest, "rb") as f:
-        coco = json.loads(f.read().decode("utf-8", "surrogateescape"))
+        try:
+            coco = json.loads(f.read().decode("utf-8", "surrogateescape"))
+        except ValueError as e:
+            raise ValueError(f"COCO captions file {manifest} is not JSON ({e})") from None
+    if not isinstance(coco, dict) or not all(isinstance(coco.get(k, []), list)
+                                             for k in ("images", "annotations")):
+        raise ValueError(f"COCO captions file {manifest} must be an object with 'images' and "
+                         "'annotations' lists")
+
+    def order(entry):  # numeric ids in numeric order (as before), then any others
+        i = entry.get("id", 0) if isinstance(entry, dict) else None
+        return (0, i, "") if isinstance(i, (int, float)) else (1, 0, str(i))
+
     caps = collections.defaultdict(list)
-    for ann in sorted(coco.get("annotations", []), key=lambda a: a.get("id", 0)):
-        if "image_id" in ann:
+    for n, ann in enumerate(sorted(coco.get("annotations", []), key=order)):
+        if isinstance(ann, dict) and isinstance(ann.get("image_id"), (int, str)):
             caps[ann["image_id"]].append(ann.get("caption"))
         else:
-            report.add("bad_manifest_line", f"{manifest}:annotation {ann.get('id')}")
-    for im in sorted(coco.get("images", []), key=lambda i: i.get("id", 0)):
-        if "file_name" not in im:
-            report.add("bad_manifest_line", f"{manifest}:image {im.get('id')}")
+            where = ann.get("id", n) if isinstance(ann, dict) else n
+            report.add("bad_manifest_line", f"{manifest}:annotation {where}")
+    for n, im in enumerate(sorted(coco.get("images", []), key=order)):
+        if not isinstance(im, dict) or not isinstance(im.get("file_name"), str):
+            where = im.get("id", n) if isinstance(im, dict) else n
+            report.add("bad_manifest_line", f"{manifest}:image {where}")
             continue
-        yield os.path.join(base, im["file_name"]), caps.get(im.get("id")) or [None]
+        key = im.get("id")
+        yield (os.path.join(base, im["file_name"]),
+               (caps.get(key) if isinstance(key, (int, str)) else None) or [None])
