@@ -264,13 +264,18 @@ class Cascade:
                 for k in range(n)]
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
-        """Raises ConfigError naming the first prompt longer than the text length (no truncation)."""
+        """Raises ConfigError naming the first prompt longer than the text length (no truncation)
+        or with text a closed-vocabulary tokenizer (the bundled encoder's) does not know."""
         if not prompts:
             raise ConfigError("no prompts given: pass --prompt TEXT (repeatable) or --prompts_file")
         for p, n in zip(prompts, self.encoder.tokenizer.lengths(prompts)):
             if n > self.max_length:
                 raise ConfigError(f"prompt {p!r} has {n} tokens but the text encoder's max_length "
                                   f"is {self.max_length}; shorten it")
+        try:
+            self.encoder.tokenizer(list(prompts))  # unknown text: error or warning
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _given_lowres(self, lowres, batch: int, start_stage: int) -> jax.Array:
         """Checks images standing in for stage start_stage - 1's output; -> [B, h, w, C] float32."""

@@ -79,7 +79,12 @@ def main(argv):
         encoder = load_encoder(path, dtype=_DTYPE.value, max_length=_MAX_LENGTH.value)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    summary = encode_to_file(encoder, prompts, _OUT.value)
+    from jaxt2i.text.tokenizer import UnknownTextError
+
+    try:
+        summary = encode_to_file(encoder, prompts, _OUT.value)
+    except UnknownTextError as e:  # the bundled encoder's closed vocabulary
+        raise ConfigError(str(e)) from None
     print(f"embeddings {summary['shape']} ({_DTYPE.value}) from {path}")
     for row in summary["rows"]:
         print(f"  {row['tokens']:3d} tokens  rms {row['rms']:.3f}  {row['prompt']!r}")

@@ -250,6 +250,20 @@ def test_default_is_the_bundled_demo_cascade(tmp_path):
         assert im.size == (32, 32)
 
 
+def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
+    """Issue #23: with the bundled demo, a Chinese prompt became one <unk> (the same images as
+    any other unknown text) without a word; now it is one line naming the prompt and characters."""
+    out = tmp_path / "out"
+    r = _cli("--prompt=一只可爱的猫", "--num_images=2", f"--out={out}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("error: prompt '一只可爱的猫'")
+    assert "'一', '只', '可', '爱', '的', '猫'" in lines[0]
+    assert "the bundled demo encoder knows only the shapes-world English vocabulary" in lines[0]
+    assert not list(tmp_path.rglob("*.png")) and not (out / "sample.json").exists()
+
+
 def test_eval_cli(cascade_dir, tmp_path):
     out = tmp_path / "eval"
     r = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",

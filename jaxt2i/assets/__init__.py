@@ -49,6 +49,7 @@ def build_text_encoder(out_dir: str | None = None) -> str:
     cfg = get_t5_config("shapes")
     if len(hf_tok) > cfg.vocab_size:
         raise ValueError(f"tokenizer has {len(hf_tok)} tokens > T5 'shapes' vocab {cfg.vocab_size}")
-    enc = init_encoder(cfg, Tokenizer(hf_tok, TEXT_MAX_LENGTH), seed=TEXT_SEED)
+    enc = init_encoder(cfg, Tokenizer(hf_tok, TEXT_MAX_LENGTH, closed_vocabulary=True),
+                       seed=TEXT_SEED)
     save_encoder(enc, out_dir)
     return out_dir

@@ -19,7 +19,8 @@ from flax import linen as nn
 
 from jaxt2i.text import convert
 from jaxt2i.text.t5 import T5Config, T5Encoder, resolve_dtype
-from jaxt2i.text.tokenizer import Tokenizer, load_tokenizer, resolve_model_dir
+from jaxt2i.text.tokenizer import (CLOSED_VOCABULARY_KEY, Tokenizer, load_tokenizer,
+                                   resolve_model_dir)
 
 DEFAULT_MAX_LENGTH = 128
 _MAX_LENGTH_KEY = "jaxt2i_max_length"  # optional field of config.json: the text length L
@@ -113,12 +114,34 @@ def load_encoder(
     tensors, names = convert.read_hf_tensors(model_dir, wanted)
     params = convert.hf_to_flax(tensors, names, config, resolve_dtype(param_dtype))
     length = max_length or hf_cfg.get(_MAX_LENGTH_KEY, DEFAULT_MAX_LENGTH)
-    tok = load_tokenizer(tokenizer or model_dir, length)
-    if len(tok.hf) > config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tok.hf)} tokens but the encoder's vocab_size is "
-            f"{config.vocab_size}; the tokenizer does not belong to this checkpoint")
+    tok = load_tokenizer(tokenizer or model_dir, length,
+                         closed_vocabulary=bool(hf_cfg.get(CLOSED_VOCABULARY_KEY, False)))
+    check_tokenizer_fits(tok, config, hf_cfg, tokenizer or model_dir)
     return TextEncoder(config, _place(params, shardings), tok)
+
+
+def check_tokenizer_fits(tok: Tokenizer, config: T5Config, hf_cfg: dict, where: str) -> None:
+    """Raises ValueError (one line) unless `tok` can be this encoder's tokenizer.
+
+    Its ids must index the embedding table (no more tokens than vocab_size); it must not be far
+    smaller (T5 pads its table by < 128 rows: a tokenizer with under half the rows is another
+    one, whose ids would select the wrong embeddings); and its <pad> / </s> ids must be the
+    ones config.json names.
+    """
+    n, v = len(tok.hf), config.vocab_size
+    fix = (f"the tokenizer in {where!r} is not this encoder's; put the tokenizer the encoder "
+           "was trained with there (or pass tokenizer=DIR)")
+    if n > v:
+        raise ValueError(f"tokenizer has {n} tokens but the encoder's embedding table has "
+                         f"vocab_size {v} rows; {fix}")
+    if n < v // 2:
+        raise ValueError(f"tokenizer has only {n} tokens for the encoder's vocab_size of {v} "
+                         f"rows; {fix}")
+    for name in ("pad_token_id", "eos_token_id"):
+        want, got = hf_cfg.get(name), getattr(tok.hf, name)
+        if want is not None and got != want:
+            raise ValueError(f"tokenizer's {name} is {got} but the encoder's config.json says "
+                             f"{want}; {fix}")
 
 
 def init_encoder(config: T5Config, tokenizer: Tokenizer, seed: int = 0) -> TextEncoder:
@@ -147,6 +170,8 @@ def save_encoder(encoder: TextEncoder, out_dir: str, dtype: str | None = None) -
         jax.device_get(encoder.params), encoder.config).items()}
     hf_cfg = encoder.config.to_hf()
     hf_cfg[_MAX_LENGTH_KEY] = encoder.max_length
+    if encoder.tokenizer.closed_vocabulary:
+        hf_cfg[CLOSED_VOCABULARY_KEY] = True
     hf_cfg["torch_dtype"] = dtype or "float32"
     convert.write_safetensors(tensors, os.path.join(out_dir, convert.SINGLE_FILE),
                               metadata={"format": "pt"}, save_file=save_file)

@@ -4,10 +4,15 @@ The tokenizer itself is transformers' (`AutoTokenizer`), loaded from a local dir
 network is touched only when the user names a hub id. This wrapper pads / truncates every prompt
 to the encoder's fixed text length and returns the mask, reporting truncation once. An empty
 prompt is valid: it is the unconditional prompt of classifier-free guidance (just `</s>`).
+
+Text the tokenizer maps to `<unk>` (characters outside its vocabulary) is never silent: for a
+closed-vocabulary tokenizer (the bundled demo encoder's) it is an `UnknownTextError`, for any
+other (a real T5 SentencePiece vocabulary) a warning naming the prompt and the characters.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -19,6 +24,19 @@ import numpy as np
 log = logging.getLogger("jaxt2i")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Files one of which a tokenizer directory has (fast tokenizers, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt")
+CLOSED_VOCABULARY_KEY = "jaxt2i_closed_vocabulary"  # config.json flag of a closed vocabulary
+_MAX_UNKNOWN_WARNINGS = 10
+
+
+class UnknownTextError(ValueError):
+    """A prompt has text a closed-vocabulary tokenizer cannot represent (one-line message)."""
+
+
+def _short(prompt: str, limit: int = 60) -> str:
+    return prompt if len(prompt) <= limit else prompt[:limit] + "..."
 
 
 def is_hub_id(path: str) -> bool:
@@ -46,16 +64,80 @@ class Tokenizer:
     Attributes:
       hf: the underlying transformers tokenizer.
       max_length: fixed text length L.
+      closed_vocabulary: text mapped to <unk> raises `UnknownTextError` (the bundled demo
+        encoder's tokenizer) instead of a warning.
     """
 
-    def __init__(self, hf_tokenizer, max_length: int):
+    def __init__(self, hf_tokenizer, max_length: int, closed_vocabulary: bool = False):
         if max_length < 2:
             raise ValueError(f"text max_length must be at least 2 (one token + </s>), got {max_length}")
         if hf_tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; T5 tokenizers use <pad> (id 0)")
         self.hf = hf_tokenizer
         self.max_length = int(max_length)
+        self.closed_vocabulary = bool(closed_vocabulary)
         self._warned = False
+        self._unknown_warned: set[str] = set()  # prompts already named in a warning
+
+    def unknown_text(self, prompt: str) -> tuple[list[str], list[str]]:
+        """(characters, words) of `prompt` that the tokenizer maps to <unk>, each once, in order.
+
+        A word is a whitespace-separated part of the prompt; a character is listed when it alone
+        tokenizes to <unk>.
+        """
+        unk = self.hf.unk_token_id
+        if unk is None:
+            return [], []
+
+        def bad(parts):
+            if not parts:
+                return []
+            ids = self.hf(parts, add_special_tokens=False)["input_ids"]
+            return [p for p, i in zip(parts, ids) if unk in i]
+
+        return (bad(list(dict.fromkeys(c for c in prompt if not c.isspace()))),
+                bad(list(dict.fromkeys(prompt.split()))))
+
+    def _describe_unknown(self, prompt: str) -> str:
+        chars, words = self.unknown_text(prompt)
+        shown = ", ".join(repr(c) for c in chars[:12]) + (", ..." if len(chars) > 12 else "")
+        if not chars:  # only in context (e.g. after normalisation): name the words
+            shown = ", ".join(repr(_short(w, 20)) for w in words[:6]) or "some of its text"
+        elif words and words != [prompt.strip()]:
+            shown += " (in " + ", ".join(repr(_short(w, 20)) for w in words[:6]) + (
+                ", ...)" if len(words) > 6 else ")")
+        return f"prompt {_short(prompt)!r} has text the tokenizer does not know: {shown}"
+
+    def check_unknown(self, prompts: Sequence[str], ids: np.ndarray, mask: np.ndarray) -> None:
+        """Raises `UnknownTextError` (closed vocabulary) or warns for prompts with <unk> tokens.
+
+        Args:
+          prompts: the B prompts; ids, mask: their [B, L] tokenization.
+        """
+        unk = self.hf.unk_token_id
+        if unk is None:
+            return
+        rows = np.flatnonzero(((ids == unk) & mask).any(axis=1))
+        if not rows.size:
+            return
+        first = prompts[rows[0]]
+        more = f" (and {rows.size - 1} more prompt(s))" if rows.size > 1 else ""
+        if self.closed_vocabulary:
+            raise UnknownTextError(
+                f"{self._describe_unknown(first)}{more}; the bundled demo encoder knows only the "
+                "shapes-world English vocabulary: write the prompt in plain English, e.g. "
+                "'a red circle above a blue square'")
+        if len(self._unknown_warned) >= _MAX_UNKNOWN_WARNINGS:
+            return
+        fresh = [prompts[i] for i in rows if prompts[i] not in self._unknown_warned]
+        if not fresh:
+            return
+        self._unknown_warned.add(fresh[0])
+        last = (f"; no further prompts with unknown text are reported (this is the "
+                f"{_MAX_UNKNOWN_WARNINGS}th)" if len(self._unknown_warned) == _MAX_UNKNOWN_WARNINGS
+                else "")
+        log.warning("%s%s; the tokenizer encodes it as <unk>, so the model cannot tell such "
+                    "text apart%s", self._describe_unknown(fresh[0]), more, last)
 
     def lengths(self, prompts: Sequence[str]) -> list[int]:
         """Untruncated token counts (including </s>) of each prompt."""
@@ -82,6 +164,7 @@ class Tokenizer:
                       add_special_tokens=True, return_tensors="np")
         ids = enc["input_ids"].astype(np.int32)
         mask = enc["attention_mask"].astype(bool)
+        self.check_unknown(prompts, ids, mask)
         if not self._warned and mask[:, -1].any():
             long = [(p, n) for p, n in zip(prompts, self.lengths(prompts)) if n > self.max_length]
             if long:
@@ -93,26 +176,48 @@ class Tokenizer:
         return ids, mask
 
 
-def load_tokenizer(path: str, max_length: int) -> Tokenizer:
-    """Loads a transformers tokenizer from a local directory (or an explicit hub id)."""
+def load_tokenizer(path: str, max_length: int,
+                   closed_vocabulary: bool | None = None) -> Tokenizer:
+    """Loads a transformers tokenizer from a local directory (or an explicit hub id).
+
+    Args:
+      path: the directory (a hub id downloads).
+      max_length: fixed text length L.
+      closed_vocabulary: unknown text is an error rather than a warning; default: the
+        `jaxt2i_closed_vocabulary` flag of the directory's config.json (the bundled encoder's).
+
+    Raises FileNotFoundError (one line) when the directory has no tokenizer files: transformers
+    would build an empty T5 tokenizer there that maps every word to <unk>.
+    """
     from transformers import AutoTokenizer
 
     local = os.path.isdir(path)
+    d = path if local else resolve_model_dir(path, allow_patterns=["*.json", "*.model", "*.txt"])
+    files = set(os.listdir(d))
+    if not files & set(TOKENIZER_FILES) and not any(f.endswith(".model") for f in files):
+        raise FileNotFoundError(
+            f"no tokenizer files in {path!r} (none of {', '.join(TOKENIZER_FILES)}); copy this "
+            "encoder's tokenizer there (tokenizer.save_pretrained(dir)) or pass tokenizer=DIR")
     try:
-        hf = AutoTokenizer.from_pretrained(resolve_model_dir(path) if not local else path,
-                                           local_files_only=local)
+        hf = AutoTokenizer.from_pretrained(d, local_files_only=True)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"no usable tokenizer in {path!r} ({str(e).splitlines()[0]}); save one there with "
             "tokenizer.save_pretrained(dir), or pass tokenizer=DIR") from None
-    return Tokenizer(hf, max_length)
+    if closed_vocabulary is None:
+        cfg = os.path.join(d, "config.json")
+        if os.path.exists(cfg):
+            with open(cfg) as f:
+                closed_vocabulary = bool(json.load(f).get(CLOSED_VOCABULARY_KEY, False))
+    return Tokenizer(hf, max_length, closed_vocabulary=bool(closed_vocabulary))
 
 
 def build_word_tokenizer(words: Sequence[str], out_dir: str | None = None):
     """A T5-style (Unigram, SentencePiece conventions) tokenizer for a closed vocabulary.
 
-    Each word of `words` is one token; any other text falls back to single characters, so no
-    prompt maps to <unk> silently. Ids follow T5: <pad>=0, </s>=1, <unk>=2.
+    Each word of `words` is one token; other words of ASCII letters, digits and punctuation fall
+    back to single characters. Any other character is <unk>, which a `Tokenizer` with
+    `closed_vocabulary=True` refuses. Ids follow T5: <pad>=0, </s>=1, <unk>=2.
 
     Args:
       words: the whole-word vocabulary.
