@@ -37,6 +37,7 @@ from jaxt2i.models.unet import UNet, UNetConfig
 from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
+from jaxt2i.text.tokenizer import UnknownTextError
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
 from jaxt2i.workdir import WorkdirLock, check_writable, disk_error, quiet_disk_errors
 
@@ -503,7 +504,12 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     with StopSignal() as stop:
         while it < tc.num_steps:
             t0 = time.perf_counter()
-            batch = to_global_array(_host_batch(trainer, next(data)), trainer.mesh)
+            try:
+                local = next(data)
+            except UnknownTextError as e:  # a caption the closed-vocabulary encoder cannot read
+                raise ConfigError(f"data: {e}; use a real T5 (text.encoder) for such "
+                                  "captions") from None
+            batch = to_global_array(_host_batch(trainer, local), trainer.mesh)
             data_wait += time.perf_counter() - t0
             state, metrics = trainer.step(state, batch, root_rng, it)
             pending.append((it + 1, metrics))

@@ -5,9 +5,9 @@ said in one line.
   process dies (SIGKILL included), so a killed run never leaves it stuck; the file keeps the
   holder's pid, host and start time, which a second process names when it is refused and a
   later run names when it takes over a lock left by a dead one.
-* `check_writable(path, flag)`: creates the directory and writes a probe file before any
-  work starts, so a read-only or unwritable path is one line at once, not a traceback after
-  an hour of sampling.
+* `check_writable(path, flag)`: proves a file can be written in the directory before any
+  work starts (creating it for the test and removing what it created), so a read-only or
+  unwritable path is one line at once, not a traceback after an hour of sampling.
 * `disk_error(exc)`: the one-line form of an OSError from a full disk, a file-size limit, a
   read-only filesystem or a denied permission (None for other errors).
 """
@@ -63,7 +63,8 @@ def disk_error(exc: BaseException) -> str | None:
 
 
 def check_writable(path: str, flag: str) -> str:
-    """Creates directory `path` if needed and proves a file can be written there.
+    """Proves a file can be written in directory `path` (made for the test, then removed
+    again if it did not exist).
 
     Args:
       path: the directory a command will write into.
@@ -75,6 +76,10 @@ def check_writable(path: str, flag: str) -> str:
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag}={path} is a file, not a directory; choose a directory")
+    top = path  # the highest directory this check creates: removed again afterwards
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    created = not os.path.exists(top)
     probe = os.path.join(path, f".write-test-{uuid.uuid4().hex[:8]}")
     try:
         os.makedirs(path, exist_ok=True)
@@ -91,7 +96,22 @@ def check_writable(path: str, flag: str) -> str:
             os.remove(probe)
         except OSError:
             pass
+        if created:  # a command that fails later leaves no empty directory behind
+            for d in _upward(path, top):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
     return path
+
+
+def _upward(path: str, top: str):
+    """`path`, its parent, ... up to and including `top`."""
+    while True:
+        yield path
+        if path == top or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
 
 
 class WorkdirLock:

@@ -399,3 +399,22 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
     zeroed = {**flatten(narrow), "text_conv/kernel": np.zeros_like(kernel)}
     moved = trainer5.model.apply({"params": unflatten(zeroed)}, x, t, emb, mask) - want_out
     assert float(np.abs(moved).max()) > 100 * tol
+
+
+def test_captions_the_bundled_encoder_cannot_read_stop_training_in_one_line(tmp_path):
+    from PIL import Image
+
+    from jaxt2i.data import builders
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i, cap in enumerate(["一只可爱的猫", "一只可爱的狗"]):
+        Image.new("RGB", (32, 32), (200, 40 * i, 0)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(cap, encoding="utf-8")
+    b = builders.image_text_builder(str(tmp_path / "tfds"), str(root))
+    builders.build(b)
+    cfg = _cfg(num_steps=2, log_every=1, save_every=0, batch_size=2)
+    cfg.data.source = str(b.data_path)
+    with pytest.raises(ConfigError, match=r"^data: .*一只可爱的.*use a real T5") as e:
+        train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], progress=False)
+    assert "\n" not in str(e.value)
