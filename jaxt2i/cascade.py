@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -24,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxt2i.config import ConfigError
+
+log = logging.getLogger("jaxt2i")
 
 CASCADE_FILE = "cascade.json"
 SETTING_NAMES = ("sampler", "steps", "guidance", "thresholding", "aug_level")
@@ -157,10 +160,17 @@ def resolve_stage_dirs(paths: Sequence[str]) -> list[str]:
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{os.path.join(paths[0], CASCADE_FILE)} must be JSON with a "
                                   "'stages' list of sub-directories") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{os.path.join(paths[0], CASCADE_FILE)} must be JSON with a "
+                              "'stages' list of sub-directories")
+        root = os.path.realpath(paths[0])
         paths = [os.path.join(paths[0], n) for n in names]
         for p in paths:
             if not os.path.exists(p):
                 raise ConfigError(f"cascade stage directory {p!r} does not exist")
+            if not os.path.realpath(p).startswith(root + os.sep):
+                log.warning("%s names stage %s, outside the cascade directory %s: loading it "
+                            "from there", CASCADE_FILE, os.path.realpath(p), root)
     return [_export_dir(p) for p in paths]
 
 
@@ -168,15 +178,48 @@ def _read_stage(path: str, dtype: str | None) -> Stage:
     from jaxt2i.checkpoint import EXPORT_CONFIG
     from jaxt2i.models.unet import UNetConfig
 
+    cfg_path = os.path.join(path, EXPORT_CONFIG)
     try:
-        with open(os.path.join(path, EXPORT_CONFIG)) as f:
+        with open(cfg_path) as f:
             meta = json.load(f)
-        config = meta["config"]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"stage {path!r}: unreadable {EXPORT_CONFIG} "
+                          f"({str(e).splitlines()[0]})") from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{cfg_path} is not a stage export's config (a JSON object with a "
+                          "'config' object); export the stage again")
+    for section in ("model", "text", "sample"):
+        if not isinstance(config.get(section), dict):
+            raise ConfigError(f"{cfg_path} lacks its '{section}' section; export the stage "
+                              "again (python -m jaxt2i.checkpoint --workdir=RUN)")
+    try:
         model = dict(config["model"], **({"dtype": dtype} if dtype else {}))
         unet_cfg = UNetConfig.from_dict(model)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"stage {path!r}: unreadable config ({str(e).splitlines()[0]})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"stage {path!r}: unreadable model config "
+                          f"({str(e).splitlines()[0]})") from None
     return Stage(path=path, config=config, unet_cfg=unet_cfg, step=meta.get("step"))
+
+
+def _check_params_fit(stage: Stage, params) -> None:
+    """Raises ConfigError naming the first param the stage's model config does not expect."""
+    from jaxt2i.checkpoint import flatten
+    from jaxt2i.models.unet import param_shapes
+
+    import flax.linen as nn
+
+    want = {k: tuple(v.shape) for k, v in
+            flatten(nn.unbox(param_shapes(stage.unet_cfg))["params"]).items()}
+    got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            what = ("is missing from params.safetensors" if name not in got else
+                    "is not in the model its config.json describes" if name not in want else
+                    f"has shape {got[name]} but the model's is {want[name]}")
+            raise ConfigError(f"stage {stage.path!r}: param {name} {what}; config.json and "
+                              "params.safetensors are from different models: export the stage "
+                              "again")
 
 
 def check_compatible(stages: Sequence[Stage], text_width: int | None = None) -> None:
@@ -201,8 +244,8 @@ def check_compatible(stages: Sequence[Stage], text_width: int | None = None) -> 
                                   f"stage {k - 1} makes {prev.image_size} px images")
         t0, t = stages[0].config["text"], s.config["text"]
         for key in ("encoder", "max_length"):
-            if t[key] != t0[key]:
-                raise ConfigError(f"stage {k} uses text.{key}={t[key]!r} but stage 0 uses "
+            if t.get(key) != t0.get(key):
+                raise ConfigError(f"stage {k} uses text.{key}={t.get(key)!r} but stage 0 uses "
                                   f"{t0[key]!r}; all stages must share one text encoder")
         if text_width is not None and c.text_dim != text_width:
             raise ConfigError(f"stage {k} ({s.path}) has text_dim {c.text_dim} but the text "
@@ -270,8 +313,9 @@ class Cascade:
             raise ConfigError("no prompts given: pass --prompt TEXT (repeatable) or --prompts_file")
         for p, n in zip(prompts, self.encoder.tokenizer.lengths(prompts)):
             if n > self.max_length:
-                raise ConfigError(f"prompt {p!r} has {n} tokens but the text encoder's max_length "
-                                  f"is {self.max_length}; shorten it")
+                short = p if len(p) <= 60 else p[:60] + "..."
+                raise ConfigError(f"prompt {short!r} has {n} tokens but the text encoder's "
+                                  f"max_length is {self.max_length}; shorten it")
         try:
             self.encoder.tokenizer(list(prompts))  # unknown text: error or warning
         except ValueError as e:
@@ -364,7 +408,8 @@ def _as_model_images(images) -> np.ndarray:
     return np.clip(a.astype(np.float32), -1.0, 1.0)
 
 
-def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encoder=None) -> Cascade:
+def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encoder=None,
+                 text_encoder: str | None = None) -> Cascade:
     """Loads a cascade from a cascade directory or a list of per-stage export directories.
 
     Args:
@@ -372,6 +417,9 @@ def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encode
         workdir is accepted for its export/ sub-directory).
       dtype: compute dtype ('float32' | 'bfloat16') of the U-Nets and T5 (default: as saved).
       encoder: an already loaded text encoder (default: the stages' `text.encoder`).
+      text_encoder: a directory or hub id to load the text encoder from instead of the
+        stages' `text.encoder` (which must be 'bundled' or a local directory: a checkpoint
+        never makes jaxt2i download anything).
 
     Returns:
       a `Cascade`. Raises ConfigError (one line) for a missing or incompatible checkpoint.
@@ -386,15 +434,27 @@ def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encode
         from jaxt2i.text import load_encoder
 
         t = stages[0].config["text"]
+        path = text_encoder or t["encoder"]
+        if path == "bundled":
+            path = assets.text_encoder_dir()
+        elif not text_encoder and not os.path.isdir(path):
+            # A checkpoint never sends jaxt2i to the network: only a hub id the user names.
+            raise ConfigError(
+                f"the stages' text encoder {path!r} (text.encoder in their config.json) is not "
+                "a local directory; pass --text_encoder=DIR (a local copy), or name the hub id "
+                f"with --text_encoder={path} to download it")
+        elif not text_encoder:
+            log.warning("loading the text encoder named by the stages' config from %s, outside "
+                        "the checkpoint", os.path.abspath(path))
         try:
-            path = assets.text_encoder_dir() if t["encoder"] == "bundled" else t["encoder"]
             encoder = load_encoder(path, dtype=dtype or t.get("dtype", "float32"),
                                    max_length=t["max_length"])
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"text encoder {t['encoder']!r}: {e}") from None
+            raise ConfigError(f"text encoder {path!r}: {e}") from None
     check_compatible(stages, encoder.config.d_model)
     for s in stages:
         params, _, _ = load_exported(s.path)
+        _check_params_fit(s, params)
         s.params = jax.tree_util.tree_map(jnp.asarray, params)
     return Cascade(stages, encoder)
 

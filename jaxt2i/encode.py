@@ -27,6 +27,8 @@ _TEXT_ENCODER = flags.DEFINE_string("text_encoder", None, "Hugging Face T5 direc
                                     "default: the bundled shapes encoder.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _MAX_LENGTH = flags.DEFINE_integer("max_length", None, "Text length L (default: the encoder's).")
+# Text encoders read ~128 tokens; far longer sequences only exhaust memory (attention is L^2).
+MAX_LENGTH_LIMIT = 4096
 _OUT = flags.DEFINE_string("out", None, "Write embeddings [B, L, D], mask [B, L] and the prompts "
                            "to this .safetensors file.")
 
@@ -74,6 +76,17 @@ def main(argv):
     from jaxt2i.text import load_encoder
 
     prompts = read_prompts(_PROMPT.value, _PROMPTS_FILE.value)
+    if _MAX_LENGTH.value is not None and not 1 <= _MAX_LENGTH.value <= MAX_LENGTH_LIMIT:
+        raise ConfigError(f"--max_length={_MAX_LENGTH.value} must be between 1 and "
+                          f"{MAX_LENGTH_LIMIT} tokens (omit it for the encoder's own length)")
+    out = _OUT.value
+    if out:
+        if os.path.isdir(out):
+            raise ConfigError(f"--out={out} is a directory; give a file path, e.g. "
+                              f"{os.path.join(out, 'embeddings.safetensors')}")
+        from jaxt2i.workdir import check_writable
+
+        check_writable(os.path.dirname(os.path.abspath(out)), "--out's directory")
     path = _TEXT_ENCODER.value or assets.text_encoder_dir()
     try:
         encoder = load_encoder(path, dtype=_DTYPE.value, max_length=_MAX_LENGTH.value)

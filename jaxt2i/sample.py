@@ -80,6 +80,13 @@ def stage_settings(cascade, stages: int | None, overrides: dict | None) -> list:
         raise ConfigError(str(e)) from None
 
 
+def define_text_encoder_flag() -> None:
+    """Defines --text_encoder: where to load the stages' text encoder from instead."""
+    flags.DEFINE_string("text_encoder", None, "Load the text encoder from this Hugging Face "
+                        "directory or hub id instead of the stages' text.encoder (a checkpoint "
+                        "never makes jaxt2i download; naming a hub id here does).")
+
+
 def define_stage_flags(what: str = "Per-stage") -> None:
     """Defines --sampler --steps --guidance --thresholding --aug_level (comma lists per stage)."""
     for name, kind in _STAGE_FLAGS.items():
@@ -138,7 +145,8 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], path: str, cols: in
 
 def run(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *, num_images: int = 1,
         seed: int = 0, stages: int | None = None, dtype: str | None = None,
-        overrides: dict | None = None, progress: bool = True) -> dict:
+        overrides: dict | None = None, progress: bool = True,
+        text_encoder: str | None = None) -> dict:
     """Loads the cascade, samples `num_images` per prompt and writes PNGs, grid and JSON.
 
     Args:
@@ -152,6 +160,7 @@ def run(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *, num_ima
       overrides: {setting: '25,10' or '25'} per-stage overrides (sampler, steps, guidance,
         thresholding, aug_level).
       progress: tqdm bar over the stages.
+      text_encoder: load the text encoder from here (a directory or hub id) instead.
 
     Returns:
       the record written to out/sample.json.
@@ -170,7 +179,7 @@ def run(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *, num_ima
         raise ConfigError(f"--seed={seed} must be in [0, 2**63)")
     if dtype not in (None, "", "float32", "bfloat16"):
         raise ConfigError(f"--dtype={dtype!r}; allowed: float32, bfloat16")
-    cascade = load_cascade(list(checkpoints), dtype=dtype or None)
+    cascade = load_cascade(list(checkpoints), dtype=dtype or None, text_encoder=text_encoder)
     settings = stage_settings(cascade, stages, overrides)
     n = len(settings)
     cascade.check_prompts(list(prompts))
@@ -208,7 +217,7 @@ def main(argv) -> None:
     check_writable(F.out, "--out")  # before the sampling work, not after it
     record = run(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                  stages=F.stages, dtype=F.dtype, overrides=overrides,
-                 progress=sys.stderr.isatty() or F.progress)
+                 progress=sys.stderr.isatty() or F.progress, text_encoder=F.text_encoder)
     print(f"wrote {len(record['images'])} images, grid.png and sample.json to {F.out}", flush=True)
 
 
@@ -224,6 +233,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("dtype", None, "Compute dtype of U-Nets and T5: float32 | bfloat16.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
     define_stage_flags()
+    define_text_encoder_flag()
 
 
 def cli() -> None:

@@ -194,7 +194,7 @@ def main(argv) -> None:
 
         check_writable(F.out, "--out")  # before the sampling work, not after it
     checkpoints = F.checkpoint or [demo_cascade_dir()]
-    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None)
+    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None, text_encoder=F.text_encoder)
     settings = stage_settings(cascade, F.stages, stage_flag_values())
     n = len(settings)
     try:
@@ -221,7 +221,7 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    from jaxt2i.sample import define_stage_flags
+    from jaxt2i.sample import define_stage_flags, define_text_encoder_flag
 
     flags.DEFINE_multi_string("checkpoint", None, "A cascade directory (cascade.json) or one "
                               "stage export directory per stage, base first (repeatable; "
@@ -241,6 +241,7 @@ def _define_flags() -> None:
                         "(JSONL) and eval.json.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
     define_stage_flags()
+    define_text_encoder_flag()
 
 
 def cli() -> None:

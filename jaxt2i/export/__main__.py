@@ -28,7 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: str = "float32",
            overrides: dict | None = None, platforms=None, opset: int | None = None,
-           stages: int | None = None, log=print) -> dict:
+           stages: int | None = None, log=print, text_encoder: str | None = None) -> dict:
     """Exports a cascade (or its first `stages` stages). Returns the manifest record."""
     from jaxt2i.cascade import load_cascade
     from jaxt2i.sample import stage_settings
@@ -39,7 +39,7 @@ def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: s
         raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     if fmt != "torch" and dtype != "float32":
         raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
-    cascade = load_cascade(list(checkpoints), dtype="float32")
+    cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
     settings = stage_settings(cascade, stages, overrides)
     n = len(settings)
     cascade.stages, cascade.models = cascade.stages[:n], cascade.models[:n]
@@ -81,14 +81,14 @@ def main(argv) -> None:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     manifest = export(checkpoints, F.format, F.out, overwrite=F.overwrite, dtype=F.dtype,
                       overrides=overrides, platforms=platforms, opset=F.opset, stages=F.stages,
-                      log=log)
+                      log=log, text_encoder=F.text_encoder)
     size = sum(f["bytes"] for f in manifest["files"])
     print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {os.path.abspath(F.out)}"
           f" ({len(manifest['files'])} files, {size / 1e6:.1f} MB); see manifest.json", flush=True)
 
 
 def _define_flags() -> None:
-    from jaxt2i.sample import define_stage_flags
+    from jaxt2i.sample import define_stage_flags, define_text_encoder_flag
 
     flags.DEFINE_multi_string("checkpoint", None, "A cascade directory, a stage export or a "
                               "training workdir (repeatable, base first; default: the bundled "
@@ -105,6 +105,7 @@ def _define_flags() -> None:
                         "(default cpu,cuda,tpu).")
     flags.DEFINE_integer("opset", None, "onnx only: ONNX opset (default 23).")
     define_stage_flags("stablehlo: baked-in per-stage")
+    define_text_encoder_flag()
     flags.mark_flags_as_required(["format", "out"])
 
 

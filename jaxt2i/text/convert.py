@@ -206,31 +206,39 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str, metadata: dict 
     if save_file is None:
         from safetensors.numpy import save_file
     tmp = path + ".tmp"
-    if not any(np.dtype(a.dtype) in _RAW_NAMES for a in tensors.values()):
-        save_file(tensors, tmp, metadata=metadata)
-    else:
-        std = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
-               np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(bool): "BOOL"}
-        header, offset, blobs = {}, 0, []
-        for name in sorted(tensors):
-            a = np.ascontiguousarray(tensors[name])
-            code = _RAW_NAMES.get(a.dtype) or std[a.dtype]
-            blob = a.tobytes()
-            header[name] = {"dtype": code, "shape": list(a.shape),
-                            "data_offsets": [offset, offset + len(blob)]}
-            offset += len(blob)
-            blobs.append(blob)
-        if metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with open(tmp, "wb") as fh:
-            fh.write(len(raw).to_bytes(8, "little"))
-            fh.write(raw)
-            for blob in blobs:
-                fh.write(blob)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+    try:
+        if not any(np.dtype(a.dtype) in _RAW_NAMES for a in tensors.values()):
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            std = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+                   np.dtype(np.int32): "I32", np.dtype(np.int64): "I64",
+                   np.dtype(np.uint8): "U8", np.dtype(bool): "BOOL"}
+            header, offset, blobs = {}, 0, []
+            for name in sorted(tensors):
+                a = np.ascontiguousarray(tensors[name])
+                code = _RAW_NAMES.get(a.dtype) or std[a.dtype]
+                blob = a.tobytes()
+                header[name] = {"dtype": code, "shape": list(a.shape),
+                                "data_offsets": [offset, offset + len(blob)]}
+                offset += len(blob)
+                blobs.append(blob)
+            if metadata:
+                header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            with open(tmp, "wb") as fh:
+                fh.write(len(raw).to_bytes(8, "little"))
+                fh.write(raw)
+                for blob in blobs:
+                    fh.write(blob)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a directory at `path`, ...: no stray temp file
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _umask() -> int:
