@@ -86,3 +86,15 @@ def test_export_commands_load_in_their_consumers(tiny_cascade_dir, tmp_path):
     prompts = ["a red circle", ""]
     want = cascade.sample(prompts, seed=3, settings=cascade.settings([{"steps": 2}] * 2))
     np.testing.assert_array_equal(run_exported(str(tmp_path / "hlo"), prompts, seed=3), want)
+
+
+def test_assets_command_rebuilds_the_shipped_text_encoder_byte_for_byte(tmp_path):
+    from jaxt2i import assets
+
+    _run("jaxt2i.assets", f"--out={tmp_path / 'enc'}")
+    shipped = assets.text_encoder_dir()
+    names = sorted(os.listdir(shipped))
+    assert names and sorted(os.listdir(tmp_path / "enc")) == names
+    for n in names:
+        with open(os.path.join(shipped, n), "rb") as a, open(tmp_path / "enc" / n, "rb") as b:
+            assert a.read() == b.read(), n
