@@ -50,6 +50,12 @@ class StageSettings:
     thresholding: str
     aug_level: float
 
+    def __post_init__(self):
+        from jaxt2i.config import check_range
+
+        for name in ("steps", "guidance", "aug_level"):  # NaN / inf / out of range: one line
+            check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
+
     @classmethod
     def from_config(cls, sample_cfg, **overrides) -> "StageSettings":
         """Settings from a stage config's `sample` section, with non-None `overrides` applied."""

@@ -130,3 +130,18 @@ def test_a_cascade_naming_stages_elsewhere_says_so(tiny_cascade_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     warned = [x for x in r.stderr.splitlines() if "outside the cascade directory" in x]
     assert len(warned) == 2 and str(tiny_cascade_dir / "base" / "export") in warned[0]
+
+
+def test_stage_settings_refuse_nan_and_out_of_range_values():
+    """The Python API (and a saved stage config) checks what the flags check."""
+    from jaxt2i.cascade import StageSettings
+    from jaxt2i.config import ConfigError
+
+    ok = dict(sampler="ddim", steps=4, guidance=3.0, thresholding="static", aug_level=0.1)
+    StageSettings(**ok)
+    for bad, expected in [({"guidance": float("nan")}, "sample.guidance=nan"),
+                          ({"guidance": float("inf")}, "sample.guidance=inf"),
+                          ({"aug_level": 5.0}, "sample.aug_level=5.0"),
+                          ({"steps": 0}, "sample.steps=0")]:
+        with pytest.raises(ConfigError, match=expected):
+            StageSettings(**{**ok, **bad})
