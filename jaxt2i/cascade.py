@@ -181,31 +181,17 @@ def resolve_stage_dirs(paths: Sequence[str]) -> list[str]:
 
 
 def _read_stage(path: str, dtype: str | None) -> Stage:
-    from jaxt2i.checkpoint import EXPORT_CONFIG
+    from jaxt2i.checkpoint import read_export_config
     from jaxt2i.models.unet import UNetConfig
 
-    cfg_path = os.path.join(path, EXPORT_CONFIG)
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"stage {path!r}: unreadable {EXPORT_CONFIG} "
-                          f"({str(e).splitlines()[0]})") from None
-    config = meta.get("config") if isinstance(meta, dict) else None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{cfg_path} is not a stage export's config (a JSON object with a "
-                          "'config' object); export the stage again")
-    for section in ("model", "text", "sample"):
-        if not isinstance(config.get(section), dict):
-            raise ConfigError(f"{cfg_path} lacks its '{section}' section; export the stage "
-                              "again (python -m jaxt2i.checkpoint --workdir=RUN)")
+    config, step = read_export_config(path, sections=("model", "text", "sample"))
     try:
         model = dict(config["model"], **({"dtype": dtype} if dtype else {}))
         unet_cfg = UNetConfig.from_dict(model)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"stage {path!r}: unreadable model config "
                           f"({str(e).splitlines()[0]})") from None
-    return Stage(path=path, config=config, unet_cfg=unet_cfg, step=meta.get("step"))
+    return Stage(path=path, config=config, unet_cfg=unet_cfg, step=step)
 
 
 def _check_params_fit(stage: Stage, params) -> None:

@@ -265,16 +265,7 @@ def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no {EXPORT_PARAMS} in {out_dir}; export a training run's "
                                 "checkpoint with `python -m jaxt2i.checkpoint --workdir=DIR`")
-    cfg_path = os.path.join(out_dir, EXPORT_CONFIG)
-    try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path} cannot be read as JSON ({_first_line(e)}); export "
-                              "the stage again") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{cfg_path} is not a stage export's config (a JSON object with a "
-                              "'config' object); export the stage again")
+    config, step = read_export_config(out_dir)
     try:
         tensors = load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors' own error types for a bad file
@@ -287,7 +278,27 @@ def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
         if not np.isfinite(a).all():
             raise CheckpointError(f"{path}: tensor {name} has {int((~np.isfinite(a)).sum())} "
                                   "non-finite values (NaN or inf); export an earlier checkpoint")
-    return unflatten(tensors), meta["config"], meta.get("step")
+    return unflatten(tensors), config, step
+
+
+def read_export_config(out_dir: str, sections: tuple[str, ...] = ()) -> tuple[dict, int | None]:
+    """(config, step) of a stage export's config.json; CheckpointError (one line) when it is
+    not JSON, not an export's config, or lacks one of the config `sections`."""
+    cfg_path = os.path.join(out_dir, EXPORT_CONFIG)
+    try:
+        with open(cfg_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} cannot be read as JSON ({_first_line(e)}); export "
+                              "the stage again") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_path} is not a stage export's config (a JSON object with a "
+                              "'config' object); export the stage again")
+    for section in sections:
+        if not isinstance(meta["config"].get(section), dict):
+            raise CheckpointError(f"{cfg_path} lacks its '{section}' section; export the stage "
+                                  "again (python -m jaxt2i.checkpoint --workdir=RUN)")
+    return meta["config"], meta.get("step")
 
 
 def flatten(tree: Any, sep: str = "/") -> dict[str, Any]:
