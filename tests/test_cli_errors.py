@@ -60,6 +60,19 @@ def test_encode_refuses_bad_lengths_and_a_directory_out(tmp_path):
         lines = [x for x in r.stderr.splitlines() if x.strip()]
         assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (extra, r.stderr)
     assert os.listdir(tmp_path) == []  # no DIR.tmp or other leftovers
+    # A truncated model.safetensors of a text encoder.
+    import shutil
+
+    from jaxt2i import assets
+
+    enc = tmp_path / "enc"
+    shutil.copytree(assets.text_encoder_dir(), enc)
+    raw = (enc / "model.safetensors").read_bytes()
+    (enc / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    r = _run(["jaxt2i.encode", "--prompt=a red circle", f"--text_encoder={enc}"], tmp_path)
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "model.safetensors is not a readable safetensors file" in lines[0]
 
 
 def _doctored(src, dst, stage="base", edit=None, cascade=None):

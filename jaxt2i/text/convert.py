@@ -135,17 +135,24 @@ def read_hf_tensors(model_dir: str, wanted: Iterable[str] | None = None) -> tupl
     wanted = None if wanted is None else set(wanted)
     tensors, names = {}, []
     for path in _weight_files(model_dir):
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                names.append(name)
-                key = _ALIASES.get(name, name)
-                if wanted is not None and key not in wanted:
-                    continue
-                if key in tensors and key != name:
-                    continue  # keep 'shared.weight' over its tied alias
-                dtype = f.get_slice(name).get_dtype()
-                tensors[key] = (_read_raw(path, name) if dtype in _RAW_DTYPES
-                                else f.get_tensor(name))
+        try:
+            with safe_open(path, framework="np") as f:
+                for name in f.keys():
+                    names.append(name)
+                    key = _ALIASES.get(name, name)
+                    if wanted is not None and key not in wanted:
+                        continue
+                    if key in tensors and key != name:
+                        continue  # keep 'shared.weight' over its tied alias
+                    dtype = f.get_slice(name).get_dtype()
+                    tensors[key] = (_read_raw(path, name) if dtype in _RAW_DTYPES
+                                    else f.get_tensor(name))
+        except Exception as e:  # noqa: BLE001 - safetensors' own error types for a bad file
+            if isinstance(e, (FileNotFoundError, MemoryError)):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{path} is not a readable safetensors file ({first}); it may be "
+                             "truncated: copy or download it again") from None
     return tensors, names
 
 
