@@ -97,20 +97,15 @@ def ema_update(ema, params, decay: float, step):
     return jax.tree_util.tree_map(lambda e, p: e + (1.0 - d) * (p - e), ema, params)
 
 
-def _all_finite(tree) -> jax.Array:
-    """Whether every floating-point leaf of `tree` is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransformation,
                     ema_decay: float) -> tuple[TrainState, jax.Array]:
     """One update, skipped entirely (state unchanged but counters) if it is not finite.
 
-    Non-finite means: the loss or the gradients, or anything the update produces (params,
-    optimizer state, EMA params; e.g. a NaN learning rate or an overflowing moment), so no
-    NaN or infinity ever reaches the state that is checkpointed and exported.
+    Non-finite means: the loss, the gradients (their global norm) or the optimizer's update
+    (its global norm: a NaN learning rate, or an update so large its norm overflows), so no
+    NaN or infinity reaches the params, the optimizer state or the EMA params that are
+    checkpointed and exported. (A check of every new leaf instead made a sharded train step
+    compile 4x slower: 115 s against 24 s on a 4-way FSDP mesh.)
 
     Returns:
       (new state, grad global norm).
@@ -122,7 +117,7 @@ def apply_gradients(state: TrainState, grads, loss, tx: optax.GradientTransforma
     updates, new_opt = tx.update(safe, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     new_ema = ema_update(state.ema_params, new_params, ema_decay, state.step)
-    finite = inputs_ok & _all_finite((new_params, new_opt, new_ema))
+    finite = inputs_ok & jnp.isfinite(optax.global_norm(updates))
 
     def pick(new, old):
         return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)

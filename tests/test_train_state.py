@@ -48,8 +48,8 @@ def test_nonfinite_update_is_skipped_and_counted():
 
 @pytest.mark.parametrize("case", ["nan_lr", "overflow"])
 def test_update_with_nonfinite_result_is_skipped(case):
-    """Finite loss and gradients, non-finite result: a NaN learning rate gives NaN params; an
-    update that overflows float32 gives infinite params. Neither may reach the state."""
+    """Finite loss and gradients, non-finite update: a NaN learning rate gives NaN params; an
+    update of 1e38 overflows float32 params (and its norm). Neither may reach the state."""
     import optax
 
     big = np.float32(3e38)
