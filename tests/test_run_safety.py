@@ -5,7 +5,6 @@ a killed run's lock, a full disk. docs/guarantees.md points at each test here.""
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,12 +26,18 @@ def _train(workdir, *extra, fsize=None, timeout=600):
     cmd = [sys.executable, "-m", "jaxt2i.train", "--config=configs/base.py:tiny",
            f"--workdir={workdir}", "--config.train.num_steps=4", "--config.train.log_every=2",
            "--config.train.save_every=2", "--config.data.num_examples=64", *extra]
-    limit = None
     if fsize is not None:  # a "full disk": no file may grow past `fsize` bytes
-        def limit():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+        cmd = _limited(fsize, cmd)
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=limit)
+                          timeout=timeout)
+
+
+def _limited(fsize, cmd):
+    """`cmd` under a file-size limit, set in the child itself (no preexec_fn: forking a
+    process that runs JAX threads may deadlock)."""
+    code = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, "
+            f"({fsize}, {fsize})); os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+    return [sys.executable, "-c", code, *cmd[1:]]
 
 
 def _error_lines(stderr):
@@ -173,12 +178,9 @@ def test_unwritable_output_is_refused_before_any_work(argv, flag, finished_run, 
     extra = ([f"--workdir={finished_run}", f"--out={out}"] if argv[0] == "jaxt2i.checkpoint"
              else [f"--workdir={out}"] if argv[0] == "jaxt2i.train" else [f"--out={out}"])
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", *argv, *extra], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    r = subprocess.run(_limited(0, [sys.executable, "-m", *argv, *extra]), cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and f"{flag}={out} cannot be written" in lines[0], r.stderr[-3000:]
