@@ -10,7 +10,7 @@ from jaxt2i.config import parse_variant
 
 def get_config(arg=None):
     v = parse_variant(arg, {"size": "demo"})
-    c = common.stage_config(v["size"], sr=False)
+    c = common.stage_config(v["size"])
     if v["size"] == "tiny":
         common.tiny(c)
     elif v["size"] == "demo":

@@ -10,11 +10,10 @@ from jaxt2i.models.unet import get_unet_config
 from jaxt2i.parallel.sharding import DEFAULT_RULES
 
 
-def stage_config(size: str, *, sr: bool) -> ml_collections.ConfigDict:
+def stage_config(size: str) -> ml_collections.ConfigDict:
     """The full config of one cascade stage with the U-Net size `size`."""
     unet = get_unet_config(size)
     c = ml_collections.ConfigDict()
-    c.stage = "sr" if sr else "base"
     c.model_size = size
     # Every UNetConfig field, so `--config.model.base_channels=64` works and the JSON beside a
     # checkpoint describes the model completely.

@@ -11,7 +11,7 @@ from jaxt2i.config import parse_variant
 
 def get_config(arg=None):
     v = parse_variant(arg, {"size": "demo_sr"})
-    c = common.stage_config(v["size"], sr=True)
+    c = common.stage_config(v["size"])
     c.sample.sampler = "ddim"
     c.sample.guidance = 3.0
     if v["size"] == "tiny_sr":

@@ -36,7 +36,8 @@ CORRUPT_DIR = "corrupt_checkpoints"
 # Config fields that define what a checkpoint's state is: resuming with any of them changed
 # would restore into another model (or fail and restart). Others (steps, lr, logging) may
 # change between runs.
-IDENTITY_FIELDS = ("stage", "model", "train.optimizer", "diffusion.schedule")
+# (Configs before format version 2 also had `stage`, which model.lowres_size decides.)
+IDENTITY_FIELDS = ("model", "train.optimizer", "diffusion.schedule")
 # ... except these, which change how the same state is computed, not what it is.
 FREE_FIELDS = ("model.dtype", "model.remat")
 
@@ -226,9 +227,14 @@ class Checkpointer:
 def export_params(params: Any, config: dict, out_dir: str, step: int | None = None) -> str:
     """Writes inference params (e.g. the EMA params) as safetensors + the config as JSON.
 
-    Keys are '/'-joined tree paths. Only process 0 writes (arrays are gathered first).
+    Keys are '/'-joined tree paths. Only process 0 writes (arrays are gathered first). The
+    config is written in the current stage format (`jaxt2i.stage.upgrade`: a checkpoint of an
+    older run exports as a current one).
     """
+    from jaxt2i.stage import upgrade
     from jaxt2i.text.convert import write_safetensors
+
+    config = upgrade(config, f"the config of the export to {out_dir}")
 
     flat = flatten(host_gather(params))
     if jax.process_index() == 0:

@@ -75,7 +75,6 @@ def _lazy(module: str, name: str) -> Callable[[], Iterable[str]]:
 # Enumerated config fields and the values the library accepts. Values may be a tuple or a
 # zero-argument callable returning one (so modules are imported only when checked).
 CHOICES: dict[str, Any] = {
-    "stage": ("base", "sr"),
     "text.dtype": ("float32", "bfloat16"),
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),

@@ -14,6 +14,7 @@ position and the config; SIGTERM saves at the next step boundary and exits 0.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -30,13 +31,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxt2i import diffusion
-from jaxt2i.cascade import StageSettings, sample_stage
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
-from jaxt2i.models.unet import UNet, UNetConfig
+from jaxt2i.models.unet import UNetConfig
 from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
+from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
 from jaxt2i.text.tokenizer import UnknownTextError
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
 from jaxt2i.workdir import WorkdirLock, check_writable, disk_error, quiet_disk_errors
@@ -49,18 +50,6 @@ _IN_FLIGHT = 2
 
 class TrainingStopped(RuntimeError):
     """Raised when training cannot go on (e.g. too many non-finite updates in a row)."""
-
-
-def load_text_encoder(text_cfg) -> Any:
-    """The frozen text encoder named by the config ('bundled' = the package's shapes encoder)."""
-    from jaxt2i import assets
-    from jaxt2i.text import load_encoder
-
-    try:
-        path = assets.text_encoder_dir() if text_cfg.encoder == "bundled" else text_cfg.encoder
-        return load_encoder(path, dtype=text_cfg.dtype, max_length=text_cfg.max_length)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"text.encoder={text_cfg.encoder!r}: {e}") from None
 
 
 def _check_batch(cfg, mesh) -> None:
@@ -88,34 +77,30 @@ def _widens_text_conv(name: str, src_shape, want_shape) -> bool:
 
 
 class Trainer:
-    """Holds the compiled pieces of one stage's training: model, mesh, step functions."""
+    """Holds the compiled pieces of one stage's training: its `Stage`, mesh, step functions."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, encoder=None, devices=None):
         validate(cfg)
         self.cfg = cfg
-        try:
-            self.unet_cfg = UNetConfig.from_dict(cfg.model.to_dict())
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e)) from None
+        stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
+        self.unet_cfg = stage_cfg.model
         self.is_sr = self.unet_cfg.is_sr
-        if self.is_sr != (cfg.stage == "sr"):
-            raise ConfigError(f"config stage {cfg.stage!r} does not match model.lowres_size "
-                              f"({self.unet_cfg.lowres_size})")
         try:
             self.mesh = make_mesh(dict(cfg.mesh), devices)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         _check_batch(cfg, self.mesh)
         self.rules = rules_from_config(cfg.sharding_rules)
-        self.model = UNet(self.unet_cfg)
         self.tx = make_optimizer(cfg.train)
-        self.schedule = diffusion.get_schedule(cfg.diffusion.schedule)
+        self.stage = Stage(stage_cfg)
+        self.schedule = self.stage.schedule
         if self.schedule.is_discrete and self.unet_cfg.noise_scale != 1:
             raise ConfigError(
                 f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
                 f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
                 "continuous t in [0, 1]: set --config.model.noise_scale=1")
-        self.encoder = encoder if encoder is not None else load_text_encoder(cfg.text)
+        self.encoder = encoder if encoder is not None else load_text_encoder(stage_cfg.text)
+        self.stage.encoder = self.encoder
         if self.encoder.config.d_model != self.unet_cfg.text_dim:
             raise ConfigError(
                 f"the text encoder's width ({self.encoder.config.d_model}) differs from "
@@ -127,24 +112,8 @@ class Trainer:
         self._compile()
 
     # ----------------------------------------------------------------------------- state
-    def _example(self, batch_size: int = 1):
-        c = self.unet_cfg
-        size = c.crop_size or c.image_size
-        x = jnp.zeros((batch_size, size, size, c.channels), jnp.float32)
-        t = jnp.zeros((batch_size,), jnp.float32)
-        L = self.encoder.max_length
-        emb = jnp.zeros((batch_size, L, c.text_dim), jnp.float32)
-        mask = jnp.ones((batch_size, L), bool)
-        extra = {}
-        if self.is_sr:
-            low = size * c.lowres_size // c.image_size
-            extra = dict(lowres=jnp.zeros((batch_size, low, low, c.channels), jnp.float32),
-                         aug_level=t)
-        return (x, t, emb, mask), extra
-
     def _init_params(self, rng):
-        args, extra = self._example()
-        return self.model.init(rng, *args, **extra)["params"]
+        return self.stage.init_params(rng)
 
     def _init_state(self, rng) -> TrainState:
         return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
@@ -195,11 +164,10 @@ class Trainer:
         narrower text_conv kernel is widened: centred, with zero outer taps, so the model
         computes what the export did.
         """
-        from jaxt2i.cascade import _export_dir
         from jaxt2i.checkpoint import flatten, load_exported, unflatten
 
         try:
-            export_dir = _export_dir(path)
+            export_dir = resolve_export_dir(path)
         except ConfigError as e:
             raise ConfigError(f"train.init_from: {e}") from None
         loaded, _, step = load_exported(export_dir)
@@ -260,17 +228,9 @@ class Trainer:
         return stack
 
     # ------------------------------------------------------------------------------ step
-    def _denoise_fn(self, params):
-        def fn(x_t, model_t, cond):
-            return self.model.apply({"params": params}, x_t, model_t, cond["text_emb"],
-                                    cond["text_mask"], lowres=cond.get("lowres"),
-                                    aug_level=cond.get("aug_level"))
-        return fn
-
     def encode_text(self, text_params, ids, mask):
         """Frozen T5 inside the step: [B, L] ids -> [B, L, D] float32 (no gradient)."""
-        emb = self.encoder.module.apply({"params": text_params}, ids, mask)
-        return jax.lax.stop_gradient(emb.astype(jnp.float32))
+        return jax.lax.stop_gradient(self.stage.encode_text(text_params, ids, mask)[0])
 
     def _loss(self, params, batch, text_params, rng):
         cfg = self.cfg
@@ -285,12 +245,11 @@ class Trainer:
             drop_rng, {"text_emb": emb, "text_mask": mask},
             {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
         if self.is_sr:
-            low, level = diffusion.noise_augment(
-                aug_rng, batch["lowres"], max_level=cfg.diffusion.aug_max_level,
-                schedule=cfg.diffusion.aug_schedule)
+            low, level = self.stage.augment(aug_rng, batch["lowres"],
+                                            max_level=cfg.diffusion.aug_max_level)
             cond["lowres"], cond["aug_level"] = low, level
         per_example = diffusion.diffusion_loss(
-            self._denoise_fn(params), batch["image"], cond, loss_rng, schedule=self.schedule,
+            self.stage.denoiser(params), batch["image"], cond, loss_rng, schedule=self.schedule,
             objective=self.unet_cfg.objective, weighting=cfg.diffusion.loss_weighting,
             gamma=cfg.diffusion.min_snr_gamma)
         return jnp.mean(per_example)
@@ -334,6 +293,18 @@ class Trainer:
             return self._jit_step(state, batch, self.text_params, rng,
                                   jnp.asarray(iteration, jnp.int32))
 
+    def lower_step(self, state, batch, rng, iteration):
+        """The jitted train step lowered for these (concrete or abstract, sharded) arguments:
+        `.compile()` it for `memory_analysis()` / `cost_analysis()`, or call the result."""
+        with self._context():
+            return self._jit_step.lower(state, batch, self.text_params, rng, iteration)
+
+    def step_jaxpr(self, state, batch, rng, iteration):
+        """The train step's jaxpr for these arguments (analytic FLOP counts)."""
+        with self._context():
+            return jax.make_jaxpr(self._train_step)(state, batch, self.text_params, rng,
+                                                     iteration)
+
     # --------------------------------------------------------------------------- samples
     def sample(self, params, prompts, rng, lowres=None, steps=None):
         """Samples images for `prompts` with the config's sampler (and `lowres` for SR)."""
@@ -345,19 +316,14 @@ class Trainer:
                                     jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
 
     def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
-        emb = self.encode_text(text_params, ids, mask)  # [B, L, D]
-        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)  # [1, L, D]
-        return sample_stage(
-            self.model, params, emb, mask, u_emb, self.uncond_mask, rng, lowres,
-            schedule=self.schedule, aug_schedule=self.cfg.diffusion.aug_schedule,
-            settings=StageSettings.from_config(self.cfg.sample, steps=steps))
+        text = self.stage.encode_text(text_params, ids, mask)  # [B, L, D]
+        uncond = self.stage.encode_text(text_params, self.uncond_ids, self.uncond_mask)
+        return self.stage.sample(params, text, uncond, rng, lowres,
+                                 settings=self.stage.config.sample.replace(steps=steps))
 
 
-def _pipeline(trainer: Trainer, cfg):
-    from jaxt2i.data import pipeline as data_pipeline
-
-    c = trainer.unet_cfg
-    resolution = c.image_size
+def _source(trainer: Trainer, cfg):
+    """The run's data source: the on-the-fly shapes world or the data directory named."""
     source = cfg.data.source
     kinds = cfg.data.get("shapes_kinds", "")
     if kinds and source != "shapes":
@@ -367,19 +333,48 @@ def _pipeline(trainer: Trainer, cfg):
         raise ConfigError(f"data.shapes_kinds={kinds!r} changes the shapes captions, so the text "
                           f"cache {cfg.text.cache!r} (built from the default mix) cannot serve "
                           f"them; unset text.cache")
+    if source == "shapes":
+        from jaxt2i.data.shapes import ShapesSource
+
+        return ShapesSource(trainer.unet_cfg.image_size, cfg.data.num_examples, cfg.data.split,
+                            cfg.data.seed, kinds=kinds or None)
+    return source
+
+
+def _pipeline(trainer: Trainer, cfg):
+    from jaxt2i.data import pipeline as data_pipeline
+
+    c = trainer.unet_cfg
     try:
-        if source == "shapes":
-            from jaxt2i.data.shapes import ShapesSource
-            source = ShapesSource(resolution, cfg.data.num_examples, cfg.data.split,
-                                  cfg.data.seed, kinds=kinds or None)
         return data_pipeline.make_pipeline(
-            source, resolution=resolution, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
-            lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
+            _source(trainer, cfg), resolution=c.image_size, batch_size=cfg.train.batch_size,
+            seed=cfg.data.seed, lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
             text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
             tokenizer=None if cfg.text.cache else trainer.encoder.tokenizer,
             split=cfg.data.split)
     except (FileNotFoundError, ValueError) as e:  # a user's data / cache path or size
         raise ConfigError(f"data: {e}") from None
+
+
+def _preview_inputs(trainer: Trainer, cfg) -> tuple[list[str], Any]:
+    """What the sample grids show: a base stage samples `train.sample_prompts`; an SR stage
+    upsamples the first examples of the run's own data (their captions and low-res inputs, as
+    its input pipeline makes them), so the grid shows the data it learns from."""
+    from jaxt2i.data import pipeline as data_pipeline
+
+    prompts = list(cfg.train.sample_prompts)
+    if not trainer.is_sr:
+        return prompts, None
+    c = trainer.unet_cfg
+    try:
+        with data_pipeline.make_pipeline(
+                _source(trainer, cfg), resolution=c.image_size, batch_size=len(prompts),
+                seed=cfg.data.seed, lowres=c.lowres_size, shuffle=False, process_index=0,
+                process_count=1, split=cfg.data.split) as preview:
+            batch = next(preview)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"data: {e}") from None
+    return [str(t) for t in batch["caption"]], jnp.asarray(batch["lowres"])
 
 
 def _host_batch(trainer: Trainer, local: dict) -> dict:
@@ -460,9 +455,93 @@ def _saved_steps(workdir: str) -> list[int]:
         return []
 
 
-def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When the training loop logs, saves and samples: a pure function of the step count.
+
+    Attributes:
+      num_steps: the run's last step.
+      log_every: log metrics (and check for non-finite updates) every this many steps.
+      save_every: checkpoint every this many steps (0: only at the end).
+      sample_every: write a sample grid every this many steps (0: only at the end).
+    """
+
+    num_steps: int
+    log_every: int
+    save_every: int = 0
+    sample_every: int = 0
+
+    @classmethod
+    def from_config(cls, train_cfg) -> "Cadence":
+        return cls(int(train_cfg.num_steps), int(train_cfg.log_every),
+                   int(train_cfg.save_every), int(train_cfg.sample_every))
+
+    def after_step(self, step: int, *, stopping: bool = False) -> tuple[str, ...]:
+        """The actions due once `step` updates are done, in order: 'log'; then 'stop' (save
+        and leave the loop) when a stop was requested, else 'save' and 'sample' when due."""
+        actions = []
+        if stopping or step >= self.num_steps or step % max(self.log_every, 1) == 0:
+            actions.append("log")
+        if stopping:
+            return (*actions, "stop")
+        if self.save_every and step % self.save_every == 0:
+            actions.append("save")
+        if self.sample_every and step % self.sample_every == 0:
+            actions.append("sample")
+        return tuple(actions)
+
+    def at_end(self, step: int, *, saved_at: int | None, stopped: bool) -> tuple[str, ...]:
+        """After the loop: 'save' unless step was just saved; a finished run (not stopped by a
+        signal) also writes its final 'sample' grid and its 'export'."""
+        actions = [] if saved_at == step else ["save"]
+        return tuple(actions) if stopped else (*actions, "sample", "export")
+
+
+class _Reporter:
+    """Turns the metrics of logged steps into metrics.jsonl / TensorBoard rows and a line on
+    the console (or the tqdm bar): rates are over the steps since the previous log."""
+
+    def __init__(self, writer, bar, batch_size: int, num_steps: int):
+        self.writer, self.bar = writer, bar
+        self.batch_size, self.num_steps = batch_size, num_steps
+        self.t_last, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def stepped(self, data_wait: float) -> None:
+        self.steps += 1
+        self.data_wait += data_wait
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, m: dict) -> None:
+        n = max(self.steps, 1)
+        dt = time.perf_counter() - self.t_last
+        line = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                "images_per_s": n * self.batch_size / dt, "step_time_s": dt / n,
+                "data_wait_s": self.data_wait / n, "skipped_total": int(m["total_skipped"])}
+        self.writer.scalars(step, line)
+        msg = (f"loss {line['loss']:.4f} {line['images_per_s']:.1f} img/s "
+               f"step {line['step_time_s'] * 1e3:.0f} ms data {line['data_wait_s'] * 1e3:.0f} ms")
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg)
+        elif jax.process_index() == 0:
+            print(f"step {step}/{self.num_steps} {msg}", flush=True)
+        self.t_last, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+
+
+def _next_batch(trainer: Trainer, data) -> tuple[dict, float]:
+    """The next global batch and the seconds spent waiting for it."""
     from jaxt2i.data.pipeline import to_global_array
 
+    t0 = time.perf_counter()
+    try:
+        local = next(data)
+    except UnknownTextError as e:  # a caption the closed-vocabulary encoder cannot read
+        raise ConfigError(f"data: {e}; use a real T5 (text.encoder) for such captions") from None
+    batch = to_global_array(_host_batch(trainer, local), trainer.mesh)
+    return batch, time.perf_counter() - t0
+
+
+def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     trainer = Trainer(cfg, encoder, devices)
     tc = cfg.train
     ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
@@ -475,52 +554,42 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
             f.write(to_json(cfg))
         os.replace(tmp, os.path.join(workdir, "config.json"))
     data = _pipeline(trainer, cfg)
-    start = 0
+    preview = _preview_inputs(trainer, cfg)
     if restored is not None:
-        start, state, data_state, _ = restored
+        it, state, data_state, _ = restored
         if data_state:
             data.set_state(data_state)
-        log.warning("resumed from %s at step %d", ckpt.directory, start)
+        log.warning("resumed from %s at step %d", ckpt.directory, it)
     elif tc.get("init_from"):
-        state = trainer.init_state_from(tc.init_from, tc.seed)
+        it, state = 0, trainer.init_state_from(tc.init_from, tc.seed)
     else:
-        state = trainer.init_state(tc.seed)
+        it, state = 0, trainer.init_state(tc.seed)
     root_rng = jax.random.key(tc.seed + 1)
     writer = MetricWriter(workdir)
-    it = start if restored is not None else 0
     log.warning("training %s stage: %s U-Net, %.2fM params, mesh %s, batch %d, steps %d..%d",
-                cfg.stage, cfg.model_size, trainer.num_params / 1e6, dict(trainer.mesh.shape),
-                tc.batch_size, it, tc.num_steps)
+                "sr" if trainer.is_sr else "base", cfg.model_size, trainer.num_params / 1e6,
+                dict(trainer.mesh.shape), tc.batch_size, it, tc.num_steps)
     show_bar = progress if progress is not None else sys.stderr.isatty()
     bar = None
     if show_bar and jax.process_index() == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.num_steps, initial=it, unit="step", dynamic_ncols=True)
-    losses: dict[int, float] = {}
-    reason, failed, saved_at = "finished", False, None
-    t_last, data_wait, since = time.perf_counter(), 0.0, 0
-    pending = collections.deque()  # (step, metrics) whose loss is not read yet
+    cadence = Cadence.from_config(tc)
+    report = _Reporter(writer, bar, tc.batch_size, tc.num_steps)
+    reason, failed, saved_at, metrics = "finished", False, None, None
+    in_flight = collections.deque()  # losses of dispatched steps not known to be done
     with StopSignal() as stop:
         while it < tc.num_steps:
-            t0 = time.perf_counter()
-            try:
-                local = next(data)
-            except UnknownTextError as e:  # a caption the closed-vocabulary encoder cannot read
-                raise ConfigError(f"data: {e}; use a real T5 (text.encoder) for such "
-                                  "captions") from None
-            batch = to_global_array(_host_batch(trainer, local), trainer.mesh)
-            data_wait += time.perf_counter() - t0
+            batch, wait = _next_batch(trainer, data)
             state, metrics = trainer.step(state, batch, root_rng, it)
-            pending.append((it + 1, metrics))
-            if len(pending) > _IN_FLIGHT:  # an older step's loss: the device stays busy
-                done, m = pending.popleft()
-                losses[done] = float(m["loss"])
+            in_flight.append(metrics["loss"])
+            if len(in_flight) > _IN_FLIGHT:  # the host prepares the next batch while the
+                jax.block_until_ready(in_flight.popleft())  # device works, never further ahead
             it += 1
-            since += 1
-            if bar is not None:
-                bar.update(1)
-            if since >= tc.log_every or it == tc.num_steps or stop.requested:
+            report.stepped(wait)
+            actions = cadence.after_step(it, stopping=bool(stop.requested))
+            if "log" in actions:
                 m = jax.device_get(metrics)
                 if int(m["skipped"]) >= tc.max_skipped:
                     reason = (f"stopped: {int(m['skipped'])} non-finite updates in a row "
@@ -528,37 +597,29 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
                               f"in {ckpt.directory} is intact; lower train.lr or check the data")
                     failed = True
                     break
-                dt = time.perf_counter() - t_last
-                line = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-                        "images_per_s": since * tc.batch_size / dt, "step_time_s": dt / since,
-                        "data_wait_s": data_wait / since, "skipped_total": int(m["total_skipped"])}
-                writer.scalars(it, line)
-                msg = (f"loss {line['loss']:.4f} {line['images_per_s']:.1f} img/s "
-                       f"step {line['step_time_s'] * 1e3:.0f} ms data {line['data_wait_s'] * 1e3:.0f} ms")
-                if bar is not None:
-                    bar.set_postfix_str(msg)
-                elif jax.process_index() == 0:
-                    print(f"step {it}/{tc.num_steps} {msg}", flush=True)
-                t_last, data_wait, since = time.perf_counter(), 0.0, 0
-            if stop.requested:
+                report.log(it, m)
+            if "stop" in actions:
                 ckpt.save(it, state, data.get_state(), config_dict, force=True)
                 saved_at = it
                 reason = f"stopped by {stop.requested}: checkpoint saved at step {it}"
                 break
-            if tc.save_every and it % tc.save_every == 0:
+            if "save" in actions:
                 ckpt.save(it, state, data.get_state(), config_dict)
                 saved_at = it
-            if tc.sample_every and it % tc.sample_every == 0:
-                _write_samples(trainer, state, it, workdir, writer)
-        if not failed:
-            losses.update((done, float(m["loss"])) for done, m in pending)
-        if not failed and saved_at != it and it not in ckpt.all_steps():
+            if "sample" in actions:
+                _write_samples(trainer, state, it, workdir, writer, preview)
+        if saved_at != it and it in ckpt.all_steps():  # resumed at the last step
+            saved_at = it
+        end = () if failed else cadence.at_end(it, saved_at=saved_at,
+                                               stopped=bool(stop.requested))
+        if "save" in end:
             ckpt.save(it, state, data.get_state(), config_dict, force=True)
         ckpt.wait()
     if bar is not None:
         bar.close()
-    if not failed and not stop.requested:
-        _write_samples(trainer, state, it, workdir, writer)
+    if "sample" in end:
+        _write_samples(trainer, state, it, workdir, writer, preview)
+    if "export" in end:
         export_params(state.ema_params, config_dict, os.path.join(workdir, "export"), step=it)
     writer.close()
     ckpt.close()
@@ -567,24 +628,15 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
         raise TrainingStopped(reason)
     if jax.process_index() == 0:
         print(reason if stop.requested else f"finished at step {it}: {workdir}", flush=True)
-    return {"step": it, "losses": losses, "reason": reason,
-            "last_loss": losses[max(losses)] if losses else None}
+    last_loss = float(jax.device_get(metrics)["loss"]) if metrics is not None else None
+    return {"step": it, "reason": reason, "last_loss": last_loss}
 
 
-def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer) -> None:
-    """A grid of EMA samples for the fixed prompts (SR: for fixed low-res inputs)."""
-    cfg = trainer.cfg
-    prompts = list(cfg.train.sample_prompts)
-    lowres = None
-    if trainer.is_sr:
-        from jaxt2i.data import shapes
-
-        size = trainer.unet_cfg.lowres_size
-        src = shapes.ShapesSource(size, len(prompts), "train", seed=cfg.data.seed + 7)
-        items = [src[i] for i in range(len(prompts))]
-        prompts = [it["caption"] for it in items]
-        lowres = jnp.asarray(np.stack([it["image"] for it in items]).astype(np.float32) / 127.5 - 1)
-    images = trainer.sample(state.ema_params, prompts, jax.random.key(cfg.train.seed + 2), lowres)
+def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer, preview) -> None:
+    """A grid of EMA samples of the preview prompts (SR: of the preview low-res inputs)."""
+    prompts, lowres = preview
+    images = trainer.sample(state.ema_params, prompts, jax.random.key(trainer.cfg.train.seed + 2),
+                            lowres)
     images = to_uint8(host_gather(images))
     if jax.process_index() == 0:
         grid = save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))

@@ -73,11 +73,14 @@ def test_no_checkpoint_returns_none(tmp_path):
 
 
 def test_export_round_trip(tmp_path):
+    from jaxt2i.stage import FORMAT_VERSION
+
     params = {"a": {"w": np.random.rand(3, 2).astype(np.float32)}, "b": np.zeros(2, np.float32)}
     export_params(params, {"model": {"size": "tiny"}}, str(tmp_path / "ema"), step=7)
     back, cfg, step = load_exported(str(tmp_path / "ema"))
     np.testing.assert_array_equal(back["a"]["w"], params["a"]["w"])
-    assert cfg == {"model": {"size": "tiny"}} and step == 7
+    # written in the current stage-config format (jaxt2i.stage.upgrade of the given config)
+    assert cfg == {"model": {"size": "tiny"}, "format_version": FORMAT_VERSION} and step == 7
 
 
 def test_damaged_exports_are_one_line_errors(tmp_path):
@@ -120,6 +123,7 @@ def test_damaged_exports_are_one_line_errors(tmp_path):
 
 def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_path):
     from jaxt2i.checkpoint import export_checkpoint
+    from jaxt2i.stage import FORMAT_VERSION
 
     mesh = make_mesh({"data": 1, "fsdp": 4})
     state = _state()
@@ -136,7 +140,8 @@ def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_pat
     params, cfg, saved_step = load_exported(out)
     np.testing.assert_array_equal(params["dense"]["kernel"], -np.arange(32.0).reshape(8, 4))
     np.testing.assert_array_equal(params["dense"]["bias"], np.full(4, 0.5))
-    assert cfg == {"stage": "base", "at": 2} and saved_step == 2
+    # a checkpoint of a version-1 run (with `stage`) exports in the current format
+    assert cfg == {"at": 2, "format_version": FORMAT_VERSION} and saved_step == 2
     out, step = export_checkpoint(str(tmp_path), step=1, out_dir=str(tmp_path / "s1"))
     params, cfg, _ = load_exported(out)
     np.testing.assert_array_equal(params["dense"]["kernel"], np.arange(32.0).reshape(8, 4))

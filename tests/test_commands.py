@@ -73,8 +73,8 @@ def test_export_commands_load_in_their_consumers(tiny_cascade_dir, tmp_path):
     t = np.array([0.3, 0.7], np.float32)
     emb, mask = cascade.encoder.encode(["a red circle", "two green stars"])
     emb, mask = np.array(emb, np.float32), np.array(mask)
-    want = np.asarray(cascade.models[0].apply({"params": cascade.stages[0].params},
-                                              jnp.asarray(x), jnp.asarray(t), emb, mask))
+    want = np.asarray(cascade.stages[0].model.apply({"params": cascade.stages[0].params},
+                                                    jnp.asarray(x), jnp.asarray(t), emb, mask))
     with torch.no_grad():
         got = net(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
                   torch.from_numpy(emb), torch.from_numpy(mask)).permute(0, 2, 3, 1).numpy()

@@ -61,7 +61,7 @@ def _jax_outputs(cascade):
     outs, prev = [], None
     for k, stage in enumerate(cascade.stages):
         x = _inputs(stage, prev)
-        y = cascade.models[k].apply({"params": stage.params}, **{k2: jnp.asarray(v)
+        y = stage.model.apply({"params": stage.params}, **{k2: jnp.asarray(v)
                                                                  for k2, v in x.items()})
         outs.append((x, np.asarray(y)))
         prev = stage.unet_cfg.image_size
@@ -178,7 +178,14 @@ def test_onnx_denoiser_with_text_conv_matches_jax(tmp_path):
     want = np.asarray(model.apply({"params": params}, **x))
     names, specs = denoiser_inputs(cfg, 6, None)
     path = str(tmp_path / "denoiser.onnx")
-    _save(convert(denoiser_fn(model, params), specs, names, ["out"], "text_conv denoiser"), path)
+    from jaxt2i.stage import Stage, StageConfig
+
+    stage = Stage(StageConfig.from_dict({
+        "model": cfg.to_dict(), "text": {"encoder": "bundled", "max_length": 6},
+        "diffusion": {"schedule": "cosine"},
+        "sample": {"sampler": "ddim", "steps": 4, "guidance": 1.0, "thresholding": "none",
+                   "aug_level": 0.0}}), params)
+    _save(convert(denoiser_fn(stage), specs, names, ["out"], "text_conv denoiser"), path)
     x["text_emb"][0, 3:] = np.nan
     got = run_denoiser(path, x)
     assert np.abs(want).max() > 0.1

@@ -119,7 +119,7 @@ def test_compatibility_checks(cascade_dir, cascade):
 
 
 class _StubSR:
-    """Stands in for an SR U-Net in `sample_stage`: a fixed, bounded x0 prediction."""
+    """Stands in for an SR stage's U-Net (`Stage.model`): a fixed, bounded x0 prediction."""
 
     def __init__(self, image_size=16, lowres_size=8):
         from types import SimpleNamespace
@@ -139,8 +139,9 @@ def _run_stub_stage(sampler, seed=0):
     import jax
     import jax.numpy as jnp
 
-    from jaxt2i.cascade import StageSettings, sample_stage
     from jaxt2i.diffusion import noising, samplers
+    from jaxt2i.models.unet import get_unet_config
+    from jaxt2i.stage import Stage, StageConfig, StageSettings
 
     aug, steps = [], []
     real_q_sample, real_ddpm = noising.q_sample, samplers.DDPM.update
@@ -159,11 +160,18 @@ def _run_stub_stage(sampler, seed=0):
     lowres = jnp.asarray(rng.uniform(-1, 1, (2, 8, 8, 3)), jnp.float32)
     settings = StageSettings(sampler=sampler, steps=4, guidance=1.0, thresholding="none",
                              aug_level=0.3)
+    unet = get_unet_config("tiny_sr", image_size=16, lowres_size=8, text_dim=8,
+                           objective="x0").to_dict()
+    stage = Stage(StageConfig.from_dict({
+        "model": unet, "text": {"encoder": "bundled", "max_length": 4},
+        "diffusion": {"schedule": "cosine", "aug_schedule": "cosine"},
+        "sample": settings.to_dict()}))
+    stage.model = _StubSR()
     with pytest.MonkeyPatch.context() as mp, jax.disable_jit():  # eager: noises are concrete
         mp.setattr(noising, "q_sample", q_sample)
         mp.setattr(samplers.DDPM, "update", update)
-        x = sample_stage(_StubSR(), {}, emb, mask, emb[:1], mask[:1], jax.random.key(seed),
-                         lowres, schedule="cosine", aug_schedule="cosine", settings=settings)
+        x = stage.sample({}, (emb, mask), (emb[:1], mask[:1]), jax.random.key(seed), lowres,
+                         settings=settings)
     return np.asarray(x), aug, steps
 
 

@@ -335,7 +335,7 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
 
     run = tmp_path / "ft"
     out = train(cfg, str(run), devices=jax.devices()[:2], progress=False)
-    assert out["step"] == 1 and np.isfinite(out["losses"][1])
+    assert out["step"] == 1 and np.isfinite(out["last_loss"])
     cfg.train.num_steps = 2
     cfg.train.init_from = str(tmp_path / "does-not-exist")  # resuming: not read
     assert train(cfg, str(run), devices=jax.devices()[:2], progress=False)["step"] == 2
@@ -390,14 +390,14 @@ def test_init_from_export_fine_tunes_with_another_objective(tmp_path):
     t = np.array([0.3, 0.8], np.float32)
     emb = rng.normal(size=(2, 6, 128)).astype(np.float32)
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2], bool)
-    model3 = Trainer(grown, devices=jax.devices()[:1]).model
+    model3 = Trainer(grown, devices=jax.devices()[:1]).stage.model
     want_out = model3.apply({"params": narrow}, x, t, emb, mask)
-    got_out = trainer5.model.apply({"params": jax.device_get(state5.params)}, x, t, emb, mask)
+    got_out = trainer5.stage.model.apply({"params": jax.device_get(state5.params)}, x, t, emb, mask)
     tol = 1e-5 * float(np.abs(want_out).max())
     np.testing.assert_allclose(got_out, want_out, rtol=0, atol=tol)
     # Not a no-op check: without the export's kernel the output moves by more than that.
     zeroed = {**flatten(narrow), "text_conv/kernel": np.zeros_like(kernel)}
-    moved = trainer5.model.apply({"params": unflatten(zeroed)}, x, t, emb, mask) - want_out
+    moved = trainer5.stage.model.apply({"params": unflatten(zeroed)}, x, t, emb, mask) - want_out
     assert float(np.abs(moved).max()) > 100 * tol
 
 
@@ -418,3 +418,44 @@ def test_captions_the_bundled_encoder_cannot_read_stop_training_in_one_line(tmp_
     with pytest.raises(ConfigError, match=r"^data: .*一只可爱的.*use a real T5") as e:
         train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_cadence_decides_log_save_sample_and_the_end_alone():
+    """The loop's schedule is data: which actions follow each step, without a model."""
+    from jaxt2i.train import Cadence
+
+    c = Cadence(num_steps=10, log_every=3, save_every=4, sample_every=5)
+    due = {s: c.after_step(s) for s in range(1, 11)}
+    assert [s for s, a in due.items() if "log" in a] == [3, 6, 9, 10]  # and always the last
+    assert [s for s, a in due.items() if "save" in a] == [4, 8]
+    assert [s for s, a in due.items() if "sample" in a] == [5, 10]
+    assert c.after_step(7, stopping=True) == ("log", "stop")  # a signal: log, save, leave
+    assert c.at_end(10, saved_at=8, stopped=False) == ("save", "sample", "export")
+    assert c.at_end(10, saved_at=10, stopped=False) == ("sample", "export")
+    assert c.at_end(7, saved_at=7, stopped=True) == ()
+    assert Cadence(num_steps=10, log_every=3).after_step(4) == ()  # 0: only at the end
+
+
+def test_sr_sample_grids_come_from_the_runs_own_data(tmp_path):
+    """Issue #24: an SR run's sample grids upsampled shapes-world renders whatever
+    data.source said; now they show the first examples of the run's own data."""
+    from jaxt2i.data import builders, pipeline
+    from jaxt2i.train import _preview_inputs
+
+    cfg = _cfg("configs/sr.py:tiny_sr")
+    c = cfg.model
+    builder = builders.shapes_builder(str(tmp_path / "tfds"), c.image_size, 8, seed=11)
+    builders.build(builder)
+    cfg.data.source = str(builder.data_path)
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    prompts, lowres = _preview_inputs(trainer, cfg)
+    src = builders.load_source(str(builder.data_path))
+    n = len(cfg.train.sample_prompts)
+    want = [src[i] for i in range(n)]
+    assert prompts == [w["caption"].decode() if isinstance(w["caption"], bytes) else
+                       str(w["caption"]) for w in want]
+    assert prompts != list(cfg.train.sample_prompts)
+    img = [pipeline.decode_image(w["image"]) for w in want]
+    low = np.stack([pipeline.to_float(pipeline.downsample(
+        pipeline.resize_crop(i, c.image_size), c.lowres_size)) for i in img])
+    np.testing.assert_allclose(np.asarray(lowres), low, atol=1e-6)

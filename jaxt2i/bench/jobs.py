@@ -219,14 +219,13 @@ def job_train(which: str, quick: bool, tiny: bool = False) -> dict:
     batch = to_global_array(batch, trainer.mesh)
     key = jax.random.key(3)
     state = trainer.init_state(0)
-    with trainer._context():  # pylint: disable=protected-access
-        args = (state, batch, trainer.text_params, key, jnp.int32(0))
-        t0 = time.perf_counter()
-        lowered = trainer._jit_step.lower(*args)  # pylint: disable=protected-access
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        analytic = jaxpr_flops(jax.make_jaxpr(trainer._train_step)(*args))  # pylint: disable=protected-access
+    args = (state, batch, key, jnp.int32(0))
+    t0 = time.perf_counter()
+    lowered = trainer.lower_step(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    analytic = jaxpr_flops(trainer.step_jaxpr(*args))
     holder = {"state": state}
 
     def step():
@@ -261,18 +260,15 @@ def _bench_stage(spec: str, seed: int, image_size: int | None = None):
 
     import flax.linen as nn
 
-    from jaxt2i.cascade import Stage
-    from jaxt2i.models.unet import UNet, UNetConfig, example_inputs
+    from jaxt2i.stage import Stage, StageConfig
 
     cfg = stage_config(spec)
     if image_size:
         cfg.model.image_size = image_size
-    unet_cfg = UNetConfig.from_dict(cfg.model.to_dict())
-    inputs = example_inputs(unet_cfg)
-    params = nn.unbox(jax.jit(lambda k: UNet(unet_cfg).init(k, **inputs))(
-        jax.random.key(seed, impl="rbg"))["params"])
-    return Stage(path=f"<random {spec}>", config=cfg.to_dict(), unet_cfg=unet_cfg,
-                 params=params, step=0)
+    stage = Stage(StageConfig.from_dict(cfg.to_dict(), where=spec), path=f"<random {spec}>",
+                  step=0)
+    stage.params = nn.unbox(jax.jit(stage.init_params)(jax.random.key(seed, impl="rbg")))
+    return stage
 
 
 def _bench_stages(tiny: bool, sr: bool) -> list:
@@ -301,9 +297,8 @@ def job_sample(which: str, quick: bool, tiny: bool = False) -> dict:
     if st.is_sr:
         low = st.unet_cfg.lowres_size
         lowres = jax.random.uniform(jax.random.key(5), (b, low, low, 3), jnp.float32, -1, 1)
-    fn = cascade._jitted[k]  # pylint: disable=protected-access
-    args = (st.params, emb, mask, cascade._u_emb, cascade._u_mask,  # pylint: disable=protected-access
-            jax.random.key(4), lowres)
+    fn = cascade.stage_fn(k)
+    args = (st.params, emb, mask, *cascade.uncond, jax.random.key(4), lowres)
 
     def compile_at(steps, guidance=GUIDANCE):
         settings = StageSettings("ddpm", steps, guidance, "dynamic", 0.2)
@@ -391,12 +386,10 @@ def job_memory_paper(quick: bool, batch: int | None = None, tiny: bool = False) 
                  "text_emb": sds((b, L, D), jnp.bfloat16), "text_mask": sds((b, L), jnp.bool_)}
     batch_sh = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     batch_abs = {k: sds(v.shape, v.dtype, sharding=batch_sh) for k, v in batch_abs.items()}
-    with trainer._context():  # pylint: disable=protected-access
-        t0 = time.perf_counter()
-        compiled = trainer._jit_step.lower(  # pylint: disable=protected-access
-            trainer.abstract_state, batch_abs, trainer.text_params,
-            sds((), jax.random.key(0).dtype), sds((), jnp.int32)).compile()
-        compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compiled = trainer.lower_step(trainer.abstract_state, batch_abs,
+                                  sds((), jax.random.key(0).dtype), sds((), jnp.int32)).compile()
+    compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
               "alias_size_in_bytes", "generated_code_size_in_bytes")

@@ -42,7 +42,7 @@ def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: s
     cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
     settings = stage_settings(cascade, stages, overrides)
     n = len(settings)
-    cascade.stages, cascade.models = cascade.stages[:n], cascade.models[:n]
+    cascade = cascade.head(n)
     with staging_dir(out, overwrite, log=log) as root:
         if fmt == "torch":
             from jaxt2i.export.torch_export import export_torch

@@ -186,8 +186,9 @@ def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequ
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(*packages),
         "sources": [{"path": os.path.abspath(s.path), "step": s.step,
-                     "config_sha256": config_hash(s.config), "model_size": s.config.get(
-                         "model_size"), "stage": s.config.get("stage")} for s in stages],
+                     "config_sha256": config_hash(dict(s.config.raw)),
+                     "model_size": s.config.model_size,
+                     "stage": "sr" if s.is_sr else "base"} for s in stages],
         "files": sorted(files, key=lambda f: f["path"]),
     }
     if settings is not None:

@@ -94,13 +94,14 @@ def denoiser_inputs(unet_cfg, text_len: int, lowres_size: int | None):
     return names, specs
 
 
-def denoiser_fn(model, params):
-    """The U-Net with its params closed over (they become ONNX initializers)."""
-    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), params)
+def denoiser_fn(stage):
+    """`stage.denoise` with its params closed over (they become ONNX initializers)."""
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), stage.params)
 
     def fn(x_t, noise_level, text_emb, text_mask, lowres=None, aug_level=None):
-        return model.apply({"params": params}, x_t, noise_level, text_emb, text_mask,
-                           lowres=lowres, aug_level=aug_level)
+        return stage.denoise(params, x_t, noise_level, {
+            "text_emb": text_emb, "text_mask": text_mask, "lowres": lowres,
+            "aug_level": aug_level})
     return fn
 
 
@@ -127,8 +128,7 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
     save_encoder(enc, tdir)  # tokenizer files (and HF weights) beside the ONNX graph
     say("text encoder: converting to ONNX")
     tparams = jax.tree_util.tree_map(jnp.asarray, enc.params)
-    model = convert(lambda ids, mask: enc.module.apply({"params": tparams}, ids, mask)
-                    .astype(jnp.float32),
+    model = convert(lambda ids, mask: cascade.encode_fn(tparams, ids, mask)[0],
                     [jax.ShapeDtypeStruct((b, L), jnp.int32), jax.ShapeDtypeStruct((b, L), jnp.bool_)],
                     ["input_ids", "attention_mask"], ["text_emb"], "the text encoder", opset)
     _save(model, os.path.join(tdir, ENCODER_FILE))
@@ -141,11 +141,11 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
         os.makedirs(sdir)
         in_names, specs = denoiser_inputs(stage.unet_cfg, L, prev_size)
         say(f"stage {k}: converting the denoiser to ONNX")
-        model = convert(denoiser_fn(cascade.models[k], stage.params), specs, in_names,
+        model = convert(denoiser_fn(stage), specs, in_names,
                         ["prediction"], f"stage {k} ({name})", opset)
         _save(model, os.path.join(sdir, DENOISER_FILE))
         write_json(os.path.join(sdir, "config.json"), {
-            "config": stage.config, "step": stage.step, "inputs": in_names,
+            "config": stage.config.to_dict(), "step": stage.step, "inputs": in_names,
             "output": f"prediction ({stage.unet_cfg.objective}) [B, {stage.unet_cfg.image_size}, "
             f"{stage.unet_cfg.image_size}, {stage.unet_cfg.channels}]",
             "noise_level": "jaxt2i.diffusion.get_schedule(config['diffusion']['schedule'])"

@@ -57,15 +57,11 @@ def load_params(path: str) -> dict:
 
 def stage_sampler(cascade, k: int, settings):
     """Stage k's reverse process as a function of explicit arrays (no Python state)."""
-    from jaxt2i.cascade import sample_stage
-
-    s, model = cascade.stages[k], cascade.models[k]
-    diff = s.config["diffusion"]
+    s = cascade.stages[k]
 
     def run(params, emb, mask, u_emb, u_mask, key_data, lowres=None):
-        x = sample_stage(model, params, emb, mask, u_emb, u_mask,
-                         jax.random.wrap_key_data(key_data), lowres, schedule=diff["schedule"],
-                         aug_schedule=diff.get("aug_schedule", "cosine"), settings=settings)
+        x = s.sample(params, (emb, mask), (u_emb, u_mask), jax.random.wrap_key_data(key_data),
+                     lowres, settings=settings)
         return jnp.clip(x, -1.0, 1.0)  # [B, H, W, C]
 
     if s.is_sr:
@@ -109,7 +105,7 @@ def export_stablehlo(cascade, settings, root: str, platforms: Sequence[str] = PL
     tdir = os.path.join(root, "text_encoder")
     save_encoder(enc, tdir)
     say("text encoder: lowering encode()")
-    exp = _export(cascade._encode_fn, (params_spec(enc.params),
+    exp = _export(cascade.encode_fn, (params_spec(enc.params),
                                        jax.ShapeDtypeStruct((b, L), jnp.int32),
                                        jax.ShapeDtypeStruct((b, L), jnp.bool_)),
                   platforms, "the text encoder")
@@ -143,7 +139,7 @@ def export_stablehlo(cascade, settings, root: str, platforms: Sequence[str] = PL
                       [f"lowres [B, {prev_size}, {prev_size}, {c.channels}] float32 in [-1, 1]"]
                       if stage.is_sr else [])
         write_json(os.path.join(sdir, "config.json"), {
-            "config": stage.config, "step": stage.step, "settings": dict(vars(st)),
+            "config": stage.config.to_dict(), "step": stage.step, "settings": st.to_dict(),
             "inputs": inputs, "output": f"[B, {c.image_size}, {c.image_size}, {c.channels}] "
             "float32 in [-1, 1]", "platforms": list(platforms),
             "calling_convention_version": exp.calling_convention_version})

@@ -39,8 +39,8 @@ def export_torch(cascade, settings, root: str, dtype: str = "float32", progress=
         names.append(name)
         say(f"stage {k}: writing {name}/model.safetensors")
         save_pretrained(os.path.join(root, name), stage.params, stage.unet_cfg.to_dict(),
-                        dtype=dtype, extra={"config": stage.config, "step": stage.step,
-                                            "sample_defaults": dict(vars(st))})
+                        dtype=dtype, extra={"config": stage.config.to_dict(), "step": stage.step,
+                                            "sample_defaults": st.to_dict()})
     record = {"format": "torch", "stages": names, "text_encoder": "text_encoder",
               "max_length": cascade.encoder.max_length, "dtype": dtype, "layout": "NCHW",
               "module": "jaxt2i.export.torch_unet.TorchUNet"}

@@ -33,8 +33,8 @@ class TextEncoder:
       config: the T5Config (dtype = compute dtype).
       params: the Flax params pytree (plain arrays, no partitioning boxes).
       tokenizer: fixed-length `Tokenizer`.
-      module: the `T5Encoder` linen module, for use inside larger jitted functions:
-        `encoder.module.apply({'params': encoder.params}, ids, mask)`.
+      module: the `T5Encoder` linen module. Inside larger jitted functions, call
+        `encoder.embed(params, ids, mask)` (what training, sampling and the exporters use).
     """
 
     def __init__(self, config: T5Config, params: Any, tokenizer: Tokenizer):
@@ -42,10 +42,16 @@ class TextEncoder:
         self.params = params
         self.tokenizer = tokenizer
         self.module = T5Encoder(config)
-        self._encode = jax.jit(self._apply)
+        self._encode = jax.jit(self.apply)
 
-    def _apply(self, params, ids, mask):
+    def apply(self, params, ids, mask) -> jax.Array:
+        """Traceable: [B, L] ids + [B, L] mask -> [B, L, D] embeddings in the compute dtype."""
         return self.module.apply({"params": params}, ids, mask)
+
+    def embed(self, params, ids, mask) -> tuple[jax.Array, jax.Array]:
+        """Traceable: the text conditioning of every stage, (emb [B, L, D] float32, mask [B, L]
+        bool): what training, the cascade and the exporters all call."""
+        return self.apply(params, ids, mask).astype(jnp.float32), mask.astype(bool)
 
     @property
     def max_length(self) -> int:

@@ -1,0 +1,455 @@
+"""One cascade stage: its typed config, its U-Net and params, and the functions everything calls.
+
+    stage = Stage.load("runs/base/export", encoder=encoder)   # config.json + params.safetensors
+    pred = stage.denoise(params, x_t, t, cond)                 # one U-Net evaluation
+    emb, mask = stage.encode_text(text_params, ids, mask)      # the frozen text encoder
+    x = stage.sample(params, (emb, mask), (u_emb, u_mask), rng, settings=...)  # reverse process
+
+Training (`jaxt2i.train`), sampling (`jaxt2i.cascade`), the exporters, the evaluator and the
+benchmarks all go through a `Stage`: none of them applies the U-Net or the text encoder, or
+reads a stage's config, any other way. A stage's config is parsed once into a `StageConfig`
+(typed, versioned); the JSON beside an export of an older format is brought up to date by one
+function, `upgrade`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import typing
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxt2i.config import ConfigError, check_range
+
+log = logging.getLogger("jaxt2i")
+
+# Version of the stage config written beside an export (config.json's config.format_version).
+# 1: before versioning (it had a `stage` field, 'base' | 'sr', that repeated
+#    model.lowres_size, and could lack diffusion.aug_schedule and text.dtype).
+# 2: `stage` removed (model.lowres_size > 0 is an SR stage); every section complete.
+FORMAT_VERSION = 2
+
+
+def upgrade(config: Mapping[str, Any], where: str = "stage config") -> dict:
+    """A stage config of any format version -> the current one (a new dict; no I/O).
+
+    Raises ConfigError for a config written by a newer jaxt2i, or one whose `stage` field
+    contradicts its model.
+    """
+    out = copy.deepcopy(dict(config))
+    version = out.get("format_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise ConfigError(f"{where}: format_version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
+        raise ConfigError(f"{where} has format_version {version}, newer than this jaxt2i reads "
+                          f"({FORMAT_VERSION}); upgrade jaxt2i")
+    if version == 1:
+        kind = out.pop("stage", None)
+        model = out.get("model")
+        if kind is not None and isinstance(model, Mapping):
+            is_sr = int(model.get("lowres_size", 0) or 0) > 0
+            if kind not in ("base", "sr") or (kind == "sr") != is_sr:
+                raise ConfigError(f"{where}: stage {kind!r} contradicts model.lowres_size "
+                                  f"({model.get('lowres_size', 0)}); export the stage again")
+        if isinstance(out.get("diffusion"), dict):
+            out["diffusion"].setdefault("aug_schedule", "cosine")
+        if isinstance(out.get("text"), dict):
+            out["text"].setdefault("dtype", "float32")
+    out["format_version"] = FORMAT_VERSION
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """How one stage is sampled (hashable: a static argument of the stage's jitted sampler).
+
+    The single declaration of the sampling settings: the config's `sample` section, the
+    per-stage command-line flags (`jaxt2i.cli`) and the exports' records all follow its fields.
+
+    Attributes:
+      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m'.
+      steps: number of denoiser evaluations.
+      guidance: classifier-free guidance weight w (1 = no guidance, no unconditional pass).
+      thresholding: 'none' | 'static' | 'dynamic'.
+      aug_level: SR stages: fixed noise-augmentation level in [0, 1] of the low-res input.
+    """
+
+    sampler: str
+    steps: int
+    guidance: float
+    thresholding: str
+    aug_level: float
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # coerce (JSON, flags), then range-check
+            kind = setting_types()[f.name]
+            try:
+                object.__setattr__(self, f.name, kind(getattr(self, f.name)))
+            except (TypeError, ValueError):
+                raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} is not a "
+                                  f"{kind.__name__}") from None
+        for name in ("steps", "guidance", "aug_level"):  # NaN / inf / out of range: one line
+            check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
+
+    @classmethod
+    def from_config(cls, sample_cfg: Mapping[str, Any], **overrides) -> "StageSettings":
+        """Settings from a config's `sample` section, with non-None `overrides` applied."""
+        get = sample_cfg.get if hasattr(sample_cfg, "get") else lambda k: getattr(sample_cfg, k)
+        values = {name: get(name) for name in setting_types()}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **overrides) -> "StageSettings":
+        """A copy with the non-None `overrides` applied."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def setting_types() -> dict[str, type]:
+    """{setting name: type} of `StageSettings`, in declaration order."""
+    hints = typing.get_type_hints(StageSettings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(StageSettings)}
+
+
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(StageSettings))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+    """The frozen text encoder a stage is conditioned on.
+
+    Attributes:
+      encoder: 'bundled' (the package's shapes encoder), a Hugging Face T5 directory or hub id.
+      max_length: text length L in tokens.
+      dtype: the encoder's compute dtype.
+    """
+
+    encoder: str
+    max_length: int
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionSpec:
+    """What sampling needs of the stage's diffusion (the training-only fields stay in `raw`).
+
+    Attributes:
+      schedule: the noise schedule the stage was trained with (`jaxt2i.diffusion`).
+      aug_schedule: schedule of the low-res input's noise-conditioning augmentation (SR).
+    """
+
+    schedule: str
+    aug_schedule: str = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A stage's config, parsed once (from a training config or the JSON beside an export).
+
+    Attributes:
+      model: the U-Net's `UNetConfig`.
+      text: the text encoder it is conditioned on.
+      diffusion: its schedules.
+      sample: its default sampling settings.
+      model_size: the named size it was made from (e.g. 'demo'), if any.
+      raw: the whole config as given (training, data, mesh sections included), for records.
+    """
+
+    model: Any  # UNetConfig
+    text: TextSpec
+    diffusion: DiffusionSpec
+    sample: StageSettings
+    model_size: str | None = None
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+
+    @property
+    def is_sr(self) -> bool:
+        return self.model.is_sr
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], *, where: str = "stage config",
+                  dtype: str | None = None) -> "StageConfig":
+        """Parses a full stage config (any format version) into typed sections.
+
+        Args:
+          config: the config dict (a training config's `to_dict()` or an export's).
+          where: names the config in errors (e.g. the export's path).
+          dtype: override of the model's and text encoder's compute dtype.
+
+        Raises ConfigError (one line naming `where` and the field) for a missing section or a
+        bad value.
+        """
+        from jaxt2i.models.unet import UNetConfig
+
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{where} is not a JSON object")
+        raw = dict(config)
+        c = upgrade(raw, where)
+        for section in ("model", "text", "diffusion", "sample"):
+            if not isinstance(c.get(section), Mapping):
+                raise ConfigError(f"{where} lacks its '{section}' section; export the stage "
+                                  "again (python -m jaxt2i.checkpoint --workdir=RUN)")
+        try:
+            model = UNetConfig.from_dict(dict(c["model"], **({"dtype": dtype} if dtype else {})))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{where}: unreadable model config "
+                              f"({str(e).splitlines()[0]})") from None
+        t, d = c["text"], c["diffusion"]
+        try:
+            text = TextSpec(encoder=str(t["encoder"]), max_length=int(t["max_length"]),
+                            dtype=str(dtype or t["dtype"]))
+            diff = DiffusionSpec(schedule=str(d["schedule"]), aug_schedule=str(d["aug_schedule"]))
+            sample = StageSettings.from_config(c["sample"])
+        except KeyError as e:
+            raise ConfigError(f"{where} lacks the field {e.args[0]!r}; export the stage "
+                              "again") from None
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        return cls(model=model, text=text, diffusion=diff, sample=sample,
+                   model_size=c.get("model_size"), raw=raw)
+
+    def to_dict(self) -> dict:
+        """The whole config in the current format (what exports write)."""
+        return upgrade(self.raw)
+
+
+def resolve_export_dir(path: str) -> str:
+    """A stage export dir: `path` itself or `path/export` (a training workdir).
+
+    Raises ConfigError (one line) naming what `path` is and what to do.
+    """
+    from jaxt2i.checkpoint import EXPORT_PARAMS
+
+    for d in (path, os.path.join(path, "export")):
+        if os.path.exists(os.path.join(d, EXPORT_PARAMS)):
+            return d
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        raise ConfigError(f"training run {path!r} has no export/ yet (it is written when the run "
+                          "finishes); export its newest checkpoint with "
+                          f"`python -m jaxt2i.checkpoint --workdir={path}`")
+    raise ConfigError(f"checkpoint {path!r} is neither a cascade directory (cascade.json) nor "
+                      f"a stage export (params.safetensors + config.json)")
+
+
+def load_text_encoder(text: TextSpec, *, override: str | None = None,
+                      from_checkpoint: bool = False):
+    """The frozen text encoder a stage names ('bundled' = the package's shapes encoder).
+
+    Args:
+      text: the stage's `TextSpec`.
+      override: a directory or hub id to load instead (the user's explicit choice).
+      from_checkpoint: the spec comes from a checkpoint, which never makes jaxt2i download:
+        a hub id there is refused unless `override` names it.
+    """
+    from jaxt2i import assets
+    from jaxt2i.text import load_encoder
+
+    path = override or text.encoder
+    if path == "bundled":
+        path = assets.text_encoder_dir()
+    elif from_checkpoint and not override and not os.path.isdir(path):
+        raise ConfigError(
+            f"the stages' text encoder {path!r} (text.encoder in their config.json) is not "
+            "a local directory; pass --text_encoder=DIR (a local copy), or name the hub id "
+            f"with --text_encoder={path} to download it")
+    elif from_checkpoint and not override:
+        log.warning("loading the text encoder named by the stages' config from %s, outside "
+                    "the checkpoint", os.path.abspath(path))
+    try:
+        return load_encoder(path, dtype=text.dtype, max_length=text.max_length)
+    except (FileNotFoundError, ValueError) as e:
+        what = f"text encoder {path!r}" if from_checkpoint or override else \
+            f"text.encoder={text.encoder!r}"
+        raise ConfigError(f"{what}: {e}") from None
+
+
+class Stage:
+    """One cascade stage: config, U-Net, params and the text encoder it is conditioned on.
+
+    Attributes:
+      config: the `StageConfig`.
+      model: the `UNet` module.
+      schedule: the stage's diffusion schedule object.
+      params: the U-Net's params (None until loaded or set).
+      encoder: the frozen `TextEncoder` (shared by a cascade's stages; None if not attached).
+      path: where the stage was loaded from ('' if built in memory).
+      step: the training step of its params, if known.
+    """
+
+    def __init__(self, config: StageConfig, params: Any = None, *, encoder: Any = None,
+                 path: str = "", step: int | None = None):
+        from jaxt2i import diffusion
+        from jaxt2i.models.unet import UNet
+
+        self.config = config
+        self.model = UNet(config.model)
+        self.schedule = diffusion.get_schedule(config.diffusion.schedule)
+        self.params = params
+        self.encoder = encoder
+        self.path = path
+        self.step = step
+
+    # ------------------------------------------------------------------------ loading
+    @classmethod
+    def read(cls, path: str, *, dtype: str | None = None) -> "Stage":
+        """A stage export's config (no params yet): `path` is an export or a training workdir."""
+        from jaxt2i.checkpoint import read_export_config
+
+        path = resolve_export_dir(path)
+        raw, step = read_export_config(path)
+        return cls(StageConfig.from_dict(raw, where=f"stage {path!r}", dtype=dtype), path=path,
+                   step=step)
+
+    def load_params(self) -> "Stage":
+        """Reads params.safetensors (checked against the config's model) onto the device."""
+        from jaxt2i.checkpoint import load_exported
+
+        params, _, _ = load_exported(self.path)
+        self.check_params(params)
+        self.params = jax.tree_util.tree_map(jnp.asarray, params)
+        return self
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str | None = None, encoder: Any = None) -> "Stage":
+        """`read` + `load_params`."""
+        stage = cls.read(path, dtype=dtype).load_params()
+        stage.encoder = encoder
+        return stage
+
+    # ----------------------------------------------------------------------- the model
+    @property
+    def unet_cfg(self):
+        """The U-Net's `UNetConfig` (= config.model)."""
+        return self.config.model
+
+    @property
+    def is_sr(self) -> bool:
+        return self.config.model.is_sr
+
+    def example_inputs(self, batch_size: int = 1, text_len: int | None = None) -> dict:
+        """Zero inputs of `UNet.__call__` at the training size (crop for crop-trained SR)."""
+        from jaxt2i.models.unet import example_inputs
+
+        text_len = text_len or (self.encoder.max_length if self.encoder is not None
+                                else self.config.text.max_length)
+        return example_inputs(self.config.model, batch_size, text_len)
+
+    def init_params(self, rng, text_len: int | None = None):
+        """Fresh (partitioning-boxed) params: `UNet.init` on `example_inputs`."""
+        return self.model.init(rng, **self.example_inputs(1, text_len))["params"]
+
+    def check_params(self, params) -> None:
+        """Raises ConfigError naming the first param the stage's model does not expect."""
+        import flax.linen as nn
+
+        from jaxt2i.checkpoint import flatten
+        from jaxt2i.models.unet import param_shapes
+
+        want = {k: tuple(v.shape) for k, v in
+                flatten(nn.unbox(param_shapes(self.config.model))["params"]).items()}
+        got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
+        for name in sorted(set(want) | set(got)):
+            if want.get(name) != got.get(name):
+                what = ("is missing from params.safetensors" if name not in got else
+                        "is not in the model its config.json describes" if name not in want else
+                        f"has shape {got[name]} but the model's is {want[name]}")
+                raise ConfigError(f"stage {self.path!r}: param {name} {what}; config.json and "
+                                  "params.safetensors are from different models: export the "
+                                  "stage again")
+
+    def denoise(self, params, x_t, t, cond: Mapping[str, Any]):
+        """One U-Net evaluation (traceable).
+
+        Args:
+          params: the U-Net's params.
+          x_t: [B, H, W, C] noisy images.
+          t: [B] the model's noise-level input (`schedule.model_t`).
+          cond: 'text_emb' [B, L, D], 'text_mask' [B, L]; SR stages also 'lowres'
+            [B, h, w, C] and 'aug_level' [B].
+
+        Returns:
+          [B, H, W, C], the prediction of `config.model.objective`.
+        """
+        return self.model.apply({"params": params}, x_t, t, cond["text_emb"], cond["text_mask"],
+                                lowres=cond.get("lowres"), aug_level=cond.get("aug_level"))
+
+    def denoiser(self, params):
+        """`denoise` with `params` bound: (x_t, t, cond) -> prediction, as the samplers and
+        the loss take it."""
+        return lambda x_t, t, cond: self.denoise(params, x_t, t, cond)
+
+    def encode_text(self, text_params, ids, mask):
+        """The frozen text encoder (traceable): [B, L] ids, mask -> (emb [B, L, D] float32,
+        mask [B, L] bool)."""
+        if self.encoder is None:
+            raise ValueError("this Stage has no text encoder attached (Stage(..., encoder=))")
+        return self.encoder.embed(text_params, ids, mask)
+
+    def augment(self, rng, lowres, *, level=None, max_level=None):
+        """Noise-conditioning augmentation of an SR stage's low-res input -> (lowres, level):
+        a fixed `level` (sampling) or levels drawn from [0, max_level) (training)."""
+        from jaxt2i import diffusion
+
+        kwargs = {"level": level} if level is not None else {"max_level": max_level}
+        return diffusion.noise_augment(rng, lowres, schedule=self.config.diffusion.aug_schedule,
+                                       **kwargs)
+
+    # ------------------------------------------------------------------------ sampling
+    def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings):
+        """The whole reverse process of the stage (traceable; jit it with `settings` static).
+
+        Args:
+          params: the U-Net's params.
+          text: (emb [B, L, D] float32, mask [B, L] bool) of the prompts.
+          uncond: (emb, mask) of the empty prompt, [1 or B, L, D] and [1 or B, L].
+          rng: PRNG key; the start noise comes from split(rng)[0] (as in `diffusion.sample`).
+            SR stages draw the augmentation noise from fold_in(rng, 1) and the sampler's step
+            noise from fold_in(rng, 2): `diffusion.sample(rng)` takes its step noise from
+            split(rng)[1], which equals fold_in(rng, 1) under jax_threefry_partitionable.
+          lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
+          settings: sampler, steps, guidance, thresholding, aug_level.
+
+        Returns:
+          [B, H, W, C] float32 images, roughly in [-1, 1].
+        """
+        from jaxt2i import diffusion
+
+        c = self.config.model
+        emb, mask = text
+        cond = {"text_emb": emb, "text_mask": mask}
+        uncond = {"text_emb": uncond[0], "text_mask": uncond[1]}
+        if c.is_sr:  # both guidance branches see the same augmented low-res image
+            if lowres is None:
+                raise ValueError("a super-resolution stage needs lowres [B, h, w, C]")
+            low, level = self.augment(jax.random.fold_in(rng, 1), lowres,
+                                      level=settings.aug_level)
+            cond.update(lowres=low, aug_level=level)
+            uncond.update(lowres=low, aug_level=level)
+        shape = (emb.shape[0], c.image_size, c.image_size, c.channels)
+        x_init = None
+        if c.is_sr:  # same start noise as before, step noise from a key of its own
+            x_init = jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32)
+            rng = jax.random.fold_in(rng, 2)
+        return diffusion.sample(
+            self.denoiser(params), shape, rng, schedule=self.schedule, x_init=x_init,
+            sampler=settings.sampler, num_steps=settings.steps, cond=cond,
+            uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
+            prediction=c.objective, thresholding=settings.thresholding)
+
+    def __repr__(self) -> str:
+        c = self.config.model
+        kind = f"sr {c.lowres_size}->{c.image_size}" if c.is_sr else f"base {c.image_size}"
+        return f"Stage({kind} px, {self.path or 'in memory'}, step {self.step})"
+
+
+__all__ = ["FORMAT_VERSION", "SETTING_NAMES", "DiffusionSpec", "Stage", "StageConfig",
+           "StageSettings", "TextSpec", "load_text_encoder", "resolve_export_dir",
+           "setting_types", "upgrade"]

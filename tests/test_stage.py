@@ -1,0 +1,93 @@
+"""The one `Stage`: its versioned config, the upgrade of older exports, and that no other
+module applies a U-Net or the text encoder on its own."""
+
+import ast
+import json
+import os
+
+import pytest
+
+from jaxt2i.config import ConfigError
+from jaxt2i.stage import FORMAT_VERSION, Stage, StageConfig, StageSettings, upgrade
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "jaxt2i", "assets", "demo_cascade")
+
+
+def _demo_config(name):
+    with open(os.path.join(DEMO, name, "config.json")) as f:
+        return json.load(f)["config"]
+
+
+def test_version_1_exports_are_read_through_upgrade():
+    """The shipped demo stages were exported before versioning (a `stage` field that repeats
+    model.lowres_size): they parse into the current format, and upgrading is idempotent."""
+    for name, sr in (("base", False), ("sr", True)):
+        raw = _demo_config(name)
+        assert "format_version" not in raw and raw["stage"] == name  # really version 1
+        cfg = StageConfig.from_dict(raw)
+        assert cfg.is_sr is sr and cfg.model.image_size == raw["model"]["image_size"]
+        assert cfg.sample == StageSettings(**raw["sample"])
+        assert cfg.diffusion.schedule == raw["diffusion"]["schedule"]
+        out = cfg.to_dict()
+        assert out["format_version"] == FORMAT_VERSION and "stage" not in out
+        assert upgrade(out) == out
+        assert StageConfig.from_dict(out) == cfg
+        assert cfg.raw == raw  # what was read, for the exports' config hashes
+
+
+def test_version_1_defaults_and_refusals():
+    raw = _demo_config("sr")
+    old = json.loads(json.dumps(raw))
+    del old["diffusion"]["aug_schedule"], old["text"]["dtype"]
+    cfg = StageConfig.from_dict(old)  # fields later versions always write
+    assert cfg.diffusion.aug_schedule == "cosine" and cfg.text.dtype == "float32"
+    bad = dict(raw, stage="base")  # says base, but has a low-res input
+    with pytest.raises(ConfigError, match="stage 'base' contradicts model.lowres_size"):
+        StageConfig.from_dict(bad, where="stage 'x'")
+    with pytest.raises(ConfigError, match=f"format_version {FORMAT_VERSION + 1}, newer"):
+        StageConfig.from_dict(dict(raw, format_version=FORMAT_VERSION + 1))
+    no_sample = {k: v for k, v in raw.items() if k != "sample"}
+    with pytest.raises(ConfigError, match="lacks its 'sample' section"):
+        StageConfig.from_dict(no_sample)
+    with pytest.raises(ConfigError, match="sample.steps"):
+        StageConfig.from_dict(dict(raw, sample=dict(raw["sample"], steps="many")))
+
+
+def test_stage_read_names_the_export(tmp_path):
+    stage = Stage.read(os.path.join(DEMO, "base"))
+    assert not stage.is_sr and stage.step is not None and stage.params is None
+    d = tmp_path / "future"
+    d.mkdir()
+    (d / "params.safetensors").write_bytes(b"")
+    (d / "config.json").write_text(json.dumps({"config": dict(
+        _demo_config("base"), format_version=FORMAT_VERSION + 1), "step": 3}))
+    with pytest.raises(ConfigError, match=f"stage '{d}' has format_version"):
+        Stage.read(str(d))
+
+
+def _calls(tree, attr):
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute) and n.func.attr == attr]
+
+
+def test_only_stage_and_the_encoder_apply_the_networks():
+    """Issue #24: the U-Net was wrapped as a denoiser in train, cascade and the ONNX export,
+    and T5 applied in three places. Now `Stage.denoise` / `Stage.encode_text` (and the text
+    encoder's own `apply`) are the only `.apply(` calls on a network in the package."""
+    allowed = {os.path.join("jaxt2i", "stage.py"), os.path.join("jaxt2i", "text", "encoder.py")}
+    offenders = []
+    for dirpath, _, names in os.walk(os.path.join(ROOT, "jaxt2i")):
+        for n in names:
+            if not n.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, n)
+            rel = os.path.relpath(path, ROOT)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for call in _calls(tree, "apply"):
+                # `module.apply({"params": ...}, ...)`: a Flax network applied
+                first = call.args[0] if call.args else None
+                if isinstance(first, ast.Dict) and rel not in allowed:
+                    offenders.append(f"{rel}:{call.lineno}")
+    assert not offenders, f"networks applied outside Stage / TextEncoder: {offenders}"
