@@ -422,16 +422,19 @@ def main(argv) -> None:
     print(f"exported the EMA params of step {step} to {out}", flush=True)
 
 
-def cli() -> None:
-    """Console entry point of `python -m jaxt2i.checkpoint`."""
+def _define_flags() -> None:
     from absl import flags
-
-    from jaxt2i.config import run_app
 
     flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/export).")
-    run_app(main)
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-checkpoint`) of `python -m jaxt2i.checkpoint`."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

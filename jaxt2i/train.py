@@ -34,7 +34,8 @@ from jaxt2i.cascade import StageSettings, sample_stage
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.models.unet import UNet, UNetConfig
-from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
+from jaxt2i.images import save_grid, to_uint8
+from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.text.tokenizer import UnknownTextError
@@ -612,7 +613,7 @@ def main(argv) -> None:
 def _define_flags():
     from absl import flags
 
-    from jaxt2i.config import define_config_flag
+    from jaxt2i.cli import define_config_flag
 
     define_config_flag()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples, export).")
@@ -622,8 +623,12 @@ def _define_flags():
     flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator).")
 
 
-if __name__ == "__main__":
-    from jaxt2i.config import run_app
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-train`)."""
+    from jaxt2i.cli import run_app
 
-    _define_flags()
-    run_app(main)
+    run_app(main, _define_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -34,6 +34,7 @@ from PIL import Image
 
 from jaxt2i.data import shapes
 from jaxt2i.data.text_cache import TextCache
+from jaxt2i.images import to_float
 
 RESAMPLE = Image.BICUBIC  # Pillow's resize widens the kernel when shrinking: anti-aliased
 
@@ -97,11 +98,6 @@ def resize_crop(img: np.ndarray, resolution: int,
 def downsample(img: np.ndarray, size: int) -> np.ndarray:
     """uint8 [R, R, 3] -> uint8 [size, size, 3], anti-aliased (the SR stage's input)."""
     return np.asarray(Image.fromarray(img).resize((size, size), RESAMPLE))
-
-
-def to_float(img: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
-    return img.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
 
 
 def _text(value: Any) -> str:
