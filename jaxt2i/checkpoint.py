@@ -114,9 +114,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def save(self, step: int, state: Any, data_state: dict | None, config: dict,
              force: bool = False) -> bool:
         """Starts an (async) save of `state` at `step`; returns whether a save was started."""

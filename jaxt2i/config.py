@@ -88,11 +88,6 @@ CHOICES: dict[str, Any] = {
 }
 
 
-def register_choices(path: str, allowed: Iterable[str] | Callable[[], Iterable[str]]) -> None:
-    """Declares the allowed values of the config field at dotted `path` (e.g. 'model.dtype')."""
-    CHOICES[path] = allowed
-
-
 def _get(cfg, path: str):
     node = cfg
     for part in path.split("."):
@@ -254,5 +249,5 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 __all__ = [
     "CHOICES", "RANGES", "ConfigError", "check_range", "explain_override", "from_json",
-    "load_config_file", "parse_variant", "register_choices", "to_json", "validate",
+    "load_config_file", "parse_variant", "to_json", "validate",
 ]
