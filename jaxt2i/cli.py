@@ -67,11 +67,15 @@ def _underscored(arg: str) -> str:
     return arg
 
 
+_HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
     """absl flag parsing that turns any flag/config mistake into one line and exit code 2.
 
     `--num-images=4` is accepted for a flag defined as `num_images` (and `--no-foo` for
     `--nofoo`'s underscore spelling); config overrides (`--config.a.b`) are left alone.
+    `--help` and its kin exit 0 (absl exits 1).
     """
     argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
     for i, a in enumerate(argv[1:], start=1):
@@ -80,7 +84,12 @@ def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[st
         elif a == f"--{config_flag}" and i + 1 < len(argv):
             _importable(argv[i + 1].partition(":")[0])
     try:
-        rest = flags.FLAGS(argv)
+        try:
+            rest = flags.FLAGS(argv)
+        except SystemExit as e:  # absl exits 1 after --help; asking for help is no error
+            if e.code == 1 and any(a.partition("=")[0] in _HELP_FLAGS for a in argv[1:]):
+                sys.exit(0)
+            raise
         if config_flag in flags.FLAGS and flags.FLAGS[config_flag].present:
             value = flags.FLAGS[config_flag].value
             if type(value).__name__ == "_ErrorConfig":  # config_flags defers load failures
