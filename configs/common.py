@@ -48,7 +48,6 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"  # 'shapes' (generated on the fly) or a TFDS data dir of a builder
-    c.data.dataset = ""  # TFDS dataset name when source is a data dir
     c.data.split = "train"
     c.data.num_examples = 100_000  # size of the on-the-fly shapes dataset
     # Scene-kind mix of the on-the-fly shapes world, e.g. 'single=0.1,relation=0.45,count=0.1,

@@ -212,7 +212,7 @@ class Cascade:
           [B, H, W, 3] uint8 images of the last stage run (and, with return_all, the list of
           per-stage [B, H_k, W_k, C] float32 numpy arrays of the stages run).
         """
-        from jaxt2i.monitor import to_uint8
+        from jaxt2i.images import to_uint8
 
         prompts = list(prompts)
         self.check_prompts(prompts)
@@ -253,7 +253,7 @@ class Cascade:
 
 def _as_model_images(images) -> np.ndarray:
     """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
-    from jaxt2i.data.pipeline import to_float
+    from jaxt2i.images import to_float
 
     a = np.asarray(images)
     if a.dtype == np.uint8:

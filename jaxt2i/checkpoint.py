@@ -14,6 +14,7 @@ to restore (corrupt, half-copied) is reported and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -114,9 +115,6 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None, config: dict,
              force: bool = False) -> bool:
@@ -334,6 +332,31 @@ def unflatten(flat: dict[str, Any], sep: str = "/") -> dict:
     return tree
 
 
+class _DropBelow(logging.Filter):
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+@contextlib.contextmanager
+def _absl_below(level: int):
+    """Drops absl log records (Orbax logs through absl) below `level` inside the block only.
+
+    A filter on the 'absl' logger, removed on exit: absl's verbosity, its handlers and other
+    threads' logging are left as they were.
+    """
+    logger = logging.getLogger("absl")
+    drop = _DropBelow(level)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None = None) -> tuple[str, int]:
     """Exports the EMA params of a training run's checkpoint (what training exports at the end).
 
@@ -352,15 +375,9 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; pass a training "
                                 "run's --workdir")
-    from absl import logging as absl_logging
-
-    level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)  # read_only's "setting create=False" notes
-    try:
+    with _absl_below(logging.ERROR):  # read_only's "setting create=False" notes
         mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
-    finally:
-        absl_logging.set_verbosity(level)
     with mgr:
         steps = sorted(mgr.all_steps(), reverse=True)
         if step is not None:
@@ -428,16 +445,19 @@ def main(argv) -> None:
     print(f"exported the EMA params of step {step} to {out}", flush=True)
 
 
-def cli() -> None:
-    """Console entry point of `python -m jaxt2i.checkpoint`."""
+def _define_flags() -> None:
     from absl import flags
-
-    from jaxt2i.config import run_app
 
     flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/export).")
-    run_app(main)
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-checkpoint`) of `python -m jaxt2i.checkpoint`."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

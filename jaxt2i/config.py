@@ -1,7 +1,8 @@
-"""Config plumbing shared by every command: `--config=configs/X.py:variant`, `--config.a.b=v`.
+"""Configs: loading `configs/X.py:variant` files, checking fields, explaining bad overrides.
 
 Configs are Python files whose `get_config(arg)` returns an `ml_collections.ConfigDict`
-(absl `config_flags`). This module adds what config_flags lacks for users:
+(absl `config_flags`; the `--config` flag itself and the one-line flag errors are in
+`jaxt2i.cli`). This module adds what config_flags lacks for users:
   * a misspelled field or a bad value is ONE line naming the field and what is allowed,
     never a traceback;
   * enumerated fields are checked against the values the library accepts (`CHOICES`);
@@ -18,8 +19,6 @@ import sys
 from typing import Any, Callable, Iterable, Mapping
 
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
 
 class ConfigError(ValueError):
@@ -86,11 +85,6 @@ CHOICES: dict[str, Any] = {
     "train.optimizer": _lazy("jaxt2i.train_state", "OPTIMIZERS"),
     "train.schedule": _lazy("jaxt2i.train_state", "SCHEDULES"),
 }
-
-
-def register_choices(path: str, allowed: Iterable[str] | Callable[[], Iterable[str]]) -> None:
-    """Declares the allowed values of the config field at dotted `path` (e.g. 'model.dtype')."""
-    CHOICES[path] = allowed
 
 
 def _get(cfg, path: str):
@@ -242,107 +236,6 @@ def _convertible(kind, value) -> bool:
         return False
 
 
-def define_config_flag(name: str = "config", help_string: str | None = None):
-    """Defines `--config` (a Python config file + ':variant') with locked fields."""
-    return config_flags.DEFINE_config_file(
-        name, None, help_string or "Experiment config: configs/NAME.py[:variant]; "
-        "override fields with --config.a.b=value.", lock_config=True)
-
-
-def _config_error_line(argv: list[str], name: str, exc: Exception) -> str:
-    spec = None
-    overrides = []
-    for i, a in enumerate(argv[1:], start=1):
-        if a.startswith(f"--{name}="):
-            spec = a.split("=", 1)[1]
-        elif a == f"--{name}" and i + 1 < len(argv):
-            spec = argv[i + 1]
-        elif a.startswith(f"--{name}."):
-            path, _, value = a[len(name) + 3:].partition("=")
-            overrides.append((path, value))
-    if spec is not None:
-        try:
-            cfg = load_config_file(spec)
-        except ConfigError as e:
-            return str(e)
-        except Exception as e:  # noqa: BLE001 - the user's config file raised
-            return f"config {spec!r} failed to load: {type(e).__name__}: {e}".splitlines()[0]
-        for path, value in overrides:
-            msg = explain_override(cfg, path, value)
-            if msg:
-                return msg
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return first.strip("'\"")
-
-
-def _underscored(arg: str) -> str:
-    """'--num-images=4' -> '--num_images=4' when that flag exists; anything else unchanged."""
-    if not arg.startswith("--") or arg == "--":
-        return arg
-    name, eq, value = arg[2:].partition("=")
-    if "-" not in name or "." in name:
-        return arg
-    alt = name.replace("-", "_")
-    if alt in flags.FLAGS:
-        return f"--{alt}{eq}{value}"
-    if alt.startswith("no_") and alt[3:] in flags.FLAGS:  # --no-progress -> --noprogress
-        return f"--no{alt[3:]}{eq}{value}"
-    return arg
-
-
-def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[str]:
-    """absl flag parsing that turns any flag/config mistake into one line and exit code 2.
-
-    `--num-images=4` is accepted for a flag defined as `num_images` (and `--no-foo` for
-    `--nofoo`'s underscore spelling); config overrides (`--config.a.b`) are left alone.
-    """
-    argv = [argv[0]] + [_underscored(a) for a in argv[1:]]
-    for i, a in enumerate(argv[1:], start=1):
-        if a.startswith(f"--{config_flag}="):
-            _importable(a.split("=", 1)[1].partition(":")[0])
-        elif a == f"--{config_flag}" and i + 1 < len(argv):
-            _importable(argv[i + 1].partition(":")[0])
-    try:
-        rest = flags.FLAGS(argv)
-        if config_flag in flags.FLAGS and flags.FLAGS[config_flag].present:
-            value = flags.FLAGS[config_flag].value
-            if type(value).__name__ == "_ErrorConfig":  # config_flags defers load failures
-                value.keys()  # raises the load error here, where it is reported in one line
-        return rest
-    except (flags.Error, AttributeError, KeyError, ValueError, TypeError, ImportError,
-            OSError) as e:
-        msg = _config_error_line(argv, config_flag, e)
-        print(f"{argv[0].split('/')[-1]}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_app(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run` with one-line errors for flag/config mistakes and for `ConfigError`
-    (exit 2), and for a full disk or unwritable output (exit 1)."""
-
-    def wrapped(argv):
-        from absl import logging as absl_logging
-
-        if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv):
-            absl_logging.set_verbosity(absl_logging.WARNING)  # keep library chatter off screen
-        from jaxt2i.workdir import disk_error
-
-        try:
-            return main(argv)
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as e:  # a full disk or an unwritable path while writing results
-            why = disk_error(e)
-            if why is None:
-                raise
-            print(f"error: cannot write: {why}; free space or choose another output directory "
-                  "(files written before this point are complete)", file=sys.stderr)
-            sys.exit(1)
-
-    app.run(wrapped, flags_parser=parse_flags_or_exit)
-
-
 def to_json(cfg: ml_collections.ConfigDict) -> str:
     """The config as JSON (written beside every checkpoint)."""
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)
@@ -354,7 +247,6 @@ def from_json(text: str) -> ml_collections.ConfigDict:
 
 
 __all__ = [
-    "CHOICES", "RANGES", "ConfigError", "check_range", "define_config_flag", "explain_override", "from_json",
-    "load_config_file", "parse_flags_or_exit", "parse_variant", "register_choices", "run_app",
-    "to_json", "validate",
+    "CHOICES", "RANGES", "ConfigError", "check_range", "explain_override", "from_json",
+    "load_config_file", "parse_variant", "to_json", "validate",
 ]

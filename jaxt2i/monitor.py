@@ -1,6 +1,7 @@
-"""What a training run shows a person: metrics (JSONL + TensorBoard), sample grids, signals.
+"""What a training run shows a person: metrics (JSONL + TensorBoard), images, signals.
 
-Only process 0 writes files; every process takes part in computing what is written.
+Only process 0 writes files; every process takes part in computing what is written. Sample
+grids are written with `jaxt2i.images.save_grid`.
 """
 
 from __future__ import annotations
@@ -10,29 +11,7 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] float images -> uint8."""
-    return np.asarray(jnp.clip((jnp.asarray(x, jnp.float32) + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
-
-
-def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> np.ndarray:
-    """Writes [N, H, W, 3] uint8 images as one PNG grid; returns the grid."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    cols = cols or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + q * (w + 2):2 + q * (w + 2) + w] = img
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
-    return grid
 
 
 class StopSignal:

@@ -33,8 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxt2i import diffusion
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
+from jaxt2i.images import save_grid, to_uint8
 from jaxt2i.models.unet import UNetConfig
-from jaxt2i.monitor import MetricWriter, StopSignal, save_grid, to_uint8
+from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.parallel import initialize_distributed, logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
@@ -664,7 +665,7 @@ def main(argv) -> None:
 def _define_flags():
     from absl import flags
 
-    from jaxt2i.config import define_config_flag
+    from jaxt2i.cli import define_config_flag
 
     define_config_flag()
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, samples, export).")
@@ -674,8 +675,12 @@ def _define_flags():
     flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator).")
 
 
-if __name__ == "__main__":
-    from jaxt2i.config import run_app
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-train`)."""
+    from jaxt2i.cli import run_app
 
-    _define_flags()
-    run_app(main)
+    run_app(main, _define_flags)
+
+
+if __name__ == "__main__":
+    cli()

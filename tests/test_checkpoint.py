@@ -121,7 +121,11 @@ def test_damaged_exports_are_one_line_errors(tmp_path):
         assert "\n" not in str(info.value) and d in str(info.value)
 
 
-def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_path):
+def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_path, caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
     from jaxt2i.checkpoint import export_checkpoint
     from jaxt2i.stage import FORMAT_VERSION
 
@@ -135,8 +139,14 @@ def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_pat
     later = jax.device_put(state.replace(ema_params=ema), jax.tree_util.tree_map(shard, state))
     ck.save(2, later, {}, {"stage": "base", "at": 2})
     ck.close()
-    out, step = export_checkpoint(str(tmp_path))
+    verbosity, filters = absl_logging.get_verbosity(), list(logging.getLogger("absl").filters)
+    with caplog.at_level(logging.WARNING):
+        out, step = export_checkpoint(str(tmp_path))
     assert step == 2 and out == os.path.join(str(tmp_path), "export")
+    # Orbax's read-only notes are dropped for the call only; absl's state is left as it was.
+    assert not [r for r in caplog.records if "read_only=True" in r.getMessage()]
+    assert absl_logging.get_verbosity() == verbosity
+    assert logging.getLogger("absl").filters == filters
     params, cfg, saved_step = load_exported(out)
     np.testing.assert_array_equal(params["dense"]["kernel"], -np.arange(32.0).reshape(8, 4))
     np.testing.assert_array_equal(params["dense"]["bias"], np.full(4, 0.5))

@@ -98,3 +98,27 @@ def test_assets_command_rebuilds_the_shipped_text_encoder_byte_for_byte(tmp_path
     for n in names:
         with open(os.path.join(shipped, n), "rb") as a, open(tmp_path / "enc" / n, "rb") as b:
             assert a.read() == b.read(), n
+
+
+def test_encode_command_with_an_empty_prompt_and_a_prompts_file(tmp_path):
+    """docs/text-encoder.md's command: `--prompt ""` is kept, the file's lines are stripped and
+    its blank lines skipped; the safetensors file holds what the encoder gives in Python."""
+    from safetensors.numpy import load_file
+
+    from jaxt2i import assets
+    from jaxt2i.text import load_encoder
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("  two green stars \n\n   \na red circle\n", encoding="utf-8")
+    out = tmp_path / "emb.safetensors"
+    _run("jaxt2i.encode", "--prompt", "a red circle above a blue square", "--prompt", "",
+         f"--prompts_file={prompts_file}", f"--out={out}")
+    want = ["a red circle above a blue square", "", "two green stars", "a red circle"]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "numpy") as f:
+        assert json.loads(f.metadata()["prompts"]) == want
+    got = load_file(str(out))
+    emb, mask = load_encoder(assets.text_encoder_dir()).encode(want)
+    np.testing.assert_array_equal(got["mask"].astype(bool), np.asarray(mask))
+    np.testing.assert_allclose(got["embeddings"], np.asarray(emb, np.float32), atol=1e-5)

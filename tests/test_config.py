@@ -26,7 +26,8 @@ CONFIG = textwrap.dedent('''
 
 CLI = textwrap.dedent('''
     from absl import flags
-    from jaxt2i.config import define_config_flag, run_app, validate, ConfigError
+    from jaxt2i.cli import define_config_flag, run_app
+    from jaxt2i.config import validate, ConfigError
     _C = define_config_flag()
     def main(argv):
         validate(_C.value, {"model.dtype": ("float32", "bfloat16"), "model.size": ("tiny", "demo")})

@@ -192,7 +192,7 @@ def test_a_build_from_other_inputs_is_never_returned_as_the_old_one(tmp_path):
         builders.build(builders.shapes_builder(data, 16, 8, test_size=4))
     r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders", f"--data_dir={data}",
                         "--shapes=16:8:4"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "pass --rebuild" in r.stderr
 
 
@@ -293,5 +293,23 @@ def test_absurd_inputs_are_skipped_or_repaired_and_reported(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
                         f"--data_dir={tmp_path / 'd'}", "--shapes=100000:1"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr.strip() == (
+    assert r.returncode == 2 and r.stderr.strip() == (
         "error: --shapes resolution 100000 must be between 8 and 4096 px")
+
+
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
+    cases = [
+        (["--data_dir", str(tmp_path / "d"), "--root", str(tmp_path / "nope")],
+         f"error: image folder '{tmp_path / 'nope'}' not found; pass an existing --root"),
+        (["--shapes=16:8"], "Flag --data_dir must have a value"),
+        ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", f"--root={tmp_path}"],
+         "Exactly one of (shapes, root)"),
+        ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", "--min_size=big"],
+         "--min_size"),
+    ]
+    for args, expected in cases:
+        r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders", *args],
+                           capture_output=True, text=True, timeout=120)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, r.stderr)
+    assert not (tmp_path / "d").exists()

@@ -2,6 +2,9 @@
 
 import io
 import json
+import subprocess
+import sys
+import textwrap
 import types
 import zlib
 
@@ -168,7 +171,32 @@ def test_the_pipeline_tokenizes_each_batch(tmp_path):
                                process_index=0, process_count=1)
 
 
+def test_worker_processes_need_parsed_flags_and_do_not_parse_them():
+    """grain's workers read absl flags: without them parsed, make_pipeline says what to call
+    (run in a fresh process, where no earlier test has parsed them)."""
+    code = textwrap.dedent("""
+        from absl import flags
+        from jaxt2i.data import pipeline, shapes
+        src = shapes.ShapesSource(16, 8, "train", 0)
+        kw = dict(resolution=16, batch_size=4, process_index=0, process_count=1, worker_count=1)
+        try:
+            pipeline.make_pipeline(src, **kw)
+        except ValueError as e:
+            print("refused:", e)
+        assert not flags.FLAGS.is_parsed()
+        pipeline.allow_grain_workers()
+        with pipeline.make_pipeline(src, **kw) as p:
+            print("batch", len(next(p)["index"]))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "refused: worker_count=1 starts grain worker processes" in r.stdout
+    assert "call jaxt2i.data.pipeline.allow_grain_workers() once first" in r.stdout
+    assert "batch 4" in r.stdout
+
+
 def test_worker_processes_resume_exactly():
+    pipeline.allow_grain_workers()
     tok = _tokenizer()
     kw = dict(resolution=16, batch_size=4, seed=2, random_crop=True, process_index=0,
               process_count=1, worker_count=2, tokenizer=tok)

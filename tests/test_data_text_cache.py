@@ -78,12 +78,23 @@ def test_resume_skips_written_shards(tmp_path):
     assert len([f for f in os.listdir(str(tmp_path)) if f.startswith("emb_")]) == 1
 
 
-def test_cli_help():
+def test_cli_help_and_one_line_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache", "--help"],
                          capture_output=True, text=True, timeout=120, check=True)
     assert "--encoder" in out.stdout and "--shapes" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache", "--encoder=/nope",
-                          "--out_dir=/tmp/x", "--shapes=train"], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode != 0 and "SPLIT:SIZE" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    cases = [
+        (["--encoder=/nope", f"--out_dir={tmp_path / 'x'}", "--shapes=train"], "SPLIT:SIZE"),
+        # `--flag value` works as `--flag=value` did with argparse
+        (["--encoder", "/nope", "--out_dir", str(tmp_path / "x"), "--shapes", "train"],
+         "SPLIT:SIZE"),
+        ([f"--out_dir={tmp_path / 'x'}", "--shapes=train:4"], "--encoder"),
+        (["--encoder=/nope", f"--out_dir={tmp_path / 'x'}"], "shapes"),
+        (["--encoder=/nope", f"--out_dir={tmp_path / 'x'}", "--shapes=train:4",
+          f"--dataset_dir={tmp_path}"], "dataset_dir"),
+    ]
+    for args, expected in cases:
+        bad = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache", *args],
+                             capture_output=True, text=True, timeout=120)
+        lines = bad.stderr.strip().splitlines()
+        assert bad.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, bad.stderr)
+    assert not (tmp_path / "x").exists()

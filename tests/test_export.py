@@ -18,7 +18,7 @@ import pytest
 from jaxt2i.cascade import load_cascade
 from jaxt2i.checkpoint import export_params, load_exported
 from jaxt2i.config import ConfigError
-from jaxt2i.export.__main__ import export
+from jaxt2i.export import export_cascade
 from jaxt2i.export.common import ExportError, config_hash, file_sha256
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def _check_manifest(out, fmt, cascade_dir):
 
 def test_stablehlo_reproduces_the_images_in_a_fresh_process(cascade_dir, cascade, tmp_path):
     out = tmp_path / "hlo"
-    export([str(cascade_dir)], "stablehlo", str(out), overrides={"steps": "3,2"})
+    export_cascade([str(cascade_dir)], "stablehlo", str(out), overrides={"steps": "3,2"})
     m = _check_manifest(out, "stablehlo", cascade_dir)
     assert [s["steps"] for s in m["settings"]] == [3, 2]
     names = m["cascade"]["stages"]
@@ -112,7 +112,7 @@ def test_onnx_denoisers_and_encoder_match_jax(cascade_dir, cascade, tmp_path):
     from jaxt2i.export.onnx_export import run_denoiser
 
     out = tmp_path / "onnx"
-    export([str(cascade_dir)], "onnx", str(out))
+    export_cascade([str(cascade_dir)], "onnx", str(out))
     m = _check_manifest(out, "onnx", cascade_dir)
     for name, (x, want) in zip(m["cascade"]["stages"], _jax_outputs(cascade)):
         path = str(out / name / "denoiser.onnx")
@@ -139,7 +139,7 @@ def test_onnx_cli_exports_the_bundled_demo_in_a_fresh_process(tmp_path):
     pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
     pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
     from jaxt2i.export.onnx_export import run_denoiser
-    from jaxt2i.sample import demo_cascade_dir
+    from jaxt2i.assets import demo_cascade_dir
 
     out = tmp_path / "export_onnx"
     r = subprocess.run([sys.executable, "-m", "jaxt2i.export", "--format=onnx", f"--out={out}"],
@@ -212,7 +212,7 @@ def test_torch_export_loads_strict_and_matches(cascade_dir, cascade, tmp_path):
     from jaxt2i.export.torch_unet import TorchUNet
 
     out = tmp_path / "pt"
-    export([str(cascade_dir)], "torch", str(out))
+    export_cascade([str(cascade_dir)], "torch", str(out))
     m = _check_manifest(out, "torch", cascade_dir)
     for name, (x, want) in zip(m["cascade"]["stages"], _jax_outputs(cascade)):
         net = TorchUNet.from_pretrained(str(out / name)).eval()
@@ -234,7 +234,7 @@ def test_torch_export_loads_strict_and_matches(cascade_dir, cascade, tmp_path):
     np.testing.assert_allclose(got * mask[..., None], want * mask[..., None], atol=1e-4, rtol=0)
 
     half = tmp_path / "pt16"
-    export([str(cascade_dir)], "torch", str(half), dtype="bfloat16", stages=1)
+    export_cascade([str(cascade_dir)], "torch", str(half), dtype="bfloat16", stages=1)
     net = TorchUNet.from_pretrained(str(half / "stage0_base_16px"))
     assert next(net.parameters()).dtype == torch.bfloat16
     assert json.loads((half / "manifest.json").read_text())["dtype"] == "bfloat16"
@@ -245,20 +245,20 @@ def test_output_directory_is_protected(cascade_dir, tmp_path, monkeypatch):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     with pytest.raises(ConfigError, match="is not empty; pass --overwrite"):
-        export([str(cascade_dir)], "stablehlo", str(out))
+        export_cascade([str(cascade_dir)], "stablehlo", str(out))
     # --overwrite replaces only an earlier export (manifest.json), never a user's directory.
     with pytest.raises(ConfigError, match="is not an earlier export"):
-        export([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
+        export_cascade([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
     monkeypatch.chdir(out)
     with pytest.raises(ConfigError, match="holds the current directory"):
-        export([str(cascade_dir)], "stablehlo", ".", overwrite=True)
+        export_cascade([str(cascade_dir)], "stablehlo", ".", overwrite=True)
     assert os.listdir(out) == ["keep.txt"]
     monkeypatch.chdir(tmp_path)
 
     out = tmp_path / "earlier"
     small = dict(stages=1, platforms=["cpu"], overrides={"steps": "1"})
-    export([str(cascade_dir)], "stablehlo", str(out), **small)
+    export_cascade([str(cascade_dir)], "stablehlo", str(out), **small)
     before = sorted(os.listdir(out))
     # A killed export's partial directory (a dead pid) is removed by the next export.
     stale = tmp_path / "earlier.partial-999999999"
@@ -273,12 +273,12 @@ def test_output_directory_is_protected(cascade_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stablehlo, "export_stablehlo", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        export([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
+        export_cascade([str(cascade_dir)], "stablehlo", str(out), overwrite=True)
     assert sorted(os.listdir(out)) == before  # the old export survives a failed one
     assert not [p for p in os.listdir(tmp_path) if p.startswith("earlier.")]  # no partial dir
     monkeypatch.undo()
     (out / "manifest.json").write_text(json.dumps({"format": "stablehlo", "marker": 1}))
-    export([str(cascade_dir)], "stablehlo", str(out), overwrite=True, **small)
+    export_cascade([str(cascade_dir)], "stablehlo", str(out), overwrite=True, **small)
     assert "marker" not in json.loads((out / "manifest.json").read_text())
 
 

@@ -129,7 +129,6 @@ def test_config_round_trips_through_json():
     config = get_unet_config("paper_sr256", dtype="bfloat16", remat=True)
     again = UNetConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config and isinstance(again.channel_mults, tuple)
-    assert UNetConfig.from_dict(json.loads(config.to_json())) == config
 
 
 def test_config_broadcasts_per_level_fields():

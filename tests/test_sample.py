@@ -12,7 +12,7 @@ from PIL import Image
 
 from jaxt2i.cascade import Cascade, check_compatible, load_cascade, resolve_stage_dirs
 from jaxt2i.config import ConfigError
-from jaxt2i.sample import per_stage
+from jaxt2i.cli import per_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -274,7 +274,7 @@ def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
 
 def test_eval_cli(cascade_dir, tmp_path):
     out = tmp_path / "eval"
-    r = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.eval", f"--checkpoint={cascade_dir}",
                         "--num_prompts=3", "--batch_size=2", "--steps=2", "--reference",
                         "--true_lowres", f"--out={out}"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=300)
@@ -293,12 +293,12 @@ def test_eval_cli(cascade_dir, tmp_path):
         assert len((out / f"{split}.jsonl").read_text().splitlines()) == 3
         assert len((out / f"{split}_sr_true.jsonl").read_text().splitlines()) == 3
         assert re.search(rf"^{re.escape(split)}\s+\d", r.stdout, re.M)
-    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval", f"--checkpoint={cascade_dir}",
                           "--splits=held_out,nope"], cwd=ROOT, env=_env(), capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "'nope' is not one of" in bad.stderr.strip()
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval.shapes", f"--checkpoint={cascade_dir}",
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval", f"--checkpoint={cascade_dir}",
                           "--stages=1", "--true_lowres"], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--true_lowres needs a super-resolution stage" in bad.stderr

@@ -91,3 +91,25 @@ def test_only_stage_and_the_encoder_apply_the_networks():
                 if isinstance(first, ast.Dict) and rel not in allowed:
                     offenders.append(f"{rel}:{call.lineno}")
     assert not offenders, f"networks applied outside Stage / TextEncoder: {offenders}"
+
+
+def test_inference_never_imports_training(tmp_path):
+    """Inference borrowed from training (monitor.to_uint8, data.pipeline.to_float, the
+    trainer's helpers): loading a cascade and importing every exporter and the evaluator must
+    pull in neither the trainer nor the input pipeline (in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, jaxt2i.cascade, jaxt2i.sampling, jaxt2i.export.onnx_export, "
+        "jaxt2i.export.stablehlo, jaxt2i.export.torch_export, jaxt2i.eval.evaluate\n"
+        f"c = jaxt2i.cascade.load_cascade({DEMO!r})\n"
+        "jaxt2i.cascade._as_model_images(__import__('numpy').zeros((1, 4, 4, 3), 'uint8'))\n"
+        "bad = [m for m in ('jaxt2i.train', 'jaxt2i.train_state', 'jaxt2i.monitor', "
+        "'jaxt2i.data.pipeline', 'grain') if m in sys.modules]\n"
+        "print('IMPORTED', bad)\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "IMPORTED []" in r.stdout, r.stdout

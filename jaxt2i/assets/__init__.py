@@ -1,4 +1,4 @@
-"""Files shipped inside the package: the demo's text encoder + tokenizer (and, later, cascade).
+"""Files shipped inside the package: the demo's text encoder + tokenizer, and the demo cascade.
 
 The text encoder is a small T5 (`shapes` size) with random, frozen weights and a closed-vocabulary
 tokenizer: for the shapes world the U-Net only needs distinct, stable embeddings per word, which a
@@ -11,6 +11,7 @@ import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_ENCODER = "text_encoder"
+DEMO_CASCADE = "demo_cascade"
 TEXT_MAX_LENGTH = 32
 TEXT_SEED = 20260
 
@@ -22,6 +23,17 @@ def text_encoder_dir() -> str:
         raise FileNotFoundError(
             f"the bundled text encoder is missing from {path}; reinstall jaxt2i or rebuild it "
             "with `python -m jaxt2i.assets`")
+    return path
+
+
+def demo_cascade_dir() -> str:
+    """The bundled demo cascade directory; ConfigError if it is not installed."""
+    from jaxt2i.config import ConfigError
+
+    path = os.path.join(_HERE, DEMO_CASCADE)
+    if not os.path.exists(os.path.join(path, "cascade.json")):
+        raise ConfigError("the bundled demo cascade is not installed yet (no "
+                          f"{os.path.join(path, 'cascade.json')}); pass --checkpoint=DIR")
     return path
 
 

@@ -1,5 +1,5 @@
-"""`python -m jaxt2i.bench`: speed, compile time, MFU and memory, optionally side by side with
-imagen-pytorch on the same machine in the same run.
+"""`python -m jaxt2i.bench` (console script `jaxt2i-bench`): speed, compile time, MFU and
+memory, optionally side by side with imagen-pytorch on the same machine in the same run.
 
     python -m jaxt2i.bench                                 # every phase
     python -m jaxt2i.bench --phases=train,mfu --quick      # fewer iterations
@@ -57,27 +57,6 @@ ANCHOR_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagen
 CHILD_TAG = "BENCH_CHILD_JSON "
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("phases", list(DEFAULT_PHASES), f"Phases to run, from {', '.join(PHASES)}.")
-flags.DEFINE_bool("quick", False, "Fewer iterations and step counts (a smoke run).")
-flags.DEFINE_bool("vs_imagen_pytorch", False,
-                  "Also run imagen-pytorch's matching phases (in --anchor_python's environment).")
-flags.DEFINE_string("anchor_python", None, "Python of the environment that has imagen-pytorch "
-                    "(default: this one). Its torchvision breaks transformers' torch models, so "
-                    "keep it in a venv of its own (BENCHMARKS.md).")
-flags.DEFINE_string("imagen_pytorch_script", ANCHOR_SCRIPT, "The imagen-pytorch anchor script.")
-flags.DEFINE_integer("cascade_steps", 4, "Sampling steps per stage of the end-to-end cascade "
-                     "(the anchor uses 4).")
-flags.DEFINE_integer("memory_devices", 8, "Simulated devices of the FSDP mesh in `memory`.")
-flags.DEFINE_integer("memory_batch", 0, "Global batch of the memory phase (0: 8 per device, the "
-                     "paper's 2048 spread over a pod).")
-flags.DEFINE_integer("quality_prompts", 0, "Prompts per split of `quality` (0: 32, 8 with --quick).")
-flags.DEFINE_integer("quality_stages", 0, "Demo stages sampled by `quality` (0: all; 1: the base "
-                     "stage, ten times cheaper).")
-flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke runs; "
-                  "the figures mean nothing).")
-flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
-flags.DEFINE_string("job", None, "(internal) run one job in this process and print its JSON.")
-flags.DEFINE_integer("timeout", 1800, "Seconds before a job is stopped.")
 
 
 def _host() -> dict:
@@ -378,11 +357,40 @@ def main(argv) -> None:
         raise SystemExit(f"benchmark jobs failed: {', '.join(failed)} (see the JSON 'errors')")
 
 
-def cli() -> None:
-    """Console-script entry point."""
-    from jaxt2i.config import run_app
+def _define_flags() -> None:
+    flags.DEFINE_list("phases", list(DEFAULT_PHASES),
+                      f"Phases to run, from {', '.join(PHASES)}.")
+    flags.DEFINE_bool("quick", False, "Fewer iterations and step counts (a smoke run).")
+    flags.DEFINE_bool("vs_imagen_pytorch", False, "Also run imagen-pytorch's matching phases (in "
+                      "--anchor_python's environment).")
+    flags.DEFINE_string("anchor_python", None, "Python of the environment that has "
+                        "imagen-pytorch (default: this one). Its torchvision breaks "
+                        "transformers' torch models, so keep it in a venv of its own "
+                        "(BENCHMARKS.md).")
+    flags.DEFINE_string("imagen_pytorch_script", ANCHOR_SCRIPT,
+                        "The imagen-pytorch anchor script.")
+    flags.DEFINE_integer("cascade_steps", 4, "Sampling steps per stage of the end-to-end "
+                         "cascade (the anchor uses 4).")
+    flags.DEFINE_integer("memory_devices", 8, "Simulated devices of the FSDP mesh in `memory`.")
+    flags.DEFINE_integer("memory_batch", 0, "Global batch of the memory phase (0: 8 per device, "
+                         "the paper's 2048 spread over a pod).")
+    flags.DEFINE_integer("quality_prompts", 0, "Prompts per split of `quality` (0: 32, 8 with "
+                         "--quick).")
+    flags.DEFINE_integer("quality_stages", 0, "Demo stages sampled by `quality` (0: all; 1: the "
+                         "base stage, ten times cheaper).")
+    flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke "
+                      "runs; the figures mean nothing).")
+    flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
+    flags.DEFINE_string("job", None, "(internal) run one job in this process and print its "
+                        "JSON.")
+    flags.DEFINE_integer("timeout", 1800, "Seconds before a job is stopped.")
 
-    run_app(main)
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-bench`)."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -407,9 +407,9 @@ def job_memory_paper(quick: bool, batch: int | None = None, tiny: bool = False) 
 
 def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None = None) -> dict:
     """Shapes-evaluator scores of the demo cascade: DPM-Solver++ 25 steps vs ancestral 250."""
+    from jaxt2i.assets import demo_cascade_dir
     from jaxt2i.cascade import load_cascade
-    from jaxt2i.eval.shapes import evaluate_cascade
-    from jaxt2i.sample import demo_cascade_dir
+    from jaxt2i.eval.evaluate import evaluate_cascade
 
     cascade = load_cascade([demo_cascade_dir()])
     n = num_prompts or (8 if quick else 32)

@@ -10,13 +10,13 @@ side-car `.txt` files, or from a COCO-style captions JSON (read by `inputs`). Ba
 never stop a build: each is converted or skipped and counted in a `Report` with example
 paths, logged at the end and written beside the data as `build_report.json`.
 
-CLI: python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
+CLI (console script `jaxt2i-build-data`):
+     python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
      python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import io
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import zlib
 from concurrent import futures
 
@@ -409,49 +408,73 @@ def load_source(dataset_dir: str, split: str = "train"):
     return tfds.builder_from_directory(newest).as_data_source(split)
 
 
-def main(argv=None) -> int:
-    """Command line: build the shapes world or a user's folder into a TFDS data dir."""
-    p = argparse.ArgumentParser(prog="python -m jaxt2i.data.builders",
-                                description="Build a TFDS (array_record) image-caption dataset.")
-    p.add_argument("--data_dir", required=True, help="TFDS data directory")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shapes", help="RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
-    src.add_argument("--root", help="folder of images")
-    p.add_argument("--manifest", help="JSONL / CSV / COCO JSON; none: side-car .txt files")
-    p.add_argument("--format", default="auto", help="auto, jsonl, csv, coco or txt")
-    p.add_argument("--name", help="config name (default: the folder's name)")
-    p.add_argument("--min_size", type=int, default=0, help="skip smaller images")
-    p.add_argument("--small_warn", type=int, default=0, help="count images below this size")
-    p.add_argument("--max_size", type=int, default=None, help="downscale larger images")
-    p.add_argument("--val_fraction", type=float, default=0.0)
-    p.add_argument("--rebuild", action="store_true",
-                   help="replace an earlier build of the same name whose inputs or options "
-                   "differ (refused by default)")
-    args = p.parse_args(argv)
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("shapes", None, "Build the shapes world: RES:TRAIN[:TEST[:HELD_OUT[:SEED]]],"
+                        " e.g. 64:10000.")
+    flags.DEFINE_string("root", None, "Build a folder of images with captions.")
+    flags.DEFINE_string("manifest", None, "JSONL / CSV / COCO JSON captions of --root; none: "
+                        "side-car .txt files.")
+    flags.DEFINE_string("format", "auto", "Manifest format: auto, jsonl, csv, coco or txt.")
+    flags.DEFINE_string("name", None, "Config name (default: the folder's name).")
+    flags.DEFINE_integer("min_size", 0, "Skip smaller images (px).")
+    flags.DEFINE_integer("small_warn", 0, "Count images below this size (px).")
+    flags.DEFINE_integer("max_size", None, "Downscale larger images (px).")
+    flags.DEFINE_float("val_fraction", 0.0, "Fraction of --root's examples in a validation "
+                       "split.")
+    flags.DEFINE_boolean("rebuild", False, "Replace an earlier build of the same name whose "
+                         "inputs or options differ (refused by default).")
+    flags.mark_flag_as_required("data_dir")
+    flags.mark_flags_as_mutual_exclusive(["shapes", "root"], required=True)
+
+
+def main(argv) -> None:
+    """Builds the shapes world or a user's folder into a TFDS data dir, as the flags say."""
+    from absl import flags
+
+    from jaxt2i.config import ConfigError
+    from jaxt2i.workdir import disk_error
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    if F.root and not os.path.isdir(F.root):  # before TFDS starts (and logs) anything
+        raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
     try:
-        if args.shapes:
-            parts = args.shapes.split(":")
+        if F.shapes:
+            parts = F.shapes.split(":")
             if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
-                raise ValueError(f"--shapes={args.shapes!r} must be "
+                raise ValueError(f"--shapes={F.shapes!r} must be "
                                  f"RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
             n = [int(x) for x in parts] + [0] * (5 - len(parts))
             if not 8 <= n[0] <= 4096:
                 raise ValueError(f"--shapes resolution {n[0]} must be between 8 and 4096 px")
-            builder = shapes_builder(args.data_dir, n[0], n[1], test_size=n[2],
+            builder = shapes_builder(F.data_dir, n[0], n[1], test_size=n[2],
                                      held_out_size=n[3], seed=n[4])
         else:
             builder = image_text_builder(
-                args.data_dir, args.root, args.manifest, name=args.name, format=args.format,
-                min_size=args.min_size, small_warn=args.small_warn, max_size=args.max_size,
-                val_fraction=args.val_fraction)
-        report = build(builder, rebuild=args.rebuild)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+                F.data_dir, F.root, F.manifest, name=F.name, format=F.format,
+                min_size=F.min_size, small_warn=F.small_warn, max_size=F.max_size,
+                val_fraction=F.val_fraction)
+        report = build(builder, rebuild=F.rebuild)
+    except OSError as e:
+        if disk_error(e) is not None:
+            raise  # a full disk or an unwritable --data_dir: one line, exit 1 (run_app)
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     print(report.summary() or "no input problems")
-    print(f"dataset: {builder.data_dir}")
-    return 0
+    print(f"dataset: {builder.data_dir}", flush=True)
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-build-data`) of `python -m jaxt2i.data.builders`."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

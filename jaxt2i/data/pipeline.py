@@ -34,6 +34,7 @@ from PIL import Image
 
 from jaxt2i.data import shapes
 from jaxt2i.data.text_cache import TextCache
+from jaxt2i.images import to_float
 
 RESAMPLE = Image.BICUBIC  # Pillow's resize widens the kernel when shrinking: anti-aliased
 
@@ -97,11 +98,6 @@ def resize_crop(img: np.ndarray, resolution: int,
 def downsample(img: np.ndarray, size: int) -> np.ndarray:
     """uint8 [R, R, 3] -> uint8 [size, size, 3], anti-aliased (the SR stage's input)."""
     return np.asarray(Image.fromarray(img).resize((size, size), RESAMPLE))
-
-
-def to_float(img: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1]."""
-    return img.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
 
 
 def _text(value: Any) -> str:
@@ -231,6 +227,21 @@ def open_source(spec: Any, *, resolution: int, split: str = "train", dataset: st
     return load_source(os.path.join(spec, dataset) if dataset else spec, split)
 
 
+def allow_grain_workers() -> None:
+    """Lets `make_pipeline(worker_count > 0)` run where absl flags were never parsed (a
+    notebook, a test, a script without `absl.app.run`); the commands need not call it.
+
+    grain (0.2) reads its own absl flags (`FLAGS.grain_enable_multiprocess_worker_profiling`
+    and others) when it starts worker processes, and absl refuses reads of unparsed flags. So
+    the global `absl.flags.FLAGS` must be parsed; this marks it parsed (every flag keeps its
+    default). That changes process-wide state, so the library never does it by itself (it
+    used to, silently, inside `make_pipeline`): `make_pipeline` raises instead, naming this
+    function, and the caller decides.
+    """
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 0,
                   lowres: int | None = None, shuffle: bool = True, random_crop: bool = False,
                   num_epochs: int | None = None, process_index: int | None = None,
@@ -304,8 +315,12 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
     if tokenizer is not None:  # one call per batch (the tokenizer batches in Rust)
         it = it.map(_Tokenize(tokenizer))
     if worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside app.run
-            flags.FLAGS.mark_as_parsed()  # (notebooks, tests) their defaults are fine
+        if not flags.FLAGS.is_parsed():
+            raise ValueError(
+                f"worker_count={worker_count} starts grain worker processes, and grain reads "
+                "its absl flags then, which this process has not parsed (it is not running "
+                "under absl.app.run); call jaxt2i.data.pipeline.allow_grain_workers() once "
+                "first, or pass worker_count=0")
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return Pipeline(it, local_batch, per_process)
 

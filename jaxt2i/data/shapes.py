@@ -6,7 +6,7 @@ world. Everything is a pure function of a seed: `ShapesSource(resolution, size, 
 seed)[i]` is the same image and caption on every machine, with no build step.
 
 Captions come from several templates and always mention every object, so a caption can be
-checked against the image (`jaxt2i.eval.shapes_eval`). `parse_caption` turns a caption or
+checked against the image (`jaxt2i.eval.detector`). `parse_caption` turns a caption or
 user prompt back into its structured form. Some colour-shape pairs and some stated
 relations are held out of the 'train' and 'test' splits and make up the 'held_out' split,
 which measures compositional generalisation.

@@ -9,16 +9,15 @@ length with zeros (masked out) when read. Example i of the dataset is entry i of
 A rerun skips shards already written for the same captions (file names carry a checksum),
 so an interrupted build resumes.
 
-CLI: python -m jaxt2i.data.text_cache --encoder=DIR --out_dir=DIR --shapes=train:10000
+CLI (console script `jaxt2i-text-cache`):
+     python -m jaxt2i.data.text_cache --encoder=DIR --out_dir=DIR --shapes=train:10000
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
-import sys
 import zlib
 from typing import Any, Iterable, Iterator
 
@@ -200,32 +199,53 @@ def _source_from_flags(args):
     return load_source(args.dataset_dir, args.split)
 
 
-def main(argv=None) -> int:
-    """Command line: encode a dataset's captions into a cache."""
-    p = argparse.ArgumentParser(prog="python -m jaxt2i.data.text_cache",
-                                description="Precompute T5 embeddings of a dataset's captions.")
-    p.add_argument("--encoder", required=True, help="HF T5 directory (jaxt2i.text.encoder)")
-    p.add_argument("--out_dir", required=True, help="where to write the cache")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shapes", help="SPLIT:SIZE[:SEED] of the shapes world, e.g. train:10000")
-    src.add_argument("--dataset_dir", help="a built TFDS dataset directory (name/config/ver)")
-    p.add_argument("--split", default="train", help="split of --dataset_dir")
-    p.add_argument("--max_length", type=int, default=None, help="text length L")
-    p.add_argument("--shard_size", type=int, default=4096)
-    p.add_argument("--batch_size", type=int, default=64)
-    args = p.parse_args(argv)
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("encoder", None, "Hugging Face T5 directory (jaxt2i.text.encoder).")
+    flags.DEFINE_string("out_dir", None, "Where to write the cache.")
+    flags.DEFINE_string("shapes", None, "SPLIT:SIZE[:SEED] of the shapes world, e.g. "
+                        "train:10000.")
+    flags.DEFINE_string("dataset_dir", None, "A built TFDS dataset directory (name/config/ver).")
+    flags.DEFINE_string("split", "train", "Split of --dataset_dir.")
+    flags.DEFINE_integer("max_length", None, "Text length L (default: the encoder's).")
+    flags.DEFINE_integer("shard_size", 4096, "Captions per shard file.")
+    flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.")
+    flags.mark_flags_as_required(["encoder", "out_dir"])
+    flags.mark_flags_as_mutual_exclusive(["shapes", "dataset_dir"], required=True)
+
+
+def main(argv) -> None:
+    """Encodes a dataset's captions into a cache, as the flags say."""
+    from absl import flags
+
+    from jaxt2i.config import ConfigError
+    from jaxt2i.text.encoder import load_encoder  # pylint: disable=import-outside-toplevel
+    from jaxt2i.workdir import disk_error
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
     try:
-        source = _source_from_flags(args)
-        from jaxt2i.text.encoder import load_encoder  # pylint: disable=import-outside-toplevel
-        encoder = load_encoder(args.encoder, "bfloat16", max_length=args.max_length)
-        index = build_text_cache(encoder, source, args.out_dir, shard_size=args.shard_size,
-                                 batch_size=args.batch_size)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {index['num_examples']} captions to {args.out_dir}")
-    return 0
+        source = _source_from_flags(F)
+        encoder = load_encoder(F.encoder, "bfloat16", max_length=F.max_length)
+        index = build_text_cache(encoder, source, F.out_dir, shard_size=F.shard_size,
+                                 batch_size=F.batch_size)
+    except OSError as e:
+        if disk_error(e) is not None:
+            raise  # a full disk or an unwritable --out_dir: one line, exit 1 (run_app)
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(f"wrote {index['num_examples']} captions to {F.out_dir}", flush=True)
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-text-cache`) of `python -m jaxt2i.data.text_cache`."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -1,1 +1,71 @@
-"""Export trained checkpoints to other frameworks: PyTorch (safetensors), ONNX, StableHLO."""
+"""Export trained checkpoints to other frameworks: PyTorch (safetensors), ONNX, StableHLO.
+
+`export_cascade` is what `python -m jaxt2i.export` runs; the formats are in `torch_export`,
+`onnx_export` and `stablehlo`, the shared manifest and staging directory in `common`.
+"""
+
+from __future__ import annotations
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
+                   dtype: str = "float32", overrides: dict | None = None, platforms=None,
+                   opset: int | None = None, stages: int | None = None, log=print,
+                   text_encoder: str | None = None) -> dict:
+    """Exports a cascade (or its first `stages` stages) to `out`; returns the manifest record.
+
+    Args:
+      checkpoints: a cascade directory, or one stage export / training workdir per stage.
+      fmt: 'torch', 'onnx' or 'stablehlo' (`FORMATS`).
+      out: output directory (empty or absent; with `overwrite`, an earlier export).
+      overwrite: replace an earlier export at `out` once the new one is complete.
+      dtype: torch only: weight dtype ('float32', 'bfloat16', 'float16').
+      overrides: {setting: '25,10' | '25'} per-stage sampler settings (baked into stablehlo).
+      platforms: stablehlo only: lowering platforms (default cpu, cuda, tpu).
+      opset: onnx only: the ONNX opset (default `onnx_export.OPSET`).
+      stages: export only the first N stages.
+      log: progress messages go here.
+      text_encoder: load the text encoder from here instead of the stages' configs.
+
+    Raises ConfigError (one line) for a bad format, dtype or setting.
+    """
+    from jaxt2i.cascade import load_cascade
+    from jaxt2i.cli import stage_settings
+    from jaxt2i.config import ConfigError
+    from jaxt2i.export.common import FORMATS, staging_dir, write_manifest
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    if fmt != "torch" and dtype != "float32":
+        raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
+    cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
+    settings = stage_settings(cascade, stages, overrides)
+    n = len(settings)
+    cascade = cascade.head(n)
+    with staging_dir(out, overwrite, log=log) as root:
+        if fmt == "torch":
+            from jaxt2i.export.torch_export import export_torch
+
+            record = export_torch(cascade, settings, root, dtype=dtype, progress=log)
+            packages = ("torch", "transformers")
+        elif fmt == "onnx":
+            from jaxt2i.export.onnx_export import OPSET, export_onnx
+
+            record = export_onnx(cascade, root, opset=opset or OPSET, progress=log)
+            packages = ("jax2onnx", "onnx", "onnxruntime")
+        else:
+            from jaxt2i.export.stablehlo import PLATFORMS, export_stablehlo
+
+            record = export_stablehlo(cascade, settings, root, platforms=platforms or PLATFORMS,
+                                      progress=log)
+            packages = ()
+        manifest = write_manifest(root, fmt=fmt, stages=cascade.stages,
+                                  settings=settings if fmt == "stablehlo" else None,
+                                  packages=packages, extra={"cascade": record, "dtype": dtype})
+    return manifest
+
+
+__all__ = ["DTYPES", "export_cascade"]

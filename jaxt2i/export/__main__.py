@@ -1,4 +1,5 @@
-"""`python -m jaxt2i.export`: a trained stage or cascade -> PyTorch, ONNX or StableHLO files.
+"""`python -m jaxt2i.export` (console script `jaxt2i-export`): a trained stage or cascade ->
+PyTorch, ONNX or StableHLO files (`jaxt2i.export.export_cascade`).
 
     python -m jaxt2i.export --checkpoint=runs/base --checkpoint=runs/sr --format=torch --out=export_pt
     python -m jaxt2i.export --format=onnx --out=export_onnx          # the bundled demo cascade
@@ -20,58 +21,17 @@ import sys
 
 from absl import flags
 
+from jaxt2i.assets import demo_cascade_dir
+from jaxt2i.cli import define_stage_flags, define_text_encoder_flag, run_app, stage_flag_values
 from jaxt2i.config import ConfigError
-from jaxt2i.export.common import FORMATS, staging_dir, write_manifest
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-def export(checkpoints, fmt: str, out: str, *, overwrite: bool = False, dtype: str = "float32",
-           overrides: dict | None = None, platforms=None, opset: int | None = None,
-           stages: int | None = None, log=print, text_encoder: str | None = None) -> dict:
-    """Exports a cascade (or its first `stages` stages). Returns the manifest record."""
-    from jaxt2i.cascade import load_cascade
-    from jaxt2i.sample import stage_settings
-
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
-    if fmt != "torch" and dtype != "float32":
-        raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
-    cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
-    settings = stage_settings(cascade, stages, overrides)
-    n = len(settings)
-    cascade = cascade.head(n)
-    with staging_dir(out, overwrite, log=log) as root:
-        if fmt == "torch":
-            from jaxt2i.export.torch_export import export_torch
-
-            record = export_torch(cascade, settings, root, dtype=dtype, progress=log)
-            packages = ("torch", "transformers")
-        elif fmt == "onnx":
-            from jaxt2i.export.onnx_export import OPSET, export_onnx
-
-            record = export_onnx(cascade, root, opset=opset or OPSET, progress=log)
-            packages = ("jax2onnx", "onnx", "onnxruntime")
-        else:
-            from jaxt2i.export.stablehlo import PLATFORMS, export_stablehlo
-
-            record = export_stablehlo(cascade, settings, root, platforms=platforms or PLATFORMS,
-                                      progress=log)
-            packages = ()
-        manifest = write_manifest(root, fmt=fmt, stages=cascade.stages,
-                                  settings=settings if fmt == "stablehlo" else None,
-                                  packages=packages, extra={"cascade": record, "dtype": dtype})
-    return manifest
+from jaxt2i.export import export_cascade
+from jaxt2i.export.common import FORMATS
 
 
 def main(argv) -> None:
     F = flags.FLAGS
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
-    from jaxt2i.sample import demo_cascade_dir, stage_flag_values
-
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     platforms = [p.strip() for p in F.platforms.split(",") if p.strip()] if F.platforms else None
     for p in platforms or []:
@@ -79,17 +39,16 @@ def main(argv) -> None:
             raise ConfigError(f"--platforms: {p!r} is not one of cpu, cuda, rocm, tpu")
     overrides = stage_flag_values()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    manifest = export(checkpoints, F.format, F.out, overwrite=F.overwrite, dtype=F.dtype,
-                      overrides=overrides, platforms=platforms, opset=F.opset, stages=F.stages,
-                      log=log, text_encoder=F.text_encoder)
+    manifest = export_cascade(checkpoints, F.format, F.out, overwrite=F.overwrite,
+                              dtype=F.dtype, overrides=overrides, platforms=platforms,
+                              opset=F.opset, stages=F.stages, log=log,
+                              text_encoder=F.text_encoder)
     size = sum(f["bytes"] for f in manifest["files"])
     print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {os.path.abspath(F.out)}"
           f" ({len(manifest['files'])} files, {size / 1e6:.1f} MB); see manifest.json", flush=True)
 
 
 def _define_flags() -> None:
-    from jaxt2i.sample import define_stage_flags, define_text_encoder_flag
-
     flags.DEFINE_multi_string("checkpoint", None, "A cascade directory, a stage export or a "
                               "training workdir (repeatable, base first; default: the bundled "
                               "demo cascade).")
@@ -110,11 +69,8 @@ def _define_flags() -> None:
 
 
 def cli() -> None:
-    """Console-script entry point."""
-    from jaxt2i.config import run_app
-
-    _define_flags()
-    run_app(main)
+    """Console-script entry point (`jaxt2i-export`)."""
+    run_app(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -196,10 +195,6 @@ class UNetConfig:
         """JSON-friendly dict of every field (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()}
-
-    def to_json(self) -> str:
-        """The config as a JSON string (saved beside checkpoints)."""
-        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":

@@ -126,6 +126,34 @@ def load_encoder(
     return TextEncoder(config, _place(params, shardings), tok)
 
 
+def encode_to_file(encoder, prompts: list[str], out: str | None) -> dict:
+    """Encodes `prompts`, optionally saves them, and returns a summary per prompt.
+
+    Args:
+      encoder: a `TextEncoder`.
+      prompts: the prompts ('' is the unconditional prompt).
+      out: if given, a .safetensors file for embeddings float32 [B, L, D], mask uint8 [B, L]
+        and the prompts (JSON) and max_length in its metadata.
+
+    Returns:
+      {'shape': [B, L, D], 'rows': [{'prompt', 'tokens', 'rms'} per prompt]}.
+    """
+    emb, mask = encoder.encode(prompts)
+    emb = np.asarray(emb, np.float32)
+    mask = np.asarray(mask)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        convert.write_safetensors({"embeddings": emb, "mask": mask.astype(np.uint8)}, out,
+                                  metadata={"prompts": json.dumps(prompts),
+                                            "max_length": str(encoder.max_length)})
+    rows = []
+    for i, p in enumerate(prompts):
+        m = mask[i]
+        rows.append({"prompt": p, "tokens": int(m.sum()),
+                     "rms": float(np.sqrt(np.mean(emb[i][m] ** 2)))})
+    return {"shape": list(emb.shape), "rows": rows}
+
+
 def check_tokenizer_fits(tok: Tokenizer, config: T5Config, hf_cfg: dict, where: str) -> None:
     """Raises ValueError (one line) unless `tok` can be this encoder's tokenizer.
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxt2i.config import ConfigError
 from jaxt2i.data import shapes
-from jaxt2i.eval import shapes_eval
+from jaxt2i.eval import detector
 
 
 def _object_accuracy(resolution, n, split, seed):
@@ -17,17 +17,17 @@ def _object_accuracy(resolution, n, split, seed):
     for i in range(n):
         scene, cap = src.scene_and_caption(i)
         img = shapes.render(scene, resolution)
-        found = shapes_eval.detect_scene(img)
+        found = detector.detect_scene(img)
         ok = found["background"] == scene["background"] and len(found["objects"]) == len(
             scene["objects"])
         for o in scene["objects"] if ok else []:
             m = min(found["objects"], key=lambda d: (d["x"] - o["x"]) ** 2 + (d["y"] - o["y"]) ** 2)
             ok &= (m["shape"], m["colour"], m["size"]) == (o["shape"], o["colour"], o["size"])
             ok &= abs(m["x"] - o["x"]) < 0.02 and abs(m["y"] - o["y"]) < 0.02
-        s = shapes_eval.score(img, cap)
+        s = detector.score(img, cap)
         scores.append(s)
         good += bool(ok and s["whole"])
-    return good / n, shapes_eval.aggregate(scores)
+    return good / n, detector.aggregate(scores)
 
 
 @pytest.mark.parametrize("resolution,n,split", [(64, 400, "train"), (64, 100, "held_out"),
@@ -51,8 +51,8 @@ def test_detector_tolerates_noise_and_colour_shift():
     for i in range(len(src)):
         scene, cap = src.scene_and_caption(i)
         img = shapes.render(scene, 64) + rng.normal(0, 10, (64, 64, 3)) + rng.uniform(-20, 20, 3)
-        scores.append(shapes_eval.score(np.clip(img, 0, 255).astype(np.uint8), cap))
-    assert shapes_eval.aggregate(scores)["whole"] >= 0.95
+        scores.append(detector.score(np.clip(img, 0, 255).astype(np.uint8), cap))
+    assert detector.aggregate(scores)["whole"] >= 0.95
 
 
 def test_score_catches_wrong_attributes():
@@ -63,26 +63,26 @@ def test_score_catches_wrong_attributes():
                          {"shape": "square", "colour": "blue", "size": "small", "x": 0.5,
                           "y": 0.75, "r": 0.1}]}
     img = shapes.render(scene, 64)
-    good = shapes_eval.score(img, "a large red circle above a small blue square")
+    good = detector.score(img, "a large red circle above a small blue square")
     assert good == {"colour": True, "shape": True, "size": True, "count": True,
                     "relation": True, "background": None, "whole": True,
                     "found": ["large red circle", "small blue square"]}
-    assert shapes_eval.score(img, "a red circle below a blue square")["relation"] is False
+    assert detector.score(img, "a red circle below a blue square")["relation"] is False
     # Colours swapped: each object matches one prompt object by shape and the other by colour,
     # so which one is 'the blue circle' is undecidable and neither relation is credited.
     for rel in ("above", "below"):
-        swapped = shapes_eval.score(img, f"a blue circle {rel} a red square")
+        swapped = detector.score(img, f"a blue circle {rel} a red square")
         assert swapped["relation"] is False and swapped["count"] is True
-    assert shapes_eval.score(img, "a green circle above a blue square")["colour"] is False
-    star = shapes_eval.score(img, "a red star above a blue square")
+    assert detector.score(img, "a green circle above a blue square")["colour"] is False
+    star = detector.score(img, "a red star above a blue square")
     assert star["shape"] is False and star["found"] == good["found"]
-    assert shapes_eval.score(img, "a small red circle above a blue square")["size"] is False
-    s = shapes_eval.score(img, "three red circles on a black background")
+    assert detector.score(img, "a small red circle above a blue square")["size"] is False
+    s = detector.score(img, "three red circles on a black background")
     assert not s["count"] and not s["background"] and not s["whole"]
     blank = np.full((64, 64, 3), 255, np.uint8)
-    assert shapes_eval.detect(blank) == [] and shapes_eval.score(blank, "a red circle")["found"] == []
-    assert shapes_eval.score(blank, "a red circle")["whole"] is False
-    agg = shapes_eval.evaluate([img, blank], ["a red circle above a blue square", "a red circle"])
+    assert detector.detect(blank) == [] and detector.score(blank, "a red circle")["found"] == []
+    assert detector.score(blank, "a red circle")["whole"] is False
+    agg = detector.evaluate([img, blank], ["a red circle above a blue square", "a red circle"])
     assert agg["n"] == 2 and agg["whole"] == 0.5 and agg["relation"] == 1.0 and agg["n_relation"] == 1
 
 
@@ -130,13 +130,13 @@ class _RenderingCascade:
 
 
 def _scenes(num, seed=0):
-    from jaxt2i.eval.shapes import eval_prompts
+    from jaxt2i.eval.evaluate import eval_prompts
 
     return {c: s for split in ("held_out", "test") for s, c in eval_prompts(split, num, seed)}
 
 
 def test_eval_prompts_respect_the_splits():
-    from jaxt2i.eval.shapes import eval_prompts
+    from jaxt2i.eval.evaluate import eval_prompts
 
     held = eval_prompts("held_out", 40)
     seen = eval_prompts("test", 40)
@@ -149,7 +149,7 @@ def test_eval_prompts_respect_the_splits():
 
 
 def test_evaluate_cascade_scores_true_renders_perfectly_and_wrong_colours_not(tmp_path):
-    from jaxt2i.eval.shapes import evaluate_cascade, format_table
+    from jaxt2i.eval.evaluate import evaluate_cascade, format_table
 
     scenes = _scenes(10)
     perfect = _RenderingCascade(scenes)
@@ -190,7 +190,7 @@ def test_evaluate_cascade_scores_true_renders_perfectly_and_wrong_colours_not(tm
 def test_true_lowres_separates_a_lossy_sr_stage_from_the_base_resolution(tmp_path):
     """An SR stage that turns every shape into a circle scores below the mere bilinear
     upsampling of the same true low-res renders, which at 32 px still show every shape."""
-    from jaxt2i.eval.shapes import eval_prompts, evaluate_cascade
+    from jaxt2i.eval.evaluate import eval_prompts, evaluate_cascade
 
     scenes = _scenes(12)
     lossy = _RenderingCascade(scenes, size=128, lowres_size=32, sr_reshape="circle")

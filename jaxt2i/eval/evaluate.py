@@ -1,36 +1,32 @@
-"""`python -m jaxt2i.eval.shapes`: how well a cascade's images follow the words.
-
-    python -m jaxt2i.eval.shapes                       # the bundled demo cascade
-    python -m jaxt2i.eval.shapes --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
+"""How well a cascade's images follow the words: `evaluate_cascade`, which
+`python -m jaxt2i.eval` runs.
 
 Draws prompts from the shapes world's `held_out` split (colour-shape pairs and stated
 relations that never appear in training) and its `test` split (new scenes made only of seen
 combinations), samples one image per prompt through the cascade, reads each image back with
-the shapes detector (`jaxt2i.eval.shapes_eval`) and prints, per split, the fraction of images
+the shapes detector (`jaxt2i.eval.detector`) and reports, per split, the fraction of images
 whose colour, shape, size, count, relation, background and whole prompt are right. The same
-flags and seed give the same prompts and images. `--reference` also scores the true renders of
-the same scenes at the same resolution: the detector's ceiling, normally 100%. `--true_lowres`
-also feeds the SR stages the true renders at the base's resolution, and scores those renders
-merely upsampled (bilinear), so a cascade's errors split between its base, its SR stages and
-what the base's resolution can show. With `--out`, per-image scores (what was found, in
-`found`) and grids are written per split.
+arguments and seed give the same prompts and images. `reference` also scores the true renders
+of the same scenes at the same resolution: the detector's ceiling, normally 100%.
+`true_lowres` also feeds the SR stages the true renders at the base's resolution, and scores
+those renders merely upsampled (bilinear), so a cascade's errors split between its base, its
+SR stages and what the base's resolution can show. With `out`, per-image scores (what was
+found, in `found`) and grids are written per split.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
-from absl import flags
 from PIL import Image
 
 from jaxt2i.config import ConfigError
 from jaxt2i.data import shapes
-from jaxt2i.eval import shapes_eval
+from jaxt2i.eval import detector
 
 SPLITS = ("held_out", "test")
 _SHOWN = ("colour", "shape", "size", "count", "relation", "background", "whole")
@@ -62,8 +58,8 @@ def format_table(results: dict) -> str:
 
 
 def _scored(images, prompts) -> list[dict]:
-    """Per-image `shapes_eval.score` dicts, each with its prompt."""
-    return [dict(shapes_eval.score(im, p), prompt=p) for im, p in zip(images, prompts)]
+    """Per-image `detector.score` dicts, each with its prompt."""
+    return [dict(detector.score(im, p), prompt=p) for im, p in zip(images, prompts)]
 
 
 def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: int = 100,
@@ -144,10 +140,10 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         size = int(images[0].shape[0])
         scores = _scored(images, prompts)
         per_image[split] = scores
-        results[split] = shapes_eval.aggregate(scores)
+        results[split] = detector.aggregate(scores)
         if reference:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
-            results[f"{split} (true renders)"] = shapes_eval.evaluate(renders, prompts)
+            results[f"{split} (true renders)"] = detector.evaluate(renders, prompts)
         written = {split: (images, scores)}
         if true_lowres:
             r = cascade.stages[0].unet_cfg.image_size
@@ -155,15 +151,15 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             sr_images = run(prompts, lows, s_idx, f"{split} SR")
             sr_scores = _scored(sr_images, prompts)
             per_image[f"{split}_sr_true"] = sr_scores
-            results[f"{split} (SR of true {r} px)"] = shapes_eval.aggregate(sr_scores)
+            results[f"{split} (SR of true {r} px)"] = detector.aggregate(sr_scores)
             hw = (images[0].shape[1], images[0].shape[0])  # PIL: (width, height)
             upsampled = [np.asarray(Image.fromarray(low).resize(hw, Image.BILINEAR))
                          for low in lows]
-            results[f"{split} (true {r} px, bilinear)"] = shapes_eval.evaluate(upsampled,
+            results[f"{split} (true {r} px, bilinear)"] = detector.evaluate(upsampled,
                                                                                prompts)
             written[f"{split}_sr_true"] = (sr_images, sr_scores)
         if out:
-            from jaxt2i.sample import labelled_grid
+            from jaxt2i.images import labelled_grid
 
             os.makedirs(out, exist_ok=True)
             for name, (imgs, scs) in written.items():
@@ -176,81 +172,3 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     if bar is not None:
         bar.close()
     return {"results": results, "per_image": per_image, "seconds": seconds, "image_size": size}
-
-
-def main(argv) -> None:
-    from jaxt2i.cascade import load_cascade
-    from jaxt2i.sample import demo_cascade_dir, stage_flag_values, stage_settings
-
-    F = flags.FLAGS
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments {argv[1:]}")
-    splits = [s.strip() for s in F.splits.split(",") if s.strip()]
-    for s in splits:
-        if s not in shapes.SPLITS:
-            raise ConfigError(f"--splits: {s!r} is not one of {', '.join(shapes.SPLITS)}")
-    if F.out:
-        from jaxt2i.workdir import check_writable
-
-        check_writable(F.out, "--out")  # before the sampling work, not after it
-    checkpoints = F.checkpoint or [demo_cascade_dir()]
-    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None, text_encoder=F.text_encoder)
-    settings = stage_settings(cascade, F.stages, stage_flag_values())
-    n = len(settings)
-    try:
-        res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
-                               batch_size=F.batch_size, seed=F.seed, settings=settings,
-                               num_stages=n, reference=F.reference,
-                               true_lowres=F.true_lowres, out=F.out,
-                               progress=sys.stderr.isatty() or F.progress)
-    except ValueError as e:  # a bad sampler / thresholding name, steps < 1
-        raise ConfigError(str(e).splitlines()[0]) from None
-    print(f"{F.num_prompts} prompts per split, {res['image_size']} px, stages {n}, "
-          f"sampling {res['seconds']:.1f} s; settings: "
-          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings))
-    print(format_table(res["results"]))
-    record = {"checkpoints": [s.path for s in cascade.stages[:n]],
-              "steps_trained": [s.step for s in cascade.stages[:n]],
-              "num_prompts": F.num_prompts, "seed": F.seed, "image_size": res["image_size"],
-              "settings": [dict(vars(s)) for s in settings], "results": res["results"],
-              "sampling_seconds": round(res["seconds"], 2)}
-    print(json.dumps(record), flush=True)
-    if F.out:
-        with open(os.path.join(F.out, "eval.json"), "w") as f:
-            json.dump(record, f, indent=2)
-
-
-def _define_flags() -> None:
-    from jaxt2i.sample import define_stage_flags, define_text_encoder_flag
-
-    flags.DEFINE_multi_string("checkpoint", None, "A cascade directory (cascade.json) or one "
-                              "stage export directory per stage, base first (repeatable; "
-                              "default: the bundled demo cascade).")
-    flags.DEFINE_string("splits", ",".join(SPLITS), "Comma list of shapes splits to draw "
-                        "prompts from: held_out (unseen combinations), test (seen ones), train.")
-    flags.DEFINE_integer("num_prompts", 100, "Prompts (one image each) per split.")
-    flags.DEFINE_integer("batch_size", 32, "Images per sampler call.")
-    flags.DEFINE_integer("seed", 0, "Seed of the prompts and of sampling.")
-    flags.DEFINE_integer("stages", None, "Stages to run (1 = score the base stage's images).")
-    flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")
-    flags.DEFINE_boolean("reference", False, "Also score the true renders of the same scenes.")
-    flags.DEFINE_boolean("true_lowres", False, "Also score the SR stages fed the true renders "
-                         "at the base stage's resolution, and those renders bilinear-upsampled "
-                         "(with --reference: is the base or an SR stage at fault?).")
-    flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
-                        "(JSONL) and eval.json.")
-    flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
-    define_stage_flags()
-    define_text_encoder_flag()
-
-
-def cli() -> None:
-    """Console-script entry point."""
-    from jaxt2i.config import run_app
-
-    _define_flags()
-    run_app(main)
-
-
-if __name__ == "__main__":
-    cli()

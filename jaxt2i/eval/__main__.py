@@ -1,0 +1,101 @@
+"""`python -m jaxt2i.eval` (console script `jaxt2i-eval`; `python -m jaxt2i.eval.shapes`
+before): how well a cascade's images follow the words.
+
+    python -m jaxt2i.eval                       # the bundled demo cascade
+    python -m jaxt2i.eval --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
+
+Draws prompts from the shapes world's `held_out` split (colour-shape pairs and stated
+relations that never appear in training) and its `test` split (new scenes made only of seen
+combinations), samples one image per prompt through the cascade, reads each image back with
+the shapes detector and prints, per split, the fraction of images whose colour, shape, size,
+count, relation, background and whole prompt are right, then the whole record as one JSON
+line. The work is `jaxt2i.eval.evaluate.evaluate_cascade`; see its docstring for
+`--reference`, `--true_lowres` and what `--out` holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import flags
+
+from jaxt2i.assets import demo_cascade_dir
+from jaxt2i.cli import (define_stage_flags, define_text_encoder_flag, run_app,
+                        stage_flag_values, stage_settings)
+from jaxt2i.config import ConfigError
+from jaxt2i.data import shapes
+from jaxt2i.eval.evaluate import SPLITS, evaluate_cascade, format_table
+
+
+def main(argv) -> None:
+    from jaxt2i.cascade import load_cascade
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    splits = [s.strip() for s in F.splits.split(",") if s.strip()]
+    for s in splits:
+        if s not in shapes.SPLITS:
+            raise ConfigError(f"--splits: {s!r} is not one of {', '.join(shapes.SPLITS)}")
+    if F.out:
+        from jaxt2i.workdir import check_writable
+
+        check_writable(F.out, "--out")  # before the sampling work, not after it
+    checkpoints = F.checkpoint or [demo_cascade_dir()]
+    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None, text_encoder=F.text_encoder)
+    settings = stage_settings(cascade, F.stages, stage_flag_values())
+    n = len(settings)
+    try:
+        res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
+                               batch_size=F.batch_size, seed=F.seed, settings=settings,
+                               num_stages=n, reference=F.reference,
+                               true_lowres=F.true_lowres, out=F.out,
+                               progress=sys.stderr.isatty() or F.progress)
+    except ValueError as e:  # a bad sampler / thresholding name, steps < 1
+        raise ConfigError(str(e).splitlines()[0]) from None
+    print(f"{F.num_prompts} prompts per split, {res['image_size']} px, stages {n}, "
+          f"sampling {res['seconds']:.1f} s; settings: "
+          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings))
+    print(format_table(res["results"]))
+    record = {"checkpoints": [s.path for s in cascade.stages[:n]],
+              "steps_trained": [s.step for s in cascade.stages[:n]],
+              "num_prompts": F.num_prompts, "seed": F.seed, "image_size": res["image_size"],
+              "settings": [dict(vars(s)) for s in settings], "results": res["results"],
+              "sampling_seconds": round(res["seconds"], 2)}
+    print(json.dumps(record), flush=True)
+    if F.out:
+        with open(os.path.join(F.out, "eval.json"), "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def _define_flags() -> None:
+    flags.DEFINE_multi_string("checkpoint", None, "A cascade directory (cascade.json) or one "
+                              "stage export directory per stage, base first (repeatable; "
+                              "default: the bundled demo cascade).")
+    flags.DEFINE_string("splits", ",".join(SPLITS), "Comma list of shapes splits to draw "
+                        "prompts from: held_out (unseen combinations), test (seen ones), train.")
+    flags.DEFINE_integer("num_prompts", 100, "Prompts (one image each) per split.")
+    flags.DEFINE_integer("batch_size", 32, "Images per sampler call.")
+    flags.DEFINE_integer("seed", 0, "Seed of the prompts and of sampling.")
+    flags.DEFINE_integer("stages", None, "Stages to run (1 = score the base stage's images).")
+    flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")
+    flags.DEFINE_boolean("reference", False, "Also score the true renders of the same scenes.")
+    flags.DEFINE_boolean("true_lowres", False, "Also score the SR stages fed the true renders "
+                         "at the base stage's resolution, and those renders bilinear-upsampled "
+                         "(with --reference: is the base or an SR stage at fault?).")
+    flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
+                        "(JSONL) and eval.json.")
+    flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
+    define_stage_flags()
+    define_text_encoder_flag()
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-eval`)."""
+    run_app(main, _define_flags)
+
+
+if __name__ == "__main__":
+    cli()
