@@ -152,10 +152,6 @@ class Cascade:
         settings; `.lower(...)` works on it)."""
         return self._samplers[k]
 
-    def compiled_count(self, k: int) -> int:
-        """Entries in stage k's jit cache (one per distinct shapes / settings)."""
-        return self._samplers[k]._cache_size()  # pylint: disable=protected-access  # jax API
-
     def settings(self, overrides: Sequence[dict] | None = None,
                  num_stages: int | None = None) -> list[StageSettings]:
         """Per-stage settings: each stage's saved defaults with `overrides[k]` applied."""
