@@ -16,10 +16,10 @@ with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
 
 # A flag each command defines itself (or through jaxt2i.cli), which --help must show.
 OWN_FLAG = {
-    "jaxt2i.train": "--workdir", "jaxt2i.checkpoint": "--step", "jaxt2i.sample": "--steps",
+    "jaxt2i.train.__main__": "--workdir", "jaxt2i.checkpoint.__main__": "--step", "jaxt2i.sample": "--steps",
     "jaxt2i.eval.__main__": "--num_prompts", "jaxt2i.encode": "--max_length",
-    "jaxt2i.export.__main__": "--guidance", "jaxt2i.data.builders": "--data_dir",
-    "jaxt2i.data.text_cache": "--encoder", "jaxt2i.assets.__main__": "--out",
+    "jaxt2i.export.__main__": "--guidance", "jaxt2i.data.builders.__main__": "--data_dir",
+    "jaxt2i.data.text_cache.__main__": "--encoder", "jaxt2i.assets.__main__": "--out",
     "jaxt2i.bench.__main__": "--phases",
 }
 

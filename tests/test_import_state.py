@@ -42,7 +42,8 @@ def test_importing_every_module_leaves_flags_and_logging_alone():
     must = {"jaxt2i.cli", "jaxt2i.sample", "jaxt2i.encode", "jaxt2i.train", "jaxt2i.checkpoint",
             "jaxt2i.data.pipeline", "jaxt2i.data.builders", "jaxt2i.data.text_cache",
             "jaxt2i.eval.__main__", "jaxt2i.export.__main__", "jaxt2i.bench.__main__",
-            "jaxt2i.assets.__main__"}
+            "jaxt2i.assets.__main__", "jaxt2i.train.__main__", "jaxt2i.checkpoint.__main__",
+            "jaxt2i.data.builders.__main__", "jaxt2i.data.text_cache.__main__"}
     assert must <= set(got["imported"]), (must - set(got["imported"]), got["skipped"])
     assert got["flag_modules"] == [] and got["names"] == [], got
     assert got["parsed"] is False

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxt2i.config import ConfigError, load_config_file
-from jaxt2i import train as train_module
+from jaxt2i.train import loop as train_module
 from jaxt2i.train import Trainer, TrainingStopped, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,7 +272,7 @@ def test_scene_kind_mix_is_refused_where_it_cannot_apply(tmp_path):
     read, naming the value and the fix."""
     from types import SimpleNamespace
 
-    from jaxt2i.train import _pipeline
+    from jaxt2i.train.loop import _pipeline
 
     trainer = SimpleNamespace(unet_cfg=SimpleNamespace(image_size=16, lowres_size=0))
     cfg = _cfg()
@@ -440,7 +440,7 @@ def test_sr_sample_grids_come_from_the_runs_own_data(tmp_path):
     """Issue #24: an SR run's sample grids upsampled shapes-world renders whatever
     data.source said; now they show the first examples of the run's own data."""
     from jaxt2i.data import builders, pipeline
-    from jaxt2i.train import _preview_inputs
+    from jaxt2i.train.loop import _preview_inputs
 
     cfg = _cfg("configs/sr.py:tiny_sr")
     c = cfg.model

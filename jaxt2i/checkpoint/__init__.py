@@ -93,6 +93,31 @@ def _norm(v):
     return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+def newest_readable(steps: list[int], read, directory: str) -> tuple[int, Any, list[int]]:
+    """The first of `steps` (newest first) that `read(step)` restores: (step, what it read,
+    the steps that failed before it, each logged). Shared by resuming and exporting, so a
+    corrupt newest step is handled the same way by both.
+
+    Raises CheckpointError listing every step's failure when none can be read, and lets
+    CheckpointMismatch (another model, not a damaged file) through at once.
+    """
+    failed: list[tuple[int, str]] = []
+    for s in steps:
+        try:
+            return s, read(s), [f for f, _ in failed]
+        except CheckpointMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+            failed.append((s, _first_line(e)))
+            log.warning("checkpoint at step %d in %s cannot be restored (%s)%s", s, directory,
+                        failed[-1][1], "; trying the previous one" if s != steps[-1] else "")
+    raise CheckpointError(
+        f"no checkpoint in {directory} can be restored ("
+        + "; ".join(f"step {s}: {r}" for s, r in failed)
+        + "); nothing was changed: move the checkpoints/ directory away to start afresh, or "
+        "restore it from a copy")
+
+
 class Checkpointer:
     """Saves / restores (state, data-iterator state, config) under `workdir/checkpoints`.
 
@@ -153,43 +178,32 @@ class Checkpointer:
         Returns:
           (step, state, data_state, config) or None when there is no checkpoint at all.
         """
-        steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-        failed: list[tuple[int, str]] = []
-        for s in steps:
-            if config is not None:
-                saved = self._saved_config(s)
-                diff = config_mismatch(saved, config) if saved is not None else None
-                if diff:
-                    raise CheckpointMismatch(
-                        f"the checkpoint at step {s} in {self.directory} was trained with "
-                        f"another model ({diff}); to resume, use that run's settings (its "
-                        f"config.json); to start afresh, pass another --workdir; to fine-tune "
-                        f"from it, pass --config.train.init_from=<its workdir> with a new one")
-            try:
-                out = self.manager.restore(
-                    s, args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        config=ocp.args.JsonRestore(),
-                    ))
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                if step is not None:
-                    raise
-                reason = _first_line(e)
-                failed.append((s, reason))
-                log.warning("checkpoint at step %d in %s cannot be restored (%s)", s,
-                            self.directory, reason)
-                continue
+        def check_identity(s: int) -> None:
+            saved = self._saved_config(s) if config is not None else None
+            diff = config_mismatch(saved, config) if saved is not None else None
+            if diff:
+                raise CheckpointMismatch(
+                    f"the checkpoint at step {s} in {self.directory} was trained with "
+                    f"another model ({diff}); to resume, use that run's settings (its "
+                    f"config.json); to start afresh, pass another --workdir; to fine-tune "
+                    f"from it, pass --config.train.init_from=<its workdir> with a new one")
+
+        def read(s: int):
+            check_identity(s)
+            return self.manager.restore(s, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore()))
+
+        if step is not None:  # asked for: its failure is the caller's to see
+            s, out = step, read(step)
+        else:
+            steps = sorted(self.all_steps(), reverse=True)
+            if not steps:
+                return None
+            s, out, failed = newest_readable(steps, read, self.directory)
             if failed:
-                self._move_aside([f for f, _ in failed])
-            return s, out.state, dict(out.data or {}), dict(out.config or {})
-        if failed:
-            raise CheckpointError(
-                f"no checkpoint in {self.directory} can be restored ("
-                + "; ".join(f"step {s}: {r}" for s, r in failed)
-                + "); nothing was changed: move the checkpoints/ directory away to start "
-                "afresh, or restore it from a copy")
-        return None
+                self._move_aside(failed)
+        return s, out.state, dict(out.data or {}), dict(out.config or {})
 
     def _saved_config(self, step: int) -> dict | None:
         """The config saved with checkpoint `step` (None when it cannot be read)."""
@@ -387,22 +401,11 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
             steps = [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {directory} yet")
-        for i, s in enumerate(steps):
-            try:
-                out = mgr.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
-                ema, config = out.state["ema_params"], dict(out.config)
-            except Exception as e:  # noqa: BLE001 - a half-written or corrupt step
-                if i + 1 == len(steps):
-                    raise CheckpointError(f"the checkpoint at step {s} in {directory} cannot be "
-                                          f"read ({_first_line(e)})") from None
-                log.warning("checkpoint at step %d cannot be read (%s); trying step %d", s,
-                            _first_line(e), steps[i + 1])
-                continue
-            out_dir = out_dir or os.path.join(workdir, "export")
-            _check_not_older(out_dir, int(s), explicit=step is not None)
-            return export_params(ema, config, out_dir, step=int(s)), int(s)
-    raise AssertionError("unreachable")
+        s, out, _ = newest_readable(steps, lambda s: mgr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())), directory)
+    out_dir = out_dir or os.path.join(workdir, "export")
+    _check_not_older(out_dir, int(s), explicit=step is not None)
+    return export_params(out.state["ema_params"], dict(out.config), out_dir, step=int(s)), int(s)
 
 
 def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:
@@ -422,43 +425,3 @@ def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:
         f"{out_dir} holds the export of step {have}, newer than the newest readable checkpoint "
         f"(step {step}); pass --step={step} to replace it anyway, or --out=DIR to write "
         "elsewhere")
-
-
-def main(argv) -> None:
-    from absl import flags
-
-    from jaxt2i.config import ConfigError
-
-    if len(argv) > 1:
-        raise ConfigError(f"unexpected arguments {argv[1:]}")
-    F = flags.FLAGS
-    if not F.workdir:
-        raise ConfigError("--workdir is required: the training run directory to export from")
-    if F.out:
-        from jaxt2i.workdir import check_writable
-
-        check_writable(F.out, "--out")
-    try:
-        out, step = export_checkpoint(F.workdir, F.step, F.out)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    print(f"exported the EMA params of step {step} to {out}", flush=True)
-
-
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("workdir", None, "Training run directory (holds checkpoints/).")
-    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
-    flags.DEFINE_string("out", None, "Output directory (default: WORKDIR/export).")
-
-
-def cli() -> None:
-    """Console-script entry point (`jaxt2i-checkpoint`) of `python -m jaxt2i.checkpoint`."""
-    from jaxt2i.cli import run_app
-
-    run_app(main, _define_flags)
-
-
-if __name__ == "__main__":
-    cli()

@@ -1,0 +1,85 @@
+"""`python -m jaxt2i.data.builders` (console script `jaxt2i-build-data`): build the shapes world
+or a folder of captioned images into a TFDS data dir.
+
+    python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
+    python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
+
+Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxt2i.data.builders import build, image_text_builder, shapes_builder
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("shapes", None, "Build the shapes world: RES:TRAIN[:TEST[:HELD_OUT[:SEED]]],"
+                        " e.g. 64:10000.")
+    flags.DEFINE_string("root", None, "Build a folder of images with captions.")
+    flags.DEFINE_string("manifest", None, "JSONL / CSV / COCO JSON captions of --root; none: "
+                        "side-car .txt files.")
+    flags.DEFINE_string("format", "auto", "Manifest format: auto, jsonl, csv, coco or txt.")
+    flags.DEFINE_string("name", None, "Config name (default: the folder's name).")
+    flags.DEFINE_integer("min_size", 0, "Skip smaller images (px).")
+    flags.DEFINE_integer("small_warn", 0, "Count images below this size (px).")
+    flags.DEFINE_integer("max_size", None, "Downscale larger images (px).")
+    flags.DEFINE_float("val_fraction", 0.0, "Fraction of --root's examples in a validation "
+                       "split.")
+    flags.DEFINE_boolean("rebuild", False, "Replace an earlier build of the same name whose "
+                         "inputs or options differ (refused by default).")
+    flags.mark_flag_as_required("data_dir")
+    flags.mark_flags_as_mutual_exclusive(["shapes", "root"], required=True)
+
+def main(argv) -> None:
+    """Builds the shapes world or a user's folder into a TFDS data dir, as the flags say."""
+    from absl import flags
+
+    from jaxt2i.config import ConfigError
+    from jaxt2i.workdir import disk_error
+
+    F = flags.FLAGS
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments {argv[1:]}")
+    if F.root and not os.path.isdir(F.root):  # before TFDS starts (and logs) anything
+        raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
+    try:
+        if F.shapes:
+            parts = F.shapes.split(":")
+            if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
+                raise ValueError(f"--shapes={F.shapes!r} must be "
+                                 f"RES:TRAIN[:TEST[:HELD_OUT[:SEED]]], e.g. 64:10000")
+            n = [int(x) for x in parts] + [0] * (5 - len(parts))
+            if not 8 <= n[0] <= 4096:
+                raise ValueError(f"--shapes resolution {n[0]} must be between 8 and 4096 px")
+            builder = shapes_builder(F.data_dir, n[0], n[1], test_size=n[2],
+                                     held_out_size=n[3], seed=n[4])
+        else:
+            builder = image_text_builder(
+                F.data_dir, F.root, F.manifest, name=F.name, format=F.format,
+                min_size=F.min_size, small_warn=F.small_warn, max_size=F.max_size,
+                val_fraction=F.val_fraction)
+        report = build(builder, rebuild=F.rebuild)
+    except OSError as e:
+        if disk_error(e) is not None:
+            raise  # a full disk or an unwritable --data_dir: one line, exit 1 (run_app)
+        raise ConfigError(str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    print(report.summary() or "no input problems")
+    print(f"dataset: {builder.data_dir}", flush=True)
+
+
+def cli() -> None:
+    """Console-script entry point (`jaxt2i-build-data`) of `python -m jaxt2i.data.builders`."""
+    from jaxt2i.cli import run_app
+
+    run_app(main, _define_flags)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,310 @@
+"""The compiled pieces of one stage's training: `Trainer`.
+
+It builds the stage (`jaxt2i.stage.Stage`) from a config, the device mesh and logical-axis
+rules, the sharded train state (`jax.eval_shape` + a jitted init with `out_shardings`, never
+built on one device and moved), and one jitted `train_step` with donated state: frozen T5 on
+the token ids (or cached embeddings), condition dropout, noise-conditioning augmentation (SR),
+the diffusion loss, gradient accumulation, the optimizer, EMA, and skipping of non-finite
+updates. `lower_step` / `step_jaxpr` expose the step for compile-only analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxt2i import diffusion
+from jaxt2i.config import ConfigError, validate
+from jaxt2i.parallel import logical_shardings, make_mesh
+from jaxt2i.parallel.sharding import rules_from_config
+from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
+from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
+
+log = logging.getLogger("jaxt2i")
+
+
+def _check_batch(cfg, mesh) -> None:
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    b, k = cfg.train.batch_size, cfg.train.grad_accum
+    if k < 1 or b % k:
+        raise ConfigError(f"train.batch_size ({b}) must be divisible by train.grad_accum ({k})")
+    if (b // k) % ways:
+        raise ConfigError(
+            f"micro-batch size ({b // k} = batch_size {b} / grad_accum {k}) must be divisible by "
+            f"the data-parallel devices (data {mesh.shape['data']} x fsdp {mesh.shape['fsdp']} = "
+            f"{ways})")
+    if b % jax.process_count():
+        raise ConfigError(f"train.batch_size ({b}) must be divisible by the number of processes "
+                          f"({jax.process_count()})")
+
+
+def _widens_text_conv(name: str, src_shape, want_shape) -> bool:
+    """Whether `src_shape` is a narrower (odd) width of the text_conv kernel `want_shape`:
+    [k, in, out] -> [K, in, out] with k < K. The layer is zero-initialised, so the wider
+    kernel with the narrow one in its centre computes the same function."""
+    return (name.split("/")[-2:] == ["text_conv", "kernel"] and len(src_shape) == 3
+            and len(want_shape) == 3 and tuple(src_shape[1:]) == tuple(want_shape[1:])
+            and src_shape[0] % 2 == 1 and src_shape[0] < want_shape[0])
+
+
+def fit_exported(want: dict[str, tuple], got: dict[str, tuple], *, allow_new: bool,
+                 what: str) -> tuple[list[str], list[str]]:
+    """Checks an export's params (name -> shape) against a model's before fine-tuning from it.
+
+    Returns (missing, widened): the model's params the export lacks (they keep their
+    initialisation) and the text_conv kernels the export has narrower (widened, centred).
+    Both need `allow_new`; any other difference raises ConfigError naming the param.
+    """
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if extra or (missing and not allow_new):
+        hint = ("use the source run's model config" if extra else
+                "use the source run's model config, or set train.init_from_allow_new=True "
+                "to keep the new params at their initialisation")
+        raise ConfigError(
+            f"{what} does not fit this model: {len(missing)} params missing (first: "
+            f"{missing[:1]}), {len(extra)} unexpected (first: {extra[:1]}); {hint}")
+    widened = []
+    for name, shape in want.items():
+        if name not in got or got[name] == shape:
+            continue
+        widens = _widens_text_conv(name, got[name], shape)
+        if widens and allow_new:
+            widened.append(name)
+            continue
+        hint = ("; set train.init_from_allow_new=True to widen it (its new taps start at "
+                "zero)" if widens else "; use the source run's model config")
+        raise ConfigError(f"{what}: param {name} has shape {got[name]} but this model's is "
+                          f"{shape}{hint}")
+    return missing, widened
+
+
+class Trainer:
+    """Holds the compiled pieces of one stage's training: its `Stage`, mesh, step functions."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, encoder=None, devices=None):
+        validate(cfg)
+        self.cfg = cfg
+        stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
+        self.unet_cfg = stage_cfg.model
+        self.is_sr = self.unet_cfg.is_sr
+        try:
+            self.mesh = make_mesh(dict(cfg.mesh), devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check_batch(cfg, self.mesh)
+        self.rules = rules_from_config(cfg.sharding_rules)
+        self.tx = make_optimizer(cfg.train)
+        self.stage = Stage(stage_cfg)
+        self.schedule = self.stage.schedule
+        if self.schedule.is_discrete and self.unet_cfg.noise_scale != 1:
+            raise ConfigError(
+                f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
+                f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
+                "continuous t in [0, 1]: set --config.model.noise_scale=1")
+        self.encoder = encoder if encoder is not None else load_text_encoder(stage_cfg.text)
+        self.stage.encoder = self.encoder
+        if self.encoder.config.d_model != self.unet_cfg.text_dim:
+            raise ConfigError(
+                f"the text encoder's width ({self.encoder.config.d_model}) differs from "
+                f"model.text_dim ({self.unet_cfg.text_dim}); set --config.model.text_dim="
+                f"{self.encoder.config.d_model}")
+        self.replicated = NamedSharding(self.mesh, P())
+        self._build_state_shardings()
+        self._place_text_encoder()
+        self._compile()
+
+    # ----------------------------------------------------------------------------- state
+    def _init_params(self, rng):
+        return self.stage.init_params(rng)
+
+    def _init_state(self, rng) -> TrainState:
+        return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
+
+    def _build_state_shardings(self) -> None:
+        boxed = jax.eval_shape(self._init_params, jax.random.key(0))
+        param_sh = logical_shardings(boxed, self.mesh, self.rules)
+        abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+        # Optimizer leaves shaped like their parameter (Adam moments) share its sharding;
+        # others (Adafactor's factored row/column statistics, counters) are small: replicate.
+        opt_sh = optax.tree_map_params(
+            self.tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else self.replicated,
+            abstract.opt_state, param_sh, abstract.params,
+            transform_non_params=lambda _: self.replicated)
+        self.state_shardings = TrainState(
+            step=self.replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,
+            skipped=self.replicated, total_skipped=self.replicated)
+        self.abstract_state = jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract, self.state_shardings)
+        self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract.params))
+
+    def _place_text_encoder(self) -> None:
+        enc = self.encoder
+        L = enc.max_length
+        boxed = jax.eval_shape(lambda: enc.module.init(
+            jax.random.key(0), jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), bool)))["params"]
+        self.text_shardings = logical_shardings(boxed, self.mesh, self.rules)
+        self.text_params = jax.device_put(enc.params, self.text_shardings)
+        ids, mask = enc.tokenizer([""])
+        self.uncond_ids = jax.device_put(jnp.asarray(ids), self.replicated)
+        self.uncond_mask = jax.device_put(jnp.asarray(mask), self.replicated)
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh, sharded train state (created in place on the devices)."""
+        with self._context():
+            # rbg keys compile ~3x faster than threefry for a many-parameter init.
+            return self._jit_init(jax.random.key(seed, impl="rbg"))
+
+    def init_state_from(self, path: str, seed: int) -> TrainState:
+        """A fresh train state whose params and EMA params are those of an exported model.
+
+        `path` is a stage export (params.safetensors + config.json) or a training workdir with
+        one in export/. The optimizer, step and EMA warm-up start afresh (fine-tuning); the
+        model's objective, loss and schedule may differ from the source run's, its shapes may not.
+        With `train.init_from_allow_new`, params the export lacks (a layer added to the model,
+        e.g. a zero-initialised `model.text_conv`) keep this model's initialisation, and a
+        narrower text_conv kernel is widened: centred, with zero outer taps, so the model
+        computes what the export did.
+        """
+        from jaxt2i.checkpoint import flatten, load_exported, unflatten
+
+        try:
+            export_dir = resolve_export_dir(path)
+        except ConfigError as e:
+            raise ConfigError(f"train.init_from: {e}") from None
+        loaded, _, step = load_exported(export_dir)
+        state = self.init_state(seed)
+        got = flatten(loaded)
+        missing, widened = fit_exported(
+            {n: tuple(a.shape) for n, a in flatten(state.params).items()},
+            {n: tuple(a.shape) for n, a in got.items()},
+            allow_new=bool(self.cfg.train.get("init_from_allow_new", False)),
+            what=f"train.init_from={path!r}")
+
+        def place(a, target):
+            a = np.asarray(a, target.dtype)
+            if a.shape != target.shape:  # a narrower text_conv kernel, centred; the outer
+                out = np.zeros(target.shape, target.dtype)  # taps zero, as the layer's init
+                off = (out.shape[0] - a.shape[0]) // 2
+                out[off:off + a.shape[0]] = a
+                a = out
+            return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
+
+        def fill(tree):  # the export's values; this model's own for params it lacks
+            return unflatten({n: a if n not in got else place(got[n], a)
+                              for n, a in flatten(tree).items()})
+
+        params, ema = fill(state.params), fill(state.ema_params)
+        log.warning("initialised params and EMA from %s (step %s)%s%s", path, step,
+                    f"; {len(missing)} new params keep their initialisation: "
+                    f"{', '.join(missing)}" if missing else "",
+                    f"; widened (centred, new taps zero): {', '.join(widened)}" if widened else "")
+        return state.replace(params=params, ema_params=ema)
+
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    # ------------------------------------------------------------------------------ step
+    def encode_text(self, text_params, ids, mask):
+        """Frozen T5 inside the step: [B, L] ids -> [B, L, D] float32 (no gradient)."""
+        return jax.lax.stop_gradient(self.stage.encode_text(text_params, ids, mask)[0])
+
+    def _loss(self, params, batch, text_params, rng):
+        cfg = self.cfg
+        drop_rng, aug_rng, loss_rng = jax.random.split(rng, 3)
+        if "text_emb" in batch:
+            emb, mask = batch["text_emb"].astype(jnp.float32), batch["text_mask"].astype(bool)
+        else:
+            mask = batch["mask"].astype(bool)
+            emb = self.encode_text(text_params, batch["ids"], mask)
+        u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)
+        cond, _ = diffusion.drop_condition(
+            drop_rng, {"text_emb": emb, "text_mask": mask},
+            {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
+        if self.is_sr:
+            low, level = self.stage.augment(aug_rng, batch["lowres"],
+                                            max_level=cfg.diffusion.aug_max_level)
+            cond["lowres"], cond["aug_level"] = low, level
+        per_example = diffusion.diffusion_loss(
+            self.stage.denoiser(params), batch["image"], cond, loss_rng, schedule=self.schedule,
+            objective=self.unet_cfg.objective, weighting=cfg.diffusion.loss_weighting,
+            gamma=cfg.diffusion.min_snr_gamma)
+        return jnp.mean(per_example)
+
+    def _train_step(self, state: TrainState, batch: dict, text_params, root_rng, iteration):
+        k = self.cfg.train.grad_accum
+        rng = jax.random.fold_in(root_rng, iteration)
+        grad_fn = jax.value_and_grad(self._loss)
+        if k == 1:
+            loss, grads = grad_fn(state.params, batch, text_params, rng)
+        else:
+            micro = jax.tree_util.tree_map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
+
+            def body(carry, xs):
+                mb, i = xs
+                loss_i, g_i = grad_fn(state.params, mb, text_params, jax.random.fold_in(rng, i))
+                acc_loss, acc_g = carry
+                return (acc_loss + loss_i / k,
+                        jax.tree_util.tree_map(lambda a, g: a + g / k, acc_g, g_i)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                            (micro, jnp.arange(k)))
+        new_state, gnorm = apply_gradients(state, grads, loss, self.tx, self.cfg.train.ema_decay)
+        metrics = {"loss": loss, "grad_norm": gnorm, "skipped": new_state.skipped,
+                   "total_skipped": new_state.total_skipped}
+        return new_state, metrics
+
+    def _compile(self) -> None:
+        self._jit_init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self._jit_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, None, self.text_shardings, self.replicated,
+                          self.replicated),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,))
+
+    def step(self, state, batch, rng, iteration: int):
+        """One update (jitted once; same shapes never recompile); rng = fold_in(rng, iteration)."""
+        with self._context():
+            return self._jit_step(state, batch, self.text_params, rng,
+                                  jnp.asarray(iteration, jnp.int32))
+
+    def lower_step(self, state, batch, rng, iteration):
+        """The jitted train step lowered for these (concrete or abstract, sharded) arguments:
+        `.compile()` it for `memory_analysis()` / `cost_analysis()`, or call the result."""
+        with self._context():
+            return self._jit_step.lower(state, batch, self.text_params, rng, iteration)
+
+    def step_jaxpr(self, state, batch, rng, iteration):
+        """The train step's jaxpr for these arguments (analytic FLOP counts)."""
+        with self._context():
+            return jax.make_jaxpr(self._train_step)(state, batch, self.text_params, rng,
+                                                     iteration)
+
+    # --------------------------------------------------------------------------- samples
+    def sample(self, params, prompts, rng, lowres=None, steps=None):
+        """Samples images for `prompts` with the config's sampler (and `lowres` for SR)."""
+        ids, mask = self.encoder.tokenizer(list(prompts))
+        if not hasattr(self, "_jit_sample"):
+            self._jit_sample = jax.jit(self._sample, static_argnames=("steps",))
+        with self._context():
+            return self._jit_sample(params, self.text_params, jnp.asarray(ids),
+                                    jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
+
+    def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
+        text = self.stage.encode_text(text_params, ids, mask)  # [B, L, D]
+        uncond = self.stage.encode_text(text_params, self.uncond_ids, self.uncond_mask)
+        return self.stage.sample(params, text, uncond, rng, lowres,
+                                 settings=self.stage.config.sample.replace(steps=steps))
