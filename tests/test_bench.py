@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxt2i.bench import jobs
-from jaxt2i.bench.__main__ import report
+from jaxt2i.bench.runner import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
