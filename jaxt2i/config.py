@@ -74,11 +74,12 @@ def _lazy(module: str, name: str) -> Callable[[], Iterable[str]]:
 # Enumerated config fields and the values the library accepts. Values may be a tuple or a
 # zero-argument callable returning one (so modules are imported only when checked).
 CHOICES: dict[str, Any] = {
-    "text.dtype": ("float32", "bfloat16"),
+    "text.dtype": _lazy("jaxt2i.text.t5", "COMPUTE_DTYPES"),
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
-    "diffusion.aug_schedule": ("cosine", "linear"),
+    # the augmentation level is continuous time in [0, 1]: any continuous schedule
+    "diffusion.aug_schedule": _lazy("jaxt2i.diffusion.schedules", "CONTINUOUS_NAMES"),
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
     "sample.thresholding": _lazy("jaxt2i.diffusion", "THRESHOLDINGS"),

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a config may name as the encoder's compute dtype (text.dtype).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 _ACTIVATIONS = ("relu", "gelu", "silu")
 
 
