@@ -170,6 +170,14 @@ def per_stage(name: str, value: str | None, num_stages: int) -> list:
     return vals * num_stages if len(vals) == 1 else vals
 
 
+def check_stage_flags(overrides: dict | None) -> None:
+    """Parses and range-checks per-stage flag values before any work is done (whether there
+    is one value per stage is checked once the cascade, and its stage count, is loaded)."""
+    for name, value in (overrides or {}).items():
+        if value not in (None, ""):
+            per_stage(name, value, len(str(value).split(",")))
+
+
 def stage_settings(cascade, stages: int | None, overrides: dict | None) -> list:
     """Validated `--stages` + per-stage flag strings -> one `StageSettings` per stage run.
 
@@ -246,7 +254,7 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 
 __all__ = [
-    "define_config_flag", "define_stage_flags", "define_text_encoder_flag", "stage_flags",
+    "check_stage_flags", "define_config_flag", "define_stage_flags", "define_text_encoder_flag", "stage_flags",
     "parse_flags_or_exit", "per_stage", "read_prompts", "run_app", "stage_flag_values",
     "stage_settings",
 ]

@@ -17,8 +17,8 @@ import sys
 from absl import flags
 
 from jaxt2i.assets import demo_cascade_dir
-from jaxt2i.cli import (define_stage_flags, define_text_encoder_flag, read_prompts, run_app,
-                        stage_flag_values)
+from jaxt2i.cli import (check_stage_flags, define_stage_flags, define_text_encoder_flag,
+                        read_prompts, run_app, stage_flag_values)
 from jaxt2i.config import ConfigError
 from jaxt2i.sampling import sample_to_dir
 from jaxt2i.workdir import check_writable
@@ -31,6 +31,7 @@ def main(argv) -> None:
     prompts = read_prompts(F.prompt, F.prompts_file)
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     overrides = stage_flag_values()
+    check_stage_flags(overrides)  # a NaN guidance is refused before the cascade is loaded
     check_writable(F.out, "--out")  # before the sampling work, not after it
     record = sample_to_dir(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                            stages=F.stages, dtype=F.dtype, overrides=overrides,

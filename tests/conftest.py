@@ -23,7 +23,21 @@ import pytest  # noqa: E402
 def tiny_cascade_dir(tmp_path_factory):
     """A tiny base (16 px) and SR stage (16 -> 32 px) trained 2 steps each through
     `jaxt2i.train.train`, in a cascade directory (~1 min; shared by the sampling and export
-    tests)."""
+    tests). Under pytest-xdist the workers share one: the first to get here builds it while
+    the others wait on a lock in the session's common temp directory."""
+    import fcntl
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build_tiny_cascade(tmp_path_factory.mktemp("cascade"))
+    root = tmp_path_factory.getbasetemp().parent / "shared_tiny_cascade"
+    with open(str(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "cascade.json").exists():
+            _build_tiny_cascade(root)
+    return root
+
+
+def _build_tiny_cascade(root):
     import json
 
     import jax
@@ -32,7 +46,6 @@ def tiny_cascade_dir(tmp_path_factory):
     from jaxt2i.train import train
 
     root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    root = tmp_path_factory.mktemp("cascade")
     for name, spec in [("base", "configs/base.py:tiny"), ("sr", "configs/sr.py:tiny_sr")]:
         cfg = load_config_file(os.path.join(root_dir, spec))
         cfg.train.num_steps = 2

@@ -22,7 +22,8 @@ import sys
 from absl import flags
 
 from jaxt2i.assets import demo_cascade_dir
-from jaxt2i.cli import define_stage_flags, define_text_encoder_flag, run_app, stage_flag_values
+from jaxt2i.cli import (check_stage_flags, define_stage_flags, define_text_encoder_flag, run_app,
+                        stage_flag_values)
 from jaxt2i.config import ConfigError
 from jaxt2i.export import export_cascade
 from jaxt2i.export.common import FORMATS
@@ -38,6 +39,7 @@ def main(argv) -> None:
         if p not in ("cpu", "cuda", "rocm", "tpu"):
             raise ConfigError(f"--platforms: {p!r} is not one of cpu, cuda, rocm, tpu")
     overrides = stage_flag_values()
+    check_stage_flags(overrides)  # before the cascade is loaded
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     manifest = export_cascade(checkpoints, F.format, F.out, overwrite=F.overwrite,
                               dtype=F.dtype, overrides=overrides, platforms=platforms,
