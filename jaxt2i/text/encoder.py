@@ -186,6 +186,48 @@ def init_encoder(config: T5Config, tokenizer: Tokenizer, seed: int = 0) -> TextE
     return TextEncoder(config, nn.unbox(variables["params"]), tokenizer)
 
 
+def abstract_encoder(path: str, dtype: str = "float32", max_length: int | None = None
+                     ) -> TextEncoder:
+    """The encoder `path` names with shape-only params (`jax.ShapeDtypeStruct`s), its weights
+    never read: for compiling a step that contains it without holding it (`jaxt2i.aot`).
+
+    Args:
+      path: 'bundled', a local Hugging Face directory (its config.json and tokenizer are read),
+        or a hub id / size whose last part is a named size (`google/t5-v1_1-xxl`).
+      dtype: compute and storage dtype of the frozen params.
+      max_length: text length L (default: the directory's, or 128).
+
+    Raises ValueError naming the known sizes when `path` is neither.
+    """
+    from jaxt2i import assets
+    from jaxt2i.text.t5 import SIZES, get_t5_config
+
+    if path == "bundled":
+        path = assets.text_encoder_dir()
+    tok_dir = assets.text_encoder_dir()
+    if os.path.isdir(path):
+        with open(os.path.join(path, "config.json")) as f:
+            hf_cfg = json.load(f)
+        config = T5Config.from_hf(hf_cfg, dtype=dtype, param_dtype=dtype)
+        max_length = max_length or hf_cfg.get(_MAX_LENGTH_KEY, DEFAULT_MAX_LENGTH)
+        tok_dir = path
+    else:
+        name = path.rstrip("/").split("/")[-1]
+        if name not in SIZES:
+            raise ValueError(f"text encoder {path!r} is neither a local directory nor a named "
+                             f"size (its last part must be one of {sorted(SIZES)})")
+        config = get_t5_config(name, dtype=dtype, param_dtype=dtype)
+        max_length = max_length or DEFAULT_MAX_LENGTH
+    # Only the empty prompt is tokenized (its ids are constants of the step); any tokenizer
+    # at the right length gives the compiled program its shapes.
+    tok = load_tokenizer(tok_dir, max_length)
+    ids = jax.ShapeDtypeStruct((1, max_length), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, max_length), jnp.bool_)
+    shapes = jax.eval_shape(lambda i, m: T5Encoder(config).init(jax.random.key(0), i, m), ids,
+                            mask)
+    return TextEncoder(config, nn.unbox(shapes["params"]), tok)
+
+
 def save_encoder(encoder: TextEncoder, out_dir: str, dtype: str | None = None) -> None:
     """Writes a Hugging Face T5 encoder directory (config.json, model.safetensors, tokenizer).
 

@@ -26,6 +26,7 @@ from jaxt2i.config import ConfigError, validate
 from jaxt2i.parallel import logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
+from jaxt2i.text.encoder import abstract_encoder
 from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
 
 log = logging.getLogger("jaxt2i")
@@ -89,9 +90,22 @@ def fit_exported(want: dict[str, tuple], got: dict[str, tuple], *, allow_new: bo
 class Trainer:
     """Holds the compiled pieces of one stage's training: its `Stage`, mesh, step functions."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, encoder=None, devices=None):
+    def __init__(self, cfg: ml_collections.ConfigDict, encoder=None, devices=None, *,
+                 abstract: bool = False):
+        """Builds the stage, mesh, state shardings and the jitted step.
+
+        Args:
+          cfg: a stage config.
+          encoder: an already loaded text encoder (default: the config's).
+          devices: the mesh's devices (default: all devices of all processes).
+          abstract: nothing is placed on the devices: the text encoder's params are shapes
+            (`jax.ShapeDtypeStruct`s with their shardings; its weights are never read), so the
+            step can be lowered and compiled for devices that cannot hold data, e.g. a TPU
+            topology's compile-only devices (`jaxt2i.aot`). `init_state` is then refused.
+        """
         validate(cfg)
         self.cfg = cfg
+        self.abstract = abstract
         stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
         self.unet_cfg = stage_cfg.model
         self.is_sr = self.unet_cfg.is_sr
@@ -109,7 +123,11 @@ class Trainer:
                 f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
                 f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
                 "continuous t in [0, 1]: set --config.model.noise_scale=1")
-        self.encoder = encoder if encoder is not None else load_text_encoder(stage_cfg.text)
+        if encoder is None:
+            encoder = (abstract_encoder(stage_cfg.text.encoder, dtype=stage_cfg.text.dtype,
+                                        max_length=stage_cfg.text.max_length) if abstract
+                       else load_text_encoder(stage_cfg.text))
+        self.encoder = encoder
         self.stage.encoder = self.encoder
         if self.encoder.config.d_model != self.unet_cfg.text_dim:
             raise ConfigError(
@@ -152,13 +170,39 @@ class Trainer:
         boxed = jax.eval_shape(lambda: enc.module.init(
             jax.random.key(0), jnp.zeros((1, L), jnp.int32), jnp.ones((1, L), bool)))["params"]
         self.text_shardings = logical_shardings(boxed, self.mesh, self.rules)
-        self.text_params = jax.device_put(enc.params, self.text_shardings)
         ids, mask = enc.tokenizer([""])
+        if self.abstract:  # shapes only; the empty prompt's ids become constants of the step
+            self.text_params = jax.tree_util.tree_map(
+                lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
+                enc.params, self.text_shardings)
+            self.uncond_ids, self.uncond_mask = np.asarray(ids), np.asarray(mask)
+            return
+        self.text_params = jax.device_put(enc.params, self.text_shardings)
         self.uncond_ids = jax.device_put(jnp.asarray(ids), self.replicated)
         self.uncond_mask = jax.device_put(jnp.asarray(mask), self.replicated)
 
+    def abstract_batch(self, text_cache: bool = False) -> dict:
+        """A global batch as `jax.ShapeDtypeStruct`s sharded like `to_global_array`'s: images
+        (and low-res inputs) and token ids + mask, or cached embeddings with `text_cache`."""
+        c, L, b = self.unet_cfg, self.encoder.max_length, self.cfg.train.batch_size
+        axes = tuple(a for a in ("data", "fsdp") if a in self.mesh.axis_names)
+        sh = NamedSharding(self.mesh, P(axes))
+        size = c.crop_size or c.image_size
+        shapes = {"image": ((b, size, size, c.channels), jnp.float32)}
+        if self.is_sr:
+            low = size * c.lowres_size // c.image_size
+            shapes["lowres"] = ((b, low, low, c.channels), jnp.float32)
+        if text_cache:  # the cache stores bfloat16 embeddings
+            shapes.update(text_emb=((b, L, c.text_dim), jnp.bfloat16), text_mask=((b, L), bool))
+        else:
+            shapes.update(ids=((b, L), jnp.int32), mask=((b, L), bool))
+        return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
+
     def init_state(self, seed: int) -> TrainState:
         """A fresh, sharded train state (created in place on the devices)."""
+        if self.abstract:
+            raise ValueError("an abstract Trainer has no device state: lower its step with "
+                             "lower_step(trainer.abstract_state, trainer.abstract_batch(), ...)")
         with self._context():
             # rbg keys compile ~3x faster than threefry for a many-parameter init.
             return self._jit_init(jax.random.key(seed, impl="rbg"))
