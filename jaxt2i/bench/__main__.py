@@ -44,7 +44,7 @@ def main(argv) -> None:
     opts = {"quick": FLAGS.quick, "tiny": FLAGS.tiny, "cascade_steps": FLAGS.cascade_steps,
             "memory_batch": FLAGS.memory_batch or None, "quality_prompts": FLAGS.quality_prompts
             or None, "memory_devices": FLAGS.memory_devices,
-            "quality_stages": FLAGS.quality_stages or None}
+            "quality_stages": FLAGS.quality_stages or None, "dtype": FLAGS.dtype or None}
     if FLAGS.job:  # a child process started by run_child
         print(CHILD_TAG + json.dumps(run_job(FLAGS.job, FLAGS.quick, opts)), flush=True)
         return
@@ -78,6 +78,8 @@ def _define_flags() -> None:
     flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke "
                       "runs; the figures mean nothing).")
     flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
+    flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Compute dtype of the train_base "
+                      "/ train_sr U-Nets (default: their configs'); the paper phase is bfloat16.")
     flags.DEFINE_string("job", None, "(internal) run one job in this process and print its "
                         "JSON.")
     flags.DEFINE_integer("timeout", 1800, "Seconds before a job is stopped.")

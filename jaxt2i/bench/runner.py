@@ -14,7 +14,7 @@ import time
 
 from jaxt2i.config import ConfigError
 
-PHASES = ("train", "sample", "compile", "mfu", "memory", "quality")
+PHASES = ("train", "sample", "compile", "mfu", "memory", "quality", "paper")
 DEFAULT_PHASES = ("train", "sample", "compile", "mfu", "memory")
 # The jobs each phase needs (a job runs once per invocation and serves every phase).
 PHASE_JOBS = {
@@ -24,6 +24,7 @@ PHASE_JOBS = {
     "mfu": ("train_base", "train_sr"),
     "memory": ("memory_paper",),
     "quality": ("quality",),
+    "paper": ("train_paper",),  # the 2B base step on one accelerator (GPU runs; --tiny on CPU)
 }
 # Our job -> the anchor script's phase measuring the same thing.
 ANCHOR_PHASE = {"train_base": "train_base", "train_sr": "train_sr", "sample_base": "sample_base",
@@ -246,6 +247,20 @@ def report(phase: str, ours: dict, theirs: dict) -> tuple[str, dict]:
         if m.get("error"):
             rows.append([f"  error: {m['error'][:100]}", None, None])
         text = _table("memory", ["what", "ours", "torch"], rows)
+    elif phase == "paper":
+        o = ours.get("train_paper", {})
+        rec["train_paper"] = {k: o.get(k) for k in (
+            "model", "params", "batch", "image_size", "dtype", "remat", "optimizer", "device",
+            "compile_s", "median_s", "images_per_s", "flops_analytic", "achieved_flops_per_s",
+            "peak_flops_per_s", "mfu", "mfu_of_nominal_peak", "peak_rss_mb", "error")}
+        pct = lambda v: f"{100 * v:.1f}%" if v else "-"  # noqa: E731
+        rows = [[o.get("model"), o.get("params"), o.get("batch"), o.get("dtype"),
+                 o.get("median_s"), o.get("images_per_s"),
+                 (o.get("achieved_flops_per_s") or 0) / 1e12 or None, pct(o.get("mfu")),
+                 pct(o.get("mfu_of_nominal_peak"))]]
+        text = _table("paper: the 2B base train step on one device (its optimizer, bf16, remat)",
+                      ["model", "params", "batch", "dtype", "s/step", "img/s", "TFLOP/s",
+                       "MFU (measured peak)", "MFU (nominal bf16 peak)"], rows)
     else:  # quality
         q = ours.get("quality", {})
         rows = []
