@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import os
 import typing
@@ -113,6 +114,7 @@ class StageSettings:
         return dataclasses.asdict(self)
 
 
+@functools.lru_cache(maxsize=None)
 def setting_types() -> dict[str, type]:
     """{setting name: type} of `StageSettings`, in declaration order."""
     hints = typing.get_type_hints(StageSettings)
