@@ -93,7 +93,7 @@ class StageSettings:
             try:
                 object.__setattr__(self, f.name, kind(getattr(self, f.name)))
             except (TypeError, ValueError):
-                raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} is not a "
+                raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} must be of type "
                                   f"{kind.__name__}") from None
         for name in ("steps", "guidance", "aug_level"):  # NaN / inf / out of range: one line
             check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
