@@ -132,11 +132,6 @@ class Cascade:
         """Jitted `encode_fn` with the encoder's params: -> (emb, mask) on the device."""
         return self._encode(self.encoder.params, jnp.asarray(ids), jnp.asarray(mask))
 
-    def encode(self, prompts: Sequence[str]):
-        """Prompts -> (emb [B, L, D] float32, mask [B, L] bool), checked (`check_prompts`)."""
-        self.check_prompts(list(prompts))
-        return self.encode_ids(*self.encoder.tokenizer(list(prompts)))
-
     def _sampler(self, k: int):
         stage = self.stages[k]
 

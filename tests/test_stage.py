@@ -113,3 +113,17 @@ def test_inference_never_imports_training(tmp_path):
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "IMPORTED []" in r.stdout, r.stdout
+
+
+def test_stage_load_checks_params_against_its_config(tmp_path):
+    """Stage.load reads an export's params onto the device; a params file of another model is
+    refused naming the param (here: the SR stage's params under the base stage's config)."""
+    import shutil
+
+    stage = Stage.load(os.path.join(DEMO, "base"))
+    assert stage.params is not None and stage.step is not None
+    mixed = tmp_path / "mixed"
+    shutil.copytree(os.path.join(DEMO, "base"), mixed)
+    shutil.copy(os.path.join(DEMO, "sr", "params.safetensors"), mixed / "params.safetensors")
+    with pytest.raises(ConfigError, match="params.safetensors are from different models"):
+        Stage.load(str(mixed))

@@ -166,8 +166,11 @@ def compile_train_step(cfg, devices, *, text_cache: bool = False) -> dict:
 def compile_sampler(cfg, devices, *, batch: int, steps: int | None = None) -> dict:
     """Compiles the stage's whole reverse process (its config's sampler and guidance) for a
     serving topology: params replicated, the batch split over every device."""
+    import flax.linen as nn
+
     from jaxt2i.bench.jobs import jaxpr_flops
     from jaxt2i.parallel import make_mesh
+    from jaxt2i.parallel.sharding import rules_from_config
     from jaxt2i.stage import Stage, StageConfig
     from jaxt2i.text.encoder import abstract_encoder
 
@@ -182,8 +185,6 @@ def compile_sampler(cfg, devices, *, batch: int, steps: int | None = None) -> di
                           "devices")
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data",)))
-    import flax.linen as nn
-
     params = jax.tree_util.tree_map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
         nn.unbox(jax.eval_shape(stage.init_params, jax.random.key(0))))
@@ -200,8 +201,6 @@ def compile_sampler(cfg, devices, *, batch: int, steps: int | None = None) -> di
     def run(params, emb, mask, u_emb, u_mask, rng, lowres=None):
         return stage.sample(params, (emb, mask), (u_emb, u_mask), rng, lowres,
                             settings=settings)
-
-    from jaxt2i.parallel.sharding import rules_from_config
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules_from_config(cfg.sharding_rules)):
         flops = float(jaxpr_flops(jax.make_jaxpr(run)(*args))["total"])
