@@ -45,6 +45,11 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     c.sample.guidance = 5.0
     c.sample.thresholding = "dynamic"
     c.sample.aug_level = 0.1  # SR stages: fixed noise-augmentation level at sampling
+    c.sample.guidance_rescale = 0.0  # Lin et al. 2023; 0 = plain guidance
+    c.sample.guidance_t_min = 0.0  # guidance only for normalized t in [t_min, t_max]
+    c.sample.guidance_t_max = 1.0
+    c.sample.threshold_percentile = 99.5  # dynamic thresholding's p (Imagen)
+    c.sample.inpaint_resample = 0  # RePaint jumps per step when inpainting
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"  # 'shapes' (generated on the fly) or a TFDS data dir of a builder

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxt2i.config import ConfigError
-from jaxt2i.stage import (SETTING_NAMES, Stage, StageSettings, load_text_encoder,
+from jaxt2i.stage import (SETTING_NAMES, Edit, Stage, StageSettings, load_text_encoder,
                           resolve_export_dir)
 
 log = logging.getLogger("jaxt2i")
@@ -135,16 +135,16 @@ class Cascade:
     def _sampler(self, k: int):
         stage = self.stages[k]
 
-        def fn(params, emb, mask, u_emb, u_mask, rng, lowres, settings):
+        def fn(params, emb, mask, u_emb, u_mask, rng, lowres, settings, edit=None):
             self.traces[k] += 1  # Python side effect: runs only while tracing
             return stage.sample(params, (emb, mask), (u_emb, u_mask), rng, lowres,
-                                settings=settings)
+                                settings=settings, edit=edit)
         return fn
 
     def stage_fn(self, k: int):
         """Stage k's jitted reverse process: (params, emb, mask, u_emb, u_mask, rng, lowres,
-        settings=StageSettings) -> [B, H, W, C] float32 (one compilation per shapes and
-        settings; `.lower(...)` works on it)."""
+        settings=StageSettings, edit=None | Edit) -> [B, H, W, C] float32 (one compilation per
+        shapes, settings and kind of edit; `.lower(...)` works on it)."""
         return self._samplers[k]
 
     def settings(self, overrides: Sequence[dict] | None = None,
@@ -183,7 +183,8 @@ class Cascade:
     def sample(self, prompts: Sequence[str], seed: int = 0, *,
                settings: Sequence[StageSettings] | None = None, num_stages: int | None = None,
                start_stage: int = 0, lowres=None, progress: bool = False,
-               return_all: bool = False):
+               return_all: bool = False, negative_prompts: Sequence[str] | str | None = None,
+               init_images=None, masks=None, strength: Sequence[float] | float | None = None):
         """Generates one image per prompt through stages `start_stage` .. `num_stages` - 1.
 
         Args:
@@ -198,6 +199,15 @@ class Cascade:
             in [-1, 1]; required exactly when start_stage > 0.
           progress: show a tqdm bar over the stages.
           return_all: also return every run stage's float output.
+          negative_prompts: one per prompt, or one for all: guidance steers away from them
+            (they replace the empty prompt in the unconditional branch).
+          init_images: [B, H, W, 3] (uint8, or float in [-1, 1]), any size, for
+            image-to-image (with `strength`) and inpainting (with `masks`); resized per stage.
+          masks: [B, H, W] or [B, H, W, 1] in [0, 1] (bool, float; uint8 / 255): 1 (white)
+            where the image is generated, 0 where `init_images` is kept; resized per stage.
+          strength: image-to-image: per stage (a list) or for all stages, in (0, 1]; 1 (the
+            default) starts a stage from noise. A stage with strength 1 and no mask runs as
+            without an init image.
 
         Returns:
           [B, H, W, 3] uint8 images of the last stage run (and, with return_all, the list of
@@ -218,7 +228,19 @@ class Cascade:
         elif lowres is not None:
             raise ConfigError("lowres images are only used with start_stage > 0 (an SR stage)")
         settings = list(settings) if settings is not None else self.settings(num_stages=n)
+        edits = self._edits(len(prompts), n, init_images, masks, strength)
         emb, mask = self.encode_ids(*self.encoder.tokenizer(prompts))
+        uncond = self.uncond
+        if negative_prompts is not None:
+            negs = ([negative_prompts] * len(prompts) if isinstance(negative_prompts, str)
+                    else list(negative_prompts))
+            if len(negs) == 1:
+                negs = negs * len(prompts)
+            if len(negs) != len(prompts):
+                raise ConfigError(f"{len(negs)} negative prompts for {len(prompts)} prompts; "
+                                  "give one for all or one per prompt")
+            self.check_prompts(negs)
+            uncond = self.encode_ids(*self.encoder.tokenizer(negs))
         root = jax.random.key(seed)
         bar = None
         if progress:
@@ -230,8 +252,9 @@ class Cascade:
             if bar is not None:
                 c = self.stages[k].unet_cfg
                 bar.set_description(f"stage {k} ({c.image_size} px, {settings[k].steps} steps)")
-            x = self._samplers[k](self.stages[k].params, emb, mask, *self.uncond,
-                                  jax.random.fold_in(root, k), x, settings=settings[k])
+            x = self._samplers[k](self.stages[k].params, emb, mask, *uncond,
+                                  jax.random.fold_in(root, k), x, settings=settings[k],
+                                  edit=edits[k])
             x = jnp.clip(x, -1.0, 1.0)  # [B, H_k, W_k, C]
             outputs.append(np.asarray(x))
             if bar is not None:
@@ -242,7 +265,45 @@ class Cascade:
         return (images, outputs) if return_all else images
 
 
-def _as_model_images(images) -> np.ndarray:
+    def _edits(self, batch: int, n: int, init_images, masks, strength) -> list:
+        """Per-stage `Edit`s (None where a stage samples from noise as usual)."""
+        strengths = [1.0] * n
+        if strength is not None:
+            strengths = [strength] * n if np.ndim(strength) == 0 else list(strength)
+            if len(strengths) != n:
+                raise ConfigError(f"{len(strengths)} strengths for {n} stages; give one for "
+                                  "all stages or one per stage")
+            for v in strengths:
+                if not (isinstance(v, (int, float, np.floating)) and 0 < float(v) <= 1):
+                    raise ConfigError(f"strength {v!r} must be in (0, 1] (1 = from noise)")
+        if init_images is None:
+            if masks is not None or any(v != 1 for v in strengths):
+                raise ConfigError("a mask or a strength below 1 needs an init image "
+                                  "(--init_image)")
+            return [None] * n
+        init = _as_model_images(init_images, "init images")
+        if init.ndim != 4 or init.shape[0] != batch or init.shape[-1] != 3:
+            raise ConfigError(f"init images have shape {init.shape}; expected [{batch}, H, W, 3]"
+                              " (one RGB image per prompt)")
+        m = None
+        if masks is not None:
+            m = np.asarray(masks)
+            if m.dtype == np.uint8:
+                m = m.astype(np.float32) / 255.0
+            m = m.astype(np.float32)
+            if m.ndim == 3:
+                m = m[..., None]
+            if m.shape != init.shape[:3] + (1,):
+                raise ConfigError(f"masks have shape {np.asarray(masks).shape}; expected "
+                                  f"{init.shape[:3]} (one per init image, its size)")
+            m = jnp.asarray(np.clip(m, 0.0, 1.0))
+        init = jnp.asarray(init)
+        return [None if (m is None and strengths[k] == 1) else
+                Edit(init, m, None if strengths[k] == 1 else jnp.float32(strengths[k]))
+                for k in range(n)]
+
+
+def _as_model_images(images, what: str = "lowres images") -> np.ndarray:
     """uint8 [0, 255] or float [-1, 1] images -> float32 [-1, 1]."""
     from jaxt2i.images import to_float
 
@@ -250,7 +311,7 @@ def _as_model_images(images) -> np.ndarray:
     if a.dtype == np.uint8:
         return to_float(a)
     if not np.issubdtype(a.dtype, np.floating):
-        raise ConfigError(f"lowres images have dtype {a.dtype}; pass uint8 in [0, 255] or float "
+        raise ConfigError(f"{what} have dtype {a.dtype}; pass uint8 in [0, 255] or float "
                           "in [-1, 1] (e.g. images.astype(np.uint8))")
     return np.clip(a.astype(np.float32), -1.0, 1.0)
 

@@ -170,6 +170,20 @@ def per_stage(name: str, value: str | None, num_stages: int) -> list:
     return vals * num_stages if len(vals) == 1 else vals
 
 
+def per_stage_floats(name: str, value: str, num_stages: int) -> list[float]:
+    """'0.6,1' -> [0.6, 1.0] (one per stage) or '0.6' -> [0.6] * num_stages, for flags that are
+    not stage settings (e.g. --strength, an input of the compiled sampler)."""
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) not in (1, num_stages):
+        raise ConfigError(f"{name}={value} has {len(parts)} values; give one for all stages or "
+                          f"one per stage ({num_stages})")
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"{name}={value}: values must be numbers") from None
+    return vals * num_stages if len(vals) == 1 else vals
+
+
 def check_stage_flags(overrides: dict | None) -> None:
     """Parses and range-checks per-stage flag values before any work is done (whether there
     is one value per stage is checked once the cascade, and its stage count, is loaded)."""

@@ -150,6 +150,12 @@ RANGES: dict[str, tuple] = {
     "sample.steps": (1, _INF, True, False, "sampler steps"),
     "sample.guidance": (0.0, 100.0, True, True, "the guidance scale (1 = none)"),
     "sample.aug_level": (0.0, 1.0, True, True, "the augmentation level at sampling"),
+    "sample.guidance_rescale": (0.0, 1.0, True, True, "the guidance rescale phi"),
+    "sample.guidance_t_min": (0.0, 1.0, True, True, "the guidance interval's start"),
+    "sample.guidance_t_max": (0.0, 1.0, True, True, "the guidance interval's end"),
+    "sample.threshold_percentile": (50.0, 100.0, True, True,
+                                    "the dynamic-thresholding percentile"),
+    "sample.inpaint_resample": (0, 100, True, True, "RePaint jumps per step"),
 }
 
 

@@ -88,3 +88,42 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], path: str, cols: in
 
 
 __all__ = ["labelled_grid", "save_grid", "to_float", "to_uint8"]
+
+
+def read_images(paths: Sequence[str], count: int, size: int, *, what: str,
+                mask: bool = False) -> np.ndarray:
+    """Reads one image for all `count` images or one per image, resized to size x size.
+
+    Args:
+      paths: image files (PNG, JPEG, ... anything PIL opens).
+      count: how many images the batch has (one path is repeated).
+      size: side of the returned images (Lanczos resize; non-square images are stretched).
+      what: the flag the paths came from, for errors (e.g. '--init_image').
+      mask: read as one channel (white = 1) instead of RGB.
+
+    Returns:
+      [count, size, size, 3] uint8, or [count, size, size] float32 in [0, 1] for masks.
+
+    Raises ConfigError (one line naming the file) for a missing or unreadable file or a wrong
+    number of paths.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from jaxt2i.config import ConfigError
+
+    paths = list(paths)
+    if len(paths) not in (1, count):
+        raise ConfigError(f"{len(paths)} {what} files for {count} images; give one for all or "
+                          "one per image (prompts x --num_images)")
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("L" if mask else "RGB").resize((size, size), Image.LANCZOS)
+                out.append(np.asarray(im))
+        except FileNotFoundError:
+            raise ConfigError(f"{what} {p!r} does not exist") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise ConfigError(f"{what} {p!r} is not an image PIL can read ({e})") from None
+    a = np.stack(out * count if len(out) == 1 else out)
+    return a.astype(np.float32) / 255.0 if mask else a

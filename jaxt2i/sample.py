@@ -36,7 +36,9 @@ def main(argv) -> None:
     record = sample_to_dir(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                            stages=F.stages, dtype=F.dtype, overrides=overrides,
                            progress=sys.stderr.isatty() or F.progress,
-                           text_encoder=F.text_encoder)
+                           text_encoder=F.text_encoder, negative_prompts=F.negative_prompt or (),
+                           init_images=F.init_image or (), masks=F.mask or (),
+                           strength=F.strength)
     print(f"wrote {len(record['images'])} images, grid.png and sample.json to {F.out}", flush=True)
 
 
@@ -51,6 +53,16 @@ def _define_flags() -> None:
     flags.DEFINE_integer("stages", None, "How many stages to run (1 = base only; default all).")
     flags.DEFINE_string("dtype", None, "Compute dtype of U-Nets and T5: float32 | bfloat16.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
+    flags.DEFINE_multi_string("negative_prompt", None, "What guidance steers away from: one "
+                              "for all prompts or one per prompt (repeatable; default: the "
+                              "empty prompt).")
+    flags.DEFINE_multi_string("init_image", None, "Image-to-image / inpainting: an image file, "
+                              "one for all images or one per image (repeatable).")
+    flags.DEFINE_multi_string("mask", None, "Inpainting: a mask image per --init_image (white "
+                              "= generate, black = keep); see --inpaint_resample.")
+    flags.DEFINE_string("strength", None, "Image-to-image: how much of the reverse process "
+                        "runs from the noised --init_image, in (0, 1] (1 = from noise); one "
+                        "value for all stages or a comma list.")
     define_stage_flags()
     define_text_encoder_flag()
 

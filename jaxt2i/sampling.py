@@ -20,7 +20,9 @@ MAX_BATCH = 1024
 def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, *,
                   num_images: int = 1, seed: int = 0, stages: int | None = None,
                   dtype: str | None = None, overrides: dict | None = None, progress: bool = True,
-                  text_encoder: str | None = None) -> dict:
+                  text_encoder: str | None = None, negative_prompts: Sequence[str] = (),
+                  init_images: Sequence[str] = (), masks: Sequence[str] = (),
+                  strength: str | None = None) -> dict:
     """Loads the cascade, samples `num_images` per prompt and writes PNGs, grid and JSON.
 
     Args:
@@ -35,6 +37,13 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
         thresholding, aug_level).
       progress: tqdm bar over the stages.
       text_encoder: load the text encoder from here (a directory or hub id) instead.
+      negative_prompts: one for all prompts or one per prompt (replaces the empty prompt of
+        guidance's unconditional branch).
+      init_images: image files, one for all images or one per image (prompts x num_images):
+        image-to-image with `strength`, inpainting with `masks`.
+      masks: image files like `init_images`; white = generate, black = keep the init image.
+      strength: image-to-image strength in (0, 1], one for all stages or a comma list per
+        stage ('0.6,1'); 1 = from noise.
 
     Returns:
       the record written to out/sample.json.
@@ -42,8 +51,8 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
     from PIL import Image
 
     from jaxt2i.cascade import load_cascade
-    from jaxt2i.cli import stage_settings
-    from jaxt2i.images import labelled_grid
+    from jaxt2i.cli import per_stage_floats, stage_settings
+    from jaxt2i.images import labelled_grid, read_images
 
     if num_images < 1:
         raise ConfigError(f"--num_images ({num_images}) must be at least 1")
@@ -60,8 +69,32 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
     n = len(settings)
     cascade.check_prompts(list(prompts))
     batch = [p for p in prompts for _ in range(num_images)]
+    negatives = None
+    if negative_prompts:
+        negative_prompts = list(negative_prompts)
+        if len(negative_prompts) not in (1, len(prompts)):
+            raise ConfigError(f"{len(negative_prompts)} --negative_prompt values for "
+                              f"{len(prompts)} prompts; give one for all or one per prompt")
+        negatives = ([n_ for n_ in negative_prompts for _ in range(num_images)]
+                     if len(negative_prompts) > 1 else negative_prompts * len(batch))
+    strengths = None
+    if strength not in (None, ""):
+        strengths = per_stage_floats("--strength", strength, n)
+    edit = {}
+    if init_images or masks or strengths:
+        if not init_images:
+            raise ConfigError("--mask and --strength need --init_image PATH")
+        size = cascade.stages[n - 1].unet_cfg.image_size
+        edit["init_images"] = read_images(init_images, len(batch), size, what="--init_image")
+        if masks:
+            edit["masks"] = read_images(masks, len(batch), size, what="--mask", mask=True)
+        if strengths is None and not masks:
+            raise ConfigError("--init_image needs --strength S (image-to-image) or --mask PATH "
+                              "(inpainting)")
+        edit["strength"] = strengths
     try:
-        images = cascade.sample(batch, seed, settings=settings, num_stages=n, progress=progress)
+        images = cascade.sample(batch, seed, settings=settings, num_stages=n, progress=progress,
+                                negative_prompts=negatives, **edit)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
     os.makedirs(out, exist_ok=True)
@@ -77,6 +110,8 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
         "checkpoints": [s.path for s in cascade.stages[:n]],
         "steps_trained": [s.step for s in cascade.stages[:n]], "stages": n, "dtype": dtype or None,
         "settings": [dict(vars(s)) for s in settings], "images": files, "grid": "grid.png",
+        "negative_prompts": list(negative_prompts or []), "init_images": list(init_images),
+        "masks": list(masks), "strength": strengths,
         "image_size": int(images.shape[1]),
     }
     with open(os.path.join(out, "sample.json"), "w") as f:

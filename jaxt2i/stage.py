@@ -79,6 +79,13 @@ class StageSettings:
       guidance: classifier-free guidance weight w (1 = no guidance, no unconditional pass).
       thresholding: 'none' | 'static' | 'dynamic'.
       aug_level: SR stages: fixed noise-augmentation level in [0, 1] of the low-res input.
+      guidance_rescale: phi in [0, 1] of guidance rescale (Lin et al. 2023); 0 = off.
+      guidance_t_min, guidance_t_max: guidance applies only while the normalized time
+        (1 = pure noise) is in [t_min, t_max] (Kynkaanniemi et al. 2024); 0, 1 = always.
+      threshold_percentile: the percentile p of dynamic thresholding (Imagen: 99.5).
+      inpaint_resample: inpainting: RePaint jumps back per step (0 = none).
+
+    Fields after `aug_level` have defaults, so configs and exports that predate them load.
     """
 
     sampler: str
@@ -86,6 +93,11 @@ class StageSettings:
     guidance: float
     thresholding: str
     aug_level: float
+    guidance_rescale: float = 0.0
+    guidance_t_min: float = 0.0
+    guidance_t_max: float = 1.0
+    threshold_percentile: float = 99.5
+    inpaint_resample: int = 0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # coerce (JSON, flags), then range-check
@@ -95,14 +107,20 @@ class StageSettings:
             except (TypeError, ValueError):
                 raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} must be of type "
                                   f"{kind.__name__}") from None
-        for name in ("steps", "guidance", "aug_level"):  # NaN / inf / out of range: one line
+        for name in ("steps", "guidance", "aug_level", "guidance_rescale", "guidance_t_min",
+                     "guidance_t_max", "threshold_percentile", "inpaint_resample"):
             check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
+        if self.guidance_t_min > self.guidance_t_max:
+            raise ConfigError(f"sample.guidance_t_min={self.guidance_t_min} is above "
+                              f"sample.guidance_t_max={self.guidance_t_max}; the guidance "
+                              "interval [t_min, t_max] must not be empty")
 
     @classmethod
     def from_config(cls, sample_cfg: Mapping[str, Any], **overrides) -> "StageSettings":
         """Settings from a config's `sample` section, with non-None `overrides` applied."""
         get = sample_cfg.get if hasattr(sample_cfg, "get") else lambda k: getattr(sample_cfg, k)
         values = {name: get(name) for name in setting_types()}
+        values = {k: v for k, v in values.items() if v is not None}  # defaults of newer fields
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -112,6 +130,33 @@ class StageSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class Edit(typing.NamedTuple):
+    """What an edit gives a stage's sampler (`Stage.sample(..., edit=)`), at any resolution.
+
+    Attributes:
+      init: [B, h, w, C] float32 image in [-1, 1] (resized to each stage's size).
+      mask: None (image-to-image) or [B, h, w, 1] float32 in [0, 1], 1 where the image is
+        generated, 0 where `init` is kept (inpainting; resized per stage).
+      strength: None (= 1: from noise) or a float32 scalar in (0, 1]: image-to-image starts
+        from `init` noised to this fraction of the reverse process.
+    """
+
+    init: Any
+    mask: Any = None
+    strength: Any = None
+
+    def resized(self, size: int) -> dict:
+        """{'init', 'mask', 'strength'} for a stage of `size` px (antialiased resize)."""
+        def fit(a):
+            a = jnp.asarray(a, jnp.float32)
+            if a.shape[1:3] == (size, size):
+                return a
+            return jax.image.resize(a, (a.shape[0], size, size, a.shape[3]), "linear",
+                                    antialias=True)
+        mask = None if self.mask is None else jnp.clip(fit(self.mask), 0.0, 1.0)
+        return {"init": fit(self.init), "mask": mask, "strength": self.strength}
 
 
 @functools.lru_cache(maxsize=None)
@@ -405,19 +450,23 @@ class Stage:
                                        **kwargs)
 
     # ------------------------------------------------------------------------ sampling
-    def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings):
+    def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings,
+               edit: "Edit | None" = None):
         """The whole reverse process of the stage (traceable; jit it with `settings` static).
 
         Args:
           params: the U-Net's params.
           text: (emb [B, L, D] float32, mask [B, L] bool) of the prompts.
-          uncond: (emb, mask) of the empty prompt, [1 or B, L, D] and [1 or B, L].
+          uncond: (emb, mask) of the unconditional branch of guidance, [1 or B, L, D] and
+            [1 or B, L]: the empty prompt, or negative prompts (one per image).
           rng: PRNG key; the start noise comes from split(rng)[0] (as in `diffusion.sample`).
             SR stages draw the augmentation noise from fold_in(rng, 1) and the sampler's step
             noise from fold_in(rng, 2): `diffusion.sample(rng)` takes its step noise from
             split(rng)[1], which equals fold_in(rng, 1) under jax_threefry_partitionable.
           lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
-          settings: sampler, steps, guidance, thresholding, aug_level.
+          settings: sampler, steps, guidance, thresholding, aug_level, ...
+          edit: image-to-image and inpainting (`Edit`: init image, mask, strength; arrays, so
+            new images, masks or strengths do not recompile), resized to this stage's size.
 
         Returns:
           [B, H, W, C] float32 images, roughly in [-1, 1].
@@ -440,11 +489,19 @@ class Stage:
         if c.is_sr:  # same start noise as before, step noise from a key of its own
             x_init = jax.random.normal(jax.random.split(rng)[0], shape, jnp.float32)
             rng = jax.random.fold_in(rng, 2)
+        edits = {}
+        if edit is not None:
+            edits = edit.resized(c.image_size)
+            edits["resample"] = settings.inpaint_resample if edits.get("mask") is not None else 0
         return diffusion.sample(
             self.denoiser(params), shape, rng, schedule=self.schedule, x_init=x_init,
             sampler=settings.sampler, num_steps=settings.steps, cond=cond,
             uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
-            prediction=c.objective, thresholding=settings.thresholding)
+            prediction=c.objective,
+            thresholding=diffusion.Thresholding(settings.thresholding,
+                                                percentile=settings.threshold_percentile),
+            guidance_rescale=settings.guidance_rescale,
+            guidance_interval=(settings.guidance_t_min, settings.guidance_t_max), **edits)
 
     def __repr__(self) -> str:
         c = self.config.model
@@ -452,6 +509,6 @@ class Stage:
         return f"Stage({kind} px, {self.path or 'in memory'}, step {self.step})"
 
 
-__all__ = ["FORMAT_VERSION", "SETTING_NAMES", "DiffusionSpec", "Stage", "StageConfig",
+__all__ = ["FORMAT_VERSION", "SETTING_NAMES", "DiffusionSpec", "Edit", "Stage", "StageConfig",
            "StageSettings", "TextSpec", "load_text_encoder", "resolve_export_dir",
            "setting_types", "upgrade"]

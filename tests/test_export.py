@@ -90,7 +90,9 @@ def test_stablehlo_reproduces_the_images_in_a_fresh_process(cascade_dir, cascade
     assert names == ["stage0_base_16px", "stage1_sr_32px"]
     exp = jax.export.deserialize(bytearray((out / names[1] / "sampler.jax_exported").read_bytes()))
     assert set(exp.platforms) == {"cpu", "cuda", "tpu"}
-    assert "B" in str(exp.in_avals[-1].shape)  # the batch stays symbolic
+    # lowres, init, inpaint_mask, strength (the batch stays symbolic)
+    assert [str(a.shape) for a in exp.in_avals[-4:]] == [
+        "(B, 16, 16, 3)", "(B, 32, 32, 3)", "(B, 32, 32, 1)", "()"]
 
     prompts = ["a red circle", "two green stars above a blue square", ""]
     settings = cascade.settings([{"steps": 3}, {"steps": 2}])
@@ -104,6 +106,24 @@ def test_stablehlo_reproduces_the_images_in_a_fresh_process(cascade_dir, cascade
     got = np.load(tmp_path / "got.npy")
     assert got.shape == want.shape == (3, 32, 32, 3)
     np.testing.assert_array_equal(got, want)
+
+    # The edit inputs: the exported base sampler inpaints with a negative prompt exactly as
+    # the cascade's own compiled sampler does.
+    from jaxt2i.export.stablehlo import load_params
+    from jaxt2i.stage import Edit
+
+    base = jax.export.deserialize(bytearray((out / names[0] / "sampler.jax_exported").read_bytes()))
+    emb, mask = cascade.encode_ids(*cascade.encoder.tokenizer(prompts[:2]))
+    u_emb, u_mask = cascade.encode_ids(*cascade.encoder.tokenizer(["a blue square"] * 2))
+    init = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3), minval=-1, maxval=1)
+    keep = jnp.zeros((2, 16, 16, 1)).at[:, :8].set(1.0)
+    key = jax.random.fold_in(jax.random.key(5), 0)
+    got = base.call(load_params(str(out / names[0] / "params.safetensors")), emb, mask, u_emb,
+                    u_mask, jax.random.key_data(key), init, keep, jnp.float32(0.7))
+    want = cascade.stage_fn(0)(cascade.stages[0].params, emb, mask, u_emb, u_mask, key, None,
+                               settings=settings[0], edit=Edit(init, keep, jnp.float32(0.7)))
+    np.testing.assert_allclose(np.asarray(got), np.clip(np.asarray(want), -1, 1), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got)[:, 8:], np.asarray(init)[:, 8:])  # kept rows
 
 
 def test_onnx_denoisers_and_encoder_match_jax(cascade_dir, cascade, tmp_path):

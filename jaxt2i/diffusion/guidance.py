@@ -35,7 +35,17 @@ def concat_cond(cond, uncond):
     return jax.tree.map(cat, cond, uncond)
 
 
-def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale):
+def rescale_guidance(guided, pred_cond, phi):
+    """Guidance rescale (Lin et al. 2023, eqs. (15)-(16)): the guided prediction scaled to the
+    conditional one's standard deviation over each sample, mixed phi : 1 - phi with itself."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(pred_cond, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / std_guided)
+    return phi * rescaled + (1.0 - phi) * guided
+
+
+def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, rescale=0.0):
     """Classifier-free guided prediction with one batched denoiser call.
 
     Args:
@@ -45,6 +55,7 @@ def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale):
         cond, uncond: conditioning pytrees with equal structure (uncond leaves may have batch 1).
             Leaves that do not depend on the text (low-res image, aug level) repeat in uncond.
         guidance_scale: w, a float or traced scalar.
+        rescale: guidance rescale phi (`rescale_guidance`); 0 = plain guidance.
 
     Returns:
         Guided prediction [B, ...] (float32).
@@ -53,7 +64,10 @@ def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale):
     out = denoise_fn(jnp.concatenate([x_t, x_t], axis=0),
                      jnp.concatenate([model_t, model_t], axis=0),
                      concat_cond(cond, uncond)).astype(jnp.float32)  # [2B, ...]
-    return cfg_combine(out[:batch], out[batch:], guidance_scale)
+    guided = cfg_combine(out[:batch], out[batch:], guidance_scale)
+    if isinstance(rescale, (int, float)) and rescale == 0:
+        return guided
+    return rescale_guidance(guided, out[:batch], rescale)
 
 
 def drop_condition(rng, cond, uncond, drop_prob: float):

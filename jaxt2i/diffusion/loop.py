@@ -33,11 +33,28 @@ def _point_after(schedule, i, num_steps: int) -> schedules_lib.Point:
                                  zip(schedules_lib.clean_point(), nxt)))
 
 
+def normalized_time(schedule, t):
+    """Schedule time as a fraction in [0, 1] (1 = pure noise): t itself for continuous
+    schedules, timestep / num_train_timesteps for discrete ones."""
+    if schedule.is_discrete:
+        return jnp.asarray(t, jnp.float32) / schedule.num_train_timesteps
+    return jnp.asarray(t, jnp.float32)
+
+
+def start_index(strength, num_steps: int):
+    """First step run for an init image at `strength` S in (0, 1] (traced is fine): the last
+    max(1, floor(S num_steps)) steps run, as diffusers' img2img pipelines count them."""
+    run = jnp.clip(jnp.floor(jnp.asarray(strength, jnp.float32) * num_steps), 1, num_steps)
+    return (num_steps - run).astype(jnp.int32)
+
+
 def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
            num_steps: int = 50, cond=None, uncond=None, guidance_scale=1.0,
            prediction: str = 'eps', thresholding='none', x_init: Optional[jax.Array] = None,
-           return_trajectory: bool = False):
-    """Generates samples by reverse diffusion from pure noise.
+           return_trajectory: bool = False, init: Optional[jax.Array] = None, strength=None,
+           mask: Optional[jax.Array] = None, resample: int = 0, guidance_rescale=0.0,
+           guidance_interval=(0.0, 1.0)):
+    """Generates samples by reverse diffusion from pure noise, or edits an image.
 
     Args:
         denoise_fn: (x_t [B', ...], model_t [B'] float32, cond) -> prediction [B', ...]; B' = 2B
@@ -58,6 +75,26 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             to the x0 prediction in every step.
         x_init: optional initial noise [B, ...] (replaces the draw from rng).
         return_trajectory: also return x after every step, [num_steps, B, ...].
+        init: a clean image [B, ...] in the model's range, for image-to-image and inpainting.
+        strength: image-to-image (SDEdit, Meng et al. 2022): S in (0, 1] (traced is fine, so
+            a new strength does not recompile). The loop starts at step `start_index(S)` from
+            init noised to that step's level with the start noise; the earlier steps are
+            skipped (`lax.cond`, no denoiser call). S = 1 starts from the start noise itself,
+            exactly as without init. None = 1.
+        mask: inpainting: [B, ...] or broadcastable (e.g. [B, H, W, 1]), 1 where the image is
+            generated and 0 where init is kept (values between blend). After every step the
+            kept region is replaced by init noised to the step's new level (q(x_t | init),
+            fresh noise); after the last step it is init itself.
+        resample: inpainting (static): RePaint (Lugmayr et al. 2022) jumps per step: the step's
+            result is noised back to the step's start level and the step redone, `resample`
+            times, so each step costs resample + 1 denoiser calls (imagen-pytorch's
+            `inpaint_resample_times` = resample + 1).
+        guidance_rescale: phi in [0, 1] (Lin et al. 2023, sec. 3.4): the guided prediction is
+            rescaled to the conditional prediction's standard deviation (per sample) and mixed
+            phi : 1 - phi with the plain guided one, as diffusers' `rescale_noise_cfg`.
+        guidance_interval: (lo, hi): guidance applies only while the normalized time
+            (`normalized_time`, 1 = pure noise) is in [lo, hi] (Kynkaanniemi et al. 2024);
+            elsewhere the conditional prediction alone is used (w = 1).
 
     Returns:
         x_0 [B, ...] float32, or (x_0, trajectory) if return_trajectory.
@@ -71,16 +108,42 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
     use_cfg = uncond is not None
     if not use_cfg and isinstance(guidance_scale, (int, float)) and guidance_scale != 1:
         raise ValueError(f'guidance_scale ({guidance_scale}) needs an uncond pytree')
+    if (strength is not None or mask is not None) and init is None:
+        raise ValueError('strength and mask need an init image')
+    if resample and mask is None:
+        raise ValueError(f'resample ({resample}) is for inpainting: it needs a mask')
+    if resample < 0:
+        raise ValueError(f'resample ({resample}) must be at least 0')
     shape = tuple(shape)
     init_rng, step_rng = jax.random.split(rng)
     x = (jax.random.normal(init_rng, shape, jnp.float32) if x_init is None
          else jnp.asarray(x_init, jnp.float32))
+    lo, hi = guidance_interval
+    full_interval = isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and (
+        lo <= 0 and hi >= 1)
+    start = None
+    if init is not None:
+        init = jnp.broadcast_to(jnp.asarray(init, jnp.float32), shape)
+        if mask is not None:
+            mask = jnp.asarray(mask, jnp.float32)
+        if strength is not None:
+            start = start_index(strength, num_steps)
+            p0 = schedule.point(schedule.sampling_time(start, num_steps))
+            # S = 1 (start 0) keeps the start noise itself: the same images as without init.
+            x = jnp.where(start == 0, x, p0.alpha * init + p0.sigma * x)
+        # The kept region's noise (inpainting) and RePaint's jump noise: keys of their own, so
+        # the sampler's step noise is that of a plain run.
+        known_rng = jax.random.fold_in(step_rng, num_steps + 1)
 
     def denoise(x_s, s: schedules_lib.Point, t_s):
         model_t = jnp.broadcast_to(schedule.model_t(t_s), (shape[0],))  # [B]
         if use_cfg:
-            pred = guidance_lib.guided_denoise(denoise_fn, x_s, model_t, cond, uncond,
-                                               guidance_scale)
+            w = guidance_scale
+            if not full_interval:
+                tn = normalized_time(schedule, t_s)
+                w = jnp.where((tn >= lo) & (tn <= hi), guidance_scale, 1.0)
+            pred = guidance_lib.guided_denoise(denoise_fn, x_s, model_t, cond, uncond, w,
+                                               rescale=guidance_rescale)
         else:
             pred = denoise_fn(x_s, model_t, cond).astype(jnp.float32)
         x0, eps = losses.to_x0_eps(pred, prediction, x_s, s.alpha, s.sigma)
@@ -89,13 +152,38 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             eps = (x_s - s.alpha * x0) / s.sigma
         return samplers_lib.Denoised(x0, eps)
 
+    def keep_known(state, t: schedules_lib.Point, key):
+        """Inpainting: the kept region becomes init noised to t (init itself when clean)."""
+        known = t.alpha * init + t.sigma * jax.random.normal(key, shape, jnp.float32)
+        return {**state, 'x': mask * state['x'] + (1.0 - mask) * known}
+
     def body(carry, _):
         i, state = carry
         t_s = schedule.sampling_time(i, num_steps)
         s = schedule.point(t_s)
         t = _point_after(schedule, i, num_steps)
         noise = jax.random.normal(jax.random.fold_in(step_rng, i), shape, jnp.float32)
-        state = sampler.update(state, denoise(state['x'], s, t_s), s, t, noise)
+
+        def one_step(before):
+            new = sampler.update(before, denoise(before['x'], s, t_s), s, t, noise)
+            if mask is None:
+                return new
+            key = jax.random.fold_in(known_rng, i)
+            new = keep_known(new, t, jax.random.fold_in(key, 0))
+
+            def jump(r, new):  # RePaint: back to s with q(x_s | x_t), then the step again
+                k = jax.random.fold_in(key, 2 * r + 1)
+                a_st = s.alpha / t.alpha
+                std = jnp.sqrt(jnp.maximum(s.sigma**2 - a_st**2 * t.sigma**2, 0.0))
+                x_s = a_st * new['x'] + std * jax.random.normal(k, shape, jnp.float32)
+                again = sampler.update({**before, 'x': x_s}, denoise(x_s, s, t_s), s, t, noise)
+                return keep_known(again, t, jax.random.fold_in(key, 2 * r + 2))
+            return jax.lax.fori_loop(0, resample, jump, new) if resample else new
+
+        if start is None:
+            state = one_step(state)
+        else:  # image-to-image: the steps before `start` are skipped, not computed
+            state = jax.lax.cond(i >= start, one_step, lambda st: st, state)
         return (i + 1, state), (state['x'] if return_trajectory else None)
 
     carry = (jnp.int32(0), sampler.initialize(x))

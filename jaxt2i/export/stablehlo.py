@@ -11,9 +11,12 @@ Layout written by `export_stablehlo`:
         sampler.mlir                  the StableHLO module as text (for inspection / IREE)
         config.json                   the stage config, settings, input and output shapes
 
-A sampler takes (params, emb [B, L, D], mask [B, L], u_emb [1, L, D], u_mask [1, L],
-key_data uint32[2], lowres [B, h, w, C] for SR stages) and returns [B, H, W, C] float32 images
-in [-1, 1]; B is symbolic, so one artifact serves every batch size. The key of stage k is
+A sampler takes (params, emb [B, L, D], mask [B, L], u_emb [B, L, D], u_mask [B, L] (the
+empty or negative prompts), key_data uint32[2], lowres [B, h, w, C] for SR stages, then the
+edit inputs init [B, H, W, C] float32 in [-1, 1], inpaint_mask [B, H, W, 1] float32 (1 =
+generate) and strength float32 scalar) and returns [B, H, W, C] float32 images in [-1, 1];
+B is symbolic, so one artifact serves every batch size. Plain sampling passes any init, an
+all-ones mask and strength 1 (`plain_edit_inputs`), which gives the plain images exactly. The key of stage k is
 `jax.random.key_data(jax.random.fold_in(jax.random.key(seed), k))`, exactly as
 `Cascade.sample` derives it, so `run_exported(OUT, prompts, seed)` reproduces the images of
 `python -m jaxt2i.sample` bit for bit on the same platform. Artifacts are lowered for every
@@ -56,18 +59,27 @@ def load_params(path: str) -> dict:
 
 
 def stage_sampler(cascade, k: int, settings):
-    """Stage k's reverse process as a function of explicit arrays (no Python state)."""
+    """Stage k's reverse process as a function of explicit arrays (no Python state), with the
+    edit inputs (init image, inpainting mask, strength) as its last three arguments."""
+    from jaxt2i.stage import Edit
+
     s = cascade.stages[k]
 
-    def run(params, emb, mask, u_emb, u_mask, key_data, lowres=None):
+    def run(params, emb, mask, u_emb, u_mask, key_data, lowres, init, inpaint_mask, strength):
         x = s.sample(params, (emb, mask), (u_emb, u_mask), jax.random.wrap_key_data(key_data),
-                     lowres, settings=settings)
+                     lowres, settings=settings, edit=Edit(init, inpaint_mask, strength))
         return jnp.clip(x, -1.0, 1.0)  # [B, H, W, C]
 
     if s.is_sr:
         return run
-    return lambda params, emb, mask, u_emb, u_mask, key_data: run(params, emb, mask, u_emb,
-                                                                    u_mask, key_data)
+    return lambda params, emb, mask, u_emb, u_mask, key_data, init, inpaint_mask, strength: run(
+        params, emb, mask, u_emb, u_mask, key_data, None, init, inpaint_mask, strength)
+
+
+def plain_edit_inputs(batch: int, size: int, channels: int = 3) -> list:
+    """The edit inputs of an exported sampler for plain text-to-image sampling."""
+    return [jnp.zeros((batch, size, size, channels), jnp.float32),
+            jnp.ones((batch, size, size, 1), jnp.float32), jnp.float32(1.0)]
 
 
 def _export(fn, args, platforms: Sequence[str], what: str):
@@ -122,10 +134,14 @@ def export_stablehlo(cascade, settings, root: str, platforms: Sequence[str] = PL
         os.makedirs(sdir)
         c = stage.unet_cfg
         args = [params_spec(stage.params), jax.ShapeDtypeStruct((b, L, D), jnp.float32),
-                jax.ShapeDtypeStruct((b, L), jnp.bool_), jax.ShapeDtypeStruct((1, L, D), jnp.float32),
-                jax.ShapeDtypeStruct((1, L), jnp.bool_), jax.ShapeDtypeStruct((2,), jnp.uint32)]
+                jax.ShapeDtypeStruct((b, L), jnp.bool_), jax.ShapeDtypeStruct((b, L, D), jnp.float32),
+                jax.ShapeDtypeStruct((b, L), jnp.bool_), jax.ShapeDtypeStruct((2,), jnp.uint32)]
         if stage.is_sr:
             args.append(jax.ShapeDtypeStruct((b, prev_size, prev_size, c.channels), jnp.float32))
+        size = c.image_size
+        args += [jax.ShapeDtypeStruct((b, size, size, c.channels), jnp.float32),
+                 jax.ShapeDtypeStruct((b, size, size, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((), jnp.float32)]
         say(f"stage {k}: lowering the {st.sampler} sampler ({st.steps} steps)")
         exp = _export(stage_sampler(cascade, k, st), args, platforms, f"stage {k} ({name})")
         with open(os.path.join(sdir, SAMPLER_FILE), "wb") as f:
@@ -134,10 +150,14 @@ def export_stablehlo(cascade, settings, root: str, platforms: Sequence[str] = PL
             f.write(exp.mlir_module())
         _save_params(stage.params, os.path.join(sdir, PARAMS_FILE))
         inputs = ["params", "emb [B, L, D] float32", "mask [B, L] bool",
-                  "u_emb [1, L, D] float32 (the empty prompt)", "u_mask [1, L] bool",
-                  "key_data uint32[2]"] + (
+                  "u_emb [B, L, D] float32 (the empty prompt, or negative prompts)",
+                  "u_mask [B, L] bool", "key_data uint32[2]"] + (
                       [f"lowres [B, {prev_size}, {prev_size}, {c.channels}] float32 in [-1, 1]"]
-                      if stage.is_sr else [])
+                      if stage.is_sr else []) + [
+                  f"init [B, {size}, {size}, {c.channels}] float32 in [-1, 1] (any values "
+                  "when strength is 1 and the mask all ones)",
+                  f"inpaint_mask [B, {size}, {size}, 1] float32, 1 = generate (all ones: no "
+                  "inpainting)", "strength float32 scalar in (0, 1] (1: from noise)"]
         write_json(os.path.join(sdir, "config.json"), {
             "config": stage.config.to_dict(), "step": stage.step, "settings": st.to_dict(),
             "inputs": inputs, "output": f"[B, {c.image_size}, {c.image_size}, {c.channels}] "
@@ -146,17 +166,19 @@ def export_stablehlo(cascade, settings, root: str, platforms: Sequence[str] = PL
         prev_size = c.image_size
     record = {"format": "stablehlo", "stages": names, "text_encoder": "text_encoder",
               "max_length": L, "key_data": "jax.random.key_data(jax.random.fold_in("
-              "jax.random.key(seed), stage_index))", "uncond_prompt": "",
+              "jax.random.key(seed), stage_index))",
+              "uncond_prompt": "the empty prompt, or a negative prompt per image",
               "images": "uint8 = clip((x + 1) * 127.5 + 0.5, 0, 255)"}
     write_json(os.path.join(root, "cascade.json"), record)
     return record
 
 
-def run_exported(root: str, prompts: Sequence[str], seed: int = 0) -> np.ndarray:
+def run_exported(root: str, prompts: Sequence[str], seed: int = 0,
+                 negative_prompts: Sequence[str] | None = None) -> np.ndarray:
     """Samples from a StableHLO export with `jax.export.deserialize` (no model code).
 
-    Returns [B, H, W, 3] uint8 images, equal to `Cascade.sample(prompts, seed)` with the
-    settings baked into the export.
+    Returns [B, H, W, 3] uint8 images, equal to `Cascade.sample(prompts, seed,
+    negative_prompts=...)` with the settings baked into the export.
     """
     import json
 
@@ -171,7 +193,8 @@ def run_exported(root: str, prompts: Sequence[str], seed: int = 0) -> np.ndarray
     tparams = load_params(os.path.join(tdir, PARAMS_FILE))
     ids, mask = tok(list(prompts))
     emb, mask = encode.call(tparams, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
-    uids, umask = tok([""])
+    negs = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+    uids, umask = tok(negs)
     u_emb, u_mask = encode.call(tparams, jnp.asarray(uids, jnp.int32), jnp.asarray(umask, bool))
     root_key = jax.random.key(seed)
     x = None
@@ -181,6 +204,7 @@ def run_exported(root: str, prompts: Sequence[str], seed: int = 0) -> np.ndarray
             sampler = jax.export.deserialize(bytearray(f.read()))
         params = load_params(os.path.join(sdir, PARAMS_FILE))
         key_data = jax.random.key_data(jax.random.fold_in(root_key, k))
+        size = int(sampler.out_avals[0].shape[1])
         args = [params, emb, mask, u_emb, u_mask, key_data] + ([x] if x is not None else [])
-        x = sampler.call(*args)
+        x = sampler.call(*args, *plain_edit_inputs(len(prompts), size))
     return np.asarray(jnp.clip((x + 1) * 127.5 + 0.5, 0, 255)).astype(np.uint8)
