@@ -8,6 +8,9 @@ Layout written by `export_onnx`:
     OUT/stageK_.../denoiser.onnx        x_t [B, H, W, C], noise_level [B], text_emb [B, L, D],
                                         text_mask [B, L] bool (+ lowres [B, h, w, C] and
                                         aug_level [B] for SR stages) -> prediction [B, H, W, C]
+                                        (lowres [B, H, W, C] for a stage whose
+                                        diffusion.aug_order is 'resize_first': the consumer
+                                        upsamples, then augments, as Stage.augment does)
     OUT/stageK_.../config.json          the stage config (objective, schedule, sampler defaults)
 
 Images are NHWC float32 as in JAX; B is dynamic; weights are stored as initializers, in
@@ -139,7 +142,10 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
         names.append(name)
         sdir = os.path.join(root, name)
         os.makedirs(sdir)
-        in_names, specs = denoiser_inputs(stage.unet_cfg, L, prev_size)
+        # A stage that resizes first takes its augmented low-res input at its own size.
+        low = (stage.unet_cfg.image_size if stage.config.diffusion.aug_order == "resize_first"
+               else prev_size)
+        in_names, specs = denoiser_inputs(stage.unet_cfg, L, low)
         say(f"stage {k}: converting the denoiser to ONNX")
         model = convert(denoiser_fn(stage), specs, in_names,
                         ["prediction"], f"stage {k} ({name})", opset)
