@@ -413,6 +413,15 @@ class Stage:
             raise ValueError("this Stage has no text encoder attached (Stage(..., encoder=))")
         return self.encoder.embed(text_params, ids, mask)
 
+    @property
+    def lowres_input_size(self) -> int:
+        """Side of the low-res input the U-Net gets at sampling (`augment`'s output): the
+        stage's image_size when it resizes first, else model.lowres_size; 0 for a base."""
+        c = self.config.model
+        if not c.is_sr:
+            return 0
+        return c.image_size if self.config.diffusion.aug_order == "resize_first" else c.lowres_size
+
     def upsample(self, lowres, size: int | None = None):
         """The U-Net's resize of the low-res image: [B, h, w, C] -> [B, S, S, C] float32, S =
         `size` (default the stage's image_size)."""

@@ -136,16 +136,14 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
                     ["input_ids", "attention_mask"], ["text_emb"], "the text encoder", opset)
     _save(model, os.path.join(tdir, ENCODER_FILE))
 
-    names, prev_size = [], None
+    names = []
     for k, stage in enumerate(cascade.stages):
         name = stage_dir_name(k, stage.unet_cfg)
         names.append(name)
         sdir = os.path.join(root, name)
         os.makedirs(sdir)
         # A stage that resizes first takes its augmented low-res input at its own size.
-        low = (stage.unet_cfg.image_size if stage.config.diffusion.aug_order == "resize_first"
-               else prev_size)
-        in_names, specs = denoiser_inputs(stage.unet_cfg, L, low)
+        in_names, specs = denoiser_inputs(stage.unet_cfg, L, stage.lowres_input_size)
         say(f"stage {k}: converting the denoiser to ONNX")
         model = convert(denoiser_fn(stage), specs, in_names,
                         ["prediction"], f"stage {k} ({name})", opset)
@@ -156,7 +154,6 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
             f"{stage.unet_cfg.image_size}, {stage.unet_cfg.channels}]",
             "noise_level": "jaxt2i.diffusion.get_schedule(config['diffusion']['schedule'])"
             ".model_t(t)", "opset": opset})
-        prev_size = stage.unet_cfg.image_size
     record = {"format": "onnx", "stages": names, "text_encoder": "text_encoder",
               "max_length": L, "opset": opset, "layout": "NHWC"}
     write_json(os.path.join(root, "cascade.json"), record)
