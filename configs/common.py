@@ -35,9 +35,13 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     c.diffusion.min_snr_gamma = 5.0
     c.diffusion.cond_drop_prob = 0.1  # text dropped for classifier-free guidance
     c.diffusion.aug_schedule = "cosine"  # noise-conditioning augmentation (SR stages)
-    # Training draws the augmentation level from [0, aug_max_level): 0.5 for the small configs
-    # (the demo's SR stage); the paper draws it from [0, 1], as the paper variants do.
-    c.diffusion.aug_max_level = 0.5
+    # SR stages: upsample the low-res image to the stage's size, then noise-augment it (the
+    # paper, imagen-pytorch); 'augment_first' augments at low resolution and lets the U-Net
+    # resize (every stage exported before the field, the bundled demo's SR stage included).
+    c.diffusion.aug_order = "resize_first"
+    # Training draws the augmentation level from [0, aug_max_level), the paper's full range
+    # (the bundled demo's SR stage was trained with 0.5).
+    c.diffusion.aug_max_level = 1.0
 
     c.sample = ml_collections.ConfigDict()
     c.sample.sampler = "dpmpp_2m"
@@ -139,11 +143,11 @@ def demo(c: ml_collections.ConfigDict, num_steps: int) -> None:
 
 def paper(c: ml_collections.ConfigDict) -> None:
     """The paper's setup: frozen T5-XXL, batch 2048, 2.5M steps, 10k warmup, an unweighted eps
-    loss, Nichol & Dhariwal's cosine schedule (with its offset), augmentation levels from
-    [0, 1], bfloat16 + remat, parameters fully sharded over all devices."""
+    loss, Nichol & Dhariwal's cosine schedule (with its offset), bfloat16 + remat, parameters
+    fully sharded over all devices (augmentation: the defaults, resize first, levels in
+    [0, 1))."""
     c.diffusion.schedule = "cosine_offset"
     c.diffusion.loss_weighting = "uniform"
-    c.diffusion.aug_max_level = 1.0
     c.text.encoder = "google/t5-v1_1-xxl"
     c.text.max_length = 128
     c.text.dtype = "bfloat16"

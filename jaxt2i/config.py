@@ -80,6 +80,7 @@ CHOICES: dict[str, Any] = {
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
     # the augmentation level is continuous time in [0, 1]: any continuous schedule
     "diffusion.aug_schedule": _lazy("jaxt2i.diffusion.schedules", "CONTINUOUS_NAMES"),
+    "diffusion.aug_order": _lazy("jaxt2i.stage", "AUG_ORDERS"),
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
     "sample.thresholding": _lazy("jaxt2i.diffusion", "THRESHOLDINGS"),

@@ -34,7 +34,15 @@ log = logging.getLogger("jaxt2i")
 # 1: before versioning (it had a `stage` field, 'base' | 'sr', that repeated
 #    model.lowres_size, and could lack diffusion.aug_schedule and text.dtype).
 # 2: `stage` removed (model.lowres_size > 0 is an SR stage); every section complete.
-FORMAT_VERSION = 2
+# 3: diffusion.aug_order; stages written before it augment the low-res image, then resize it
+#    ('augment_first').
+FORMAT_VERSION = 3
+
+# Orders of an SR stage's low-res conditioning (`Stage.augment`): 'resize_first' upsamples the
+# low-res image to the stage's size with the U-Net's resize, then noise-augments it (the
+# Imagen paper, imagen-pytorch); 'augment_first' noise-augments the low-res image and the
+# U-Net resizes it (jaxt2i before format 3, and so every stage exported then).
+AUG_ORDERS = ("resize_first", "augment_first")
 
 
 def upgrade(config: Mapping[str, Any], where: str = "stage config") -> dict:
@@ -62,6 +70,8 @@ def upgrade(config: Mapping[str, Any], where: str = "stage config") -> dict:
             out["diffusion"].setdefault("aug_schedule", "cosine")
         if isinstance(out.get("text"), dict):
             out["text"].setdefault("dtype", "float32")
+    if version < 3 and isinstance(out.get("diffusion"), dict):
+        out["diffusion"].setdefault("aug_order", "augment_first")
     out["format_version"] = FORMAT_VERSION
     return out
 
@@ -191,10 +201,17 @@ class DiffusionSpec:
     Attributes:
       schedule: the noise schedule the stage was trained with (`jaxt2i.diffusion`).
       aug_schedule: schedule of the low-res input's noise-conditioning augmentation (SR).
+      aug_order: 'resize_first' | 'augment_first' (`AUG_ORDERS`, `Stage.augment`).
     """
 
     schedule: str
     aug_schedule: str = "cosine"
+    aug_order: str = "augment_first"
+
+    def __post_init__(self):
+        if self.aug_order not in AUG_ORDERS:
+            raise ConfigError(f"diffusion.aug_order={self.aug_order!r} is not allowed; allowed "
+                              f"values: {', '.join(AUG_ORDERS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +270,8 @@ class StageConfig:
         try:
             text = TextSpec(encoder=str(t["encoder"]), max_length=int(t["max_length"]),
                             dtype=str(dtype or t["dtype"]))
-            diff = DiffusionSpec(schedule=str(d["schedule"]), aug_schedule=str(d["aug_schedule"]))
+            diff = DiffusionSpec(schedule=str(d["schedule"]), aug_schedule=str(d["aug_schedule"]),
+                                 aug_order=str(d["aug_order"]))
             sample = StageSettings.from_config(c["sample"])
         except KeyError as e:
             raise ConfigError(f"{where} lacks the field {e.args[0]!r}; export the stage "
@@ -440,11 +458,47 @@ class Stage:
             raise ValueError("this Stage has no text encoder attached (Stage(..., encoder=))")
         return self.encoder.embed(text_params, ids, mask)
 
-    def augment(self, rng, lowres, *, level=None, max_level=None):
-        """Noise-conditioning augmentation of an SR stage's low-res input -> (lowres, level):
-        a fixed `level` (sampling) or levels drawn from [0, max_level) (training)."""
+    @property
+    def lowres_input_size(self) -> int:
+        """Side of the low-res input the U-Net gets at sampling (`augment`'s output): the
+        stage's image_size when it resizes first, else model.lowres_size; 0 for a base."""
+        c = self.config.model
+        if not c.is_sr:
+            return 0
+        return c.image_size if self.config.diffusion.aug_order == "resize_first" else c.lowres_size
+
+    def upsample(self, lowres, size: int | None = None):
+        """The U-Net's resize of the low-res image: [B, h, w, C] -> [B, S, S, C] float32, S =
+        `size` (default the stage's image_size)."""
+        from jaxt2i.models.unet import resize_lowres
+
+        size = size or self.config.model.image_size
+        return resize_lowres(lowres, (size, size), self.config.model.lowres_resize)
+
+    def augment(self, rng, lowres, *, level=None, max_level=None, size: int | None = None):
+        """Noise-conditioning augmentation of an SR stage's low-res input, as training and
+        sampling both feed it to the U-Net.
+
+        `config.diffusion.aug_order` 'resize_first' upsamples `lowres` to `size` (`upsample`;
+        an image already that size is kept) and augments the result; 'augment_first' augments
+        `lowres` as it is and leaves the resize to the U-Net.
+
+        Args:
+          rng: PRNG key of the level (training) and the noise.
+          lowres: [B, h, w, C] in [-1, 1].
+          level: a fixed level, scalar or [B] (sampling), or None: levels drawn from
+            [0, max_level) (training).
+          max_level: training's largest level.
+          size: x_t's side (default the stage's image_size; a crop-trained stage's crops pass
+            theirs).
+
+        Returns:
+          (cond['lowres'] [B, h, w, C] or [B, S, S, C], cond['aug_level'] [B]).
+        """
         from jaxt2i import diffusion
 
+        if self.config.diffusion.aug_order == "resize_first":
+            lowres = self.upsample(lowres, size)
         kwargs = {"level": level} if level is not None else {"max_level": max_level}
         return diffusion.noise_augment(rng, lowres, schedule=self.config.diffusion.aug_schedule,
                                        **kwargs)
@@ -509,6 +563,6 @@ class Stage:
         return f"Stage({kind} px, {self.path or 'in memory'}, step {self.step})"
 
 
-__all__ = ["FORMAT_VERSION", "SETTING_NAMES", "DiffusionSpec", "Edit", "Stage", "StageConfig",
-           "StageSettings", "TextSpec", "load_text_encoder", "resolve_export_dir",
+__all__ = ["AUG_ORDERS", "Edit", "FORMAT_VERSION", "SETTING_NAMES", "DiffusionSpec", "Stage",
+           "StageConfig", "StageSettings", "TextSpec", "load_text_encoder", "resolve_export_dir",
            "setting_types", "upgrade"]

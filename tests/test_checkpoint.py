@@ -194,3 +194,20 @@ def test_export_checkpoint_cli_matches_the_export_written_by_training(tiny_casca
     shutil.copytree(run / "checkpoints", partial / "checkpoints")
     with pytest.raises(ConfigError, match="has no export/ yet .*`python -m jaxt2i.checkpoint --workdir="):
         load_cascade([str(partial), str(tiny_cascade_dir / "sr")])
+
+
+def test_identity_check_reads_a_run_from_before_aug_order_as_augment_first():
+    """A run saved before diffusion.aug_order existed augmented first: resuming it with
+    today's default (resize first) is another training task, refused like another model;
+    resuming with augment_first, or with a config that also lacks the field, is not."""
+    from jaxt2i.checkpoint import config_mismatch
+
+    old = {"model": {"image_size": 16}, "diffusion": {"schedule": "cosine"}}
+    new = {"model": {"image_size": 16},
+           "diffusion": {"schedule": "cosine", "aug_order": "resize_first"}}
+    assert config_mismatch(old, new) == ("diffusion.aug_order: checkpoint 'augment_first', "
+                                         "config 'resize_first'")
+    new["diffusion"]["aug_order"] = "augment_first"
+    assert config_mismatch(old, new) is None
+    assert config_mismatch(old, old) is None
+    assert config_mismatch(new, dict(new, train={"lr": 1.0})) is None  # other fields are free

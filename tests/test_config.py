@@ -130,7 +130,7 @@ def test_every_shipped_config_variant_is_valid(spec):
         # Imagen (arXiv 2205.11487): unweighted eps loss, augmentation levels in [0, 1],
         # Nichol & Dhariwal's cosine for the base and 64->256, linear for 256->1024.
         assert unet.objective == "eps" and c.diffusion.loss_weighting == "uniform"
-        assert c.diffusion.aug_max_level == 1.0
+        assert c.diffusion.aug_max_level == 1.0 and c.diffusion.aug_order == "resize_first"
         want = "linear" if spec.endswith("1024") else "cosine_offset"
         assert c.diffusion.schedule == want
         assert c.train.optimizer == ("adafactor" if spec.startswith("base") else "adamw")

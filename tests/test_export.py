@@ -58,13 +58,14 @@ def _inputs(stage, prev_size, batch=3, text_len=32, seed=0):
 
 
 def _jax_outputs(cascade):
-    outs, prev = [], None
+    """Each stage's inputs and JAX output; an SR stage's low-res input has the size its
+    conditioning order gives the U-Net (the previous stage's, or its own when resizing first)."""
+    outs = []
     for k, stage in enumerate(cascade.stages):
-        x = _inputs(stage, prev)
+        x = _inputs(stage, stage.lowres_input_size)
         y = stage.model.apply({"params": stage.params}, **{k2: jnp.asarray(v)
                                                                  for k2, v in x.items()})
         outs.append((x, np.asarray(y)))
-        prev = stage.unet_cfg.image_size
     return outs
 
 

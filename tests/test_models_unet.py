@@ -319,13 +319,13 @@ def test_sharded_by_logical_rules_matches_unsharded(tiny, forward):
 def test_lowres_resize_matrices_equal_jax_image_resize(method):
     """The SR stage resizes with one interpolation matrix per axis (so the batch may stay
     symbolic for export); the result must be jax.image.resize's."""
-    from jaxt2i.models.unet import _resize_matrix
+    from jaxt2i.models.unet import resize_matrix
 
     x = np.random.default_rng(0).standard_normal((2, 8, 6, 3)).astype(np.float32)
     for size in [(32, 24), (16, 12)]:
         want = jax.image.resize(x, (2, *size, 3), method)
-        got = jnp.einsum("Hh,bhwc,Ww->bHWc", _resize_matrix(8, size[0], method), x,
-                         _resize_matrix(6, size[1], method), precision="highest")
+        got = jnp.einsum("Hh,bhwc,Ww->bHWc", resize_matrix(8, size[0], method), x,
+                         resize_matrix(6, size[1], method), precision="highest")
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
@@ -334,12 +334,12 @@ def test_resize_matrix_is_jax_image_resize_of_the_identity(method):
     """The numpy-built matrix equals jax.image.resize of an identity (the reference) for up-
     and downsampling, integer and odd ratios; exactly for power-of-two upsampling (the demo's
     32 -> 128), else within float32 rounding (XLA fuses the weight arithmetic differently)."""
-    from jaxt2i.models.unet import _resize_matrix
+    from jaxt2i.models.unet import resize_matrix
 
     for n, size in [(32, 128), (16, 32), (8, 32), (32, 16), (64, 32), (7, 5), (5, 7), (3, 17),
                     (13, 100), (17, 3), (4, 1), (1, 4), (10, 10)]:
         want = np.asarray(jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method))
-        got = _resize_matrix(n, size, method)
+        got = resize_matrix(n, size, method)
         assert got.shape == (size, n) and got.dtype == np.float32
         if method in ("nearest", "bilinear") and size in (2 * n, 4 * n):
             np.testing.assert_array_equal(got, want, err_msg=f"{n} -> {size}")
@@ -357,11 +357,11 @@ def test_resize_matrix_does_not_call_jax_image(monkeypatch):
 
     monkeypatch.setattr(jax.image, "resize", refuse)
     monkeypatch.setattr(jax.image, "scale_and_translate", refuse)
-    unet._resize_matrix.cache_clear()
+    unet.resize_matrix.cache_clear()
     try:
-        m = unet._resize_matrix(4, 8, "bilinear")
+        m = unet.resize_matrix(4, 8, "bilinear")
     finally:
-        unet._resize_matrix.cache_clear()  # nothing made under the patch outlives the test
+        unet.resize_matrix.cache_clear()  # nothing made under the patch outlives the test
     np.testing.assert_allclose(m.sum(1), 1.0, atol=1e-6)  # rows interpolate: weights sum to 1
     np.testing.assert_array_equal(m[:2], [[1, 0, 0, 0], [0.75, 0.25, 0, 0]])
 

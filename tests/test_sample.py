@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -304,6 +305,49 @@ def test_eval_cli(cascade_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--true_lowres needs a super-resolution stage" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_eval_aug_level_sweep_cli(cascade_dir, tmp_path):
+    """docs/evaluation: `python -m jaxt2i.eval --aug_levels=...` prints one row per split and
+    level and writes them into its JSON record; a bad level is one line."""
+    out = tmp_path / "sweep"
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.eval", f"--checkpoint={cascade_dir}",
+                        "--num_prompts=2", "--batch_size=2", "--steps=2", "--splits=held_out",
+                        "--aug_levels=0,0.4", f"--out={out}"], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert time.perf_counter() - t0 < 120
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads((out / "eval.json").read_text()) == record
+    assert record["aug_levels"] == [0.0, 0.4] and record["aug_stage"] == 1
+    assert set(record["results"]) == {"held_out (aug 0)", "held_out (aug 0.4)"}
+    assert all(row["n"] == 2 for row in record["results"].values())
+    for row in ("held_out (aug 0)", "held_out (aug 0.4)"):
+        assert re.search(rf"^{re.escape(row)}\s+\d", r.stdout, re.M), r.stdout
+    assert len((out / "held_out_aug0.4.jsonl").read_text().splitlines()) == 2
+    bad = subprocess.run([sys.executable, "-m", "jaxt2i.eval", f"--checkpoint={cascade_dir}",
+                          "--aug_levels=0,2"], cwd=ROOT, env=_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "--aug_levels: 2.0 is not an augmentation level in [0, 1]" in bad.stderr
+
+
+def test_aug_level_sweep_rows_equal_plain_runs_at_each_level(cascade):
+    """The sweep samples the base once and the SR stage per level: each level's images are
+    the ones a plain evaluation at that level gives."""
+    from jaxt2i.eval.evaluate import evaluate_cascade
+
+    plain = [s.replace(steps=2) for s in cascade.settings()]
+    kw = dict(splits=["test"], num_prompts=3, batch_size=2, progress=False)
+    swept = evaluate_cascade(cascade, settings=plain, aug_levels=[0.0, 0.5], **kw)
+    for level in (0.0, 0.5):
+        at = [plain[0], plain[1].replace(aug_level=level)]
+        want = evaluate_cascade(cascade, settings=at, **kw)
+        assert swept["per_image"][f"test_aug{level:g}"] == want["per_image"]["test"]
+        assert swept["results"][f"test (aug {level:g})"] == want["results"]["test"]
+    with pytest.raises(ConfigError, match=r"--aug_stage \(0\) must name a super-resolution"):
+        evaluate_cascade(cascade, aug_levels=[0.1], aug_stage=0, **kw)
 
 
 def test_hyphenated_flag_spellings(cascade_dir, tmp_path):

@@ -54,6 +54,82 @@ def test_version_1_defaults_and_refusals():
         StageConfig.from_dict(dict(raw, sample=dict(raw["sample"], steps="many")))
 
 
+def _tiny_sr_config(**diffusion) -> dict:
+    from jaxt2i.config import load_config_file
+
+    cfg = load_config_file(os.path.join(ROOT, "configs", "sr.py:tiny_sr")).to_dict()
+    cfg["diffusion"].update(diffusion)
+    return cfg
+
+
+def test_aug_order_of_new_configs_old_exports_and_bad_values():
+    """New configs resize first; every stage written before the field (the shipped demo's SR
+    stage, a format-2 export) keeps augmenting first; a bad value is one line."""
+    assert StageConfig.from_dict(_tiny_sr_config()).diffusion.aug_order == "resize_first"
+    demo = StageConfig.from_dict(_demo_config("sr"))
+    assert demo.diffusion.aug_order == "augment_first"
+    assert demo.to_dict()["diffusion"]["aug_order"] == "augment_first"  # exported explicitly
+    v2 = _tiny_sr_config()
+    del v2["diffusion"]["aug_order"]
+    v2["format_version"] = 2
+    assert StageConfig.from_dict(v2).diffusion.aug_order == "augment_first"
+    bad = dict(_tiny_sr_config(aug_order="resize_last"), format_version=FORMAT_VERSION)
+    with pytest.raises(ConfigError, match=r"^stage 'x': diffusion.aug_order='resize_last' is "
+                       "not allowed; allowed values: resize_first, augment_first$"):
+        StageConfig.from_dict(bad, where="stage 'x'")
+
+
+def test_resize_first_upsamples_with_the_unets_resize_then_augments():
+    """x = alpha(level) up + sigma(level) noise, up = jax.image.resize of the low-res image by
+    the U-Net's method, checked in numpy (the cosine aug schedule: alpha = cos(a t + b)); the
+    result has the stage's size, so the U-Net's own resize leaves it as it is."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxt2i.diffusion import noise_augment
+
+    stage = Stage(StageConfig.from_dict(_tiny_sr_config(aug_order="resize_first")))
+    c = stage.config.model
+    assert stage.config.diffusion.aug_schedule == "cosine"
+    low = np.random.default_rng(0).uniform(-1, 1, (3, c.lowres_size, c.lowres_size, 3))
+    low = low.astype(np.float32)
+    rng, level = jax.random.key(5), np.array([0.0, 0.3, 0.9], np.float32)
+    got, got_level = stage.augment(rng, jnp.asarray(low), level=jnp.asarray(level))
+    assert got.shape == (3, c.image_size, c.image_size, 3)
+    np.testing.assert_array_equal(got_level, level)
+    up = np.asarray(jax.image.resize(low, got.shape, c.lowres_resize))
+    noise = np.asarray(jax.random.normal(jax.random.split(rng)[1], got.shape, jnp.float32))
+    b = np.arctan(np.exp(-10.0))  # logsnr(t) = -2 log tan(a t + b), from +20 to -20
+    theta = ((np.arctan(np.exp(10.0)) - b) * level.astype(np.float64) + b)[:, None, None, None]
+    np.testing.assert_allclose(got, np.cos(theta) * up + np.sin(theta) * noise, atol=2e-5)
+    np.testing.assert_allclose(stage.upsample(low), up, atol=2e-6)
+    # training: a level per example from [0, max_level), the same path
+    train_low, train_level = stage.augment(rng, jnp.asarray(low), max_level=0.5)
+    assert train_low.shape == got.shape and bool(jnp.all(train_level < 0.5))
+    # a crop-trained stage's crops arrive upsampled already: kept, then augmented
+    crop = jnp.asarray(up[:, :8, :8])
+    np.testing.assert_array_equal(stage.augment(rng, crop, level=0.2, size=8)[0],
+                                  noise_augment(rng, crop, level=0.2, schedule="cosine")[0])
+
+
+def test_augment_first_is_unchanged():
+    """Augment-first stages (every old export) augment the low-res image itself, exactly as
+    `noise_augment` does, and the U-Net resizes it."""
+    import jax
+    import numpy as np
+
+    from jaxt2i.diffusion import noise_augment
+
+    stage = Stage(StageConfig.from_dict(_demo_config("sr")))
+    low = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    got, level = stage.augment(jax.random.key(2), low, level=0.1)
+    want, want_level = noise_augment(jax.random.key(2), low, level=0.1, schedule="cosine")
+    assert got.shape == low.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(level, want_level)
+
+
 def test_stage_read_names_the_export(tmp_path):
     stage = Stage.read(os.path.join(DEMO, "base"))
     assert not stage.is_sr and stage.step is not None and stage.params is None

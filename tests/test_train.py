@@ -40,10 +40,12 @@ def _batch(trainer, seed=0):
     return batch
 
 
-def _one_step(spec, mesh, devices, encoder=None, initial=None):
+def _one_step(spec, mesh, devices, encoder=None, initial=None, aug_order=None):
     """One step on `mesh`; the state is created sharded by the jitted init, or, to save
     compile time, `initial` (a host copy of the reference initial state) is placed."""
     cfg = _cfg(spec)
+    if aug_order:
+        cfg.diffusion.aug_order = aug_order
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh
     trainer = Trainer(cfg, encoder, devices=devices)
     if initial is None:
@@ -57,19 +59,22 @@ def _one_step(spec, mesh, devices, encoder=None, initial=None):
     return trainer, state, jax.device_get(metrics), params0
 
 
-@pytest.mark.parametrize("spec,meshes", [
-    ("configs/base.py:tiny", [(1, 4, 1), (4, 1, 1), (2, 1, 2)]),  # FSDP, data, data+tensor
-    ("configs/sr.py:tiny_sr", [(1, 2, 2)]),  # FSDP + tensor
+@pytest.mark.parametrize("spec,meshes,aug_order", [
+    ("configs/base.py:tiny", [(1, 4, 1), (4, 1, 1), (2, 1, 2)], None),  # FSDP, data, data+tensor
+    ("configs/sr.py:tiny_sr", [(1, 2, 2)], "resize_first"),  # FSDP + tensor; the default
+    ("configs/sr.py:tiny_sr", [(1, 2, 2)], "augment_first"),  # as stages before the field
 ])
-def test_sharded_steps_equal_single_device(spec, meshes):
-    ref_trainer, ref_state, ref_m, ref_p0 = _one_step(spec, (1, 1, 1), jax.devices()[:1])
+def test_sharded_steps_equal_single_device(spec, meshes, aug_order):
+    ref_trainer, ref_state, ref_m, ref_p0 = _one_step(spec, (1, 1, 1), jax.devices()[:1],
+                                                      aug_order=aug_order)
+    assert aug_order is None or ref_trainer.stage.config.diffusion.aug_order == aug_order
     ref_params = jax.device_get(ref_state.params)
     enc = ref_trainer.encoder
     initial = jax.device_get(ref_trainer.init_state(0))
     for n, mesh in enumerate(meshes):
         # The first mesh also checks that the sharded jitted init creates the same params.
         trainer, state, m, p0 = _one_step(spec, mesh, jax.devices(), enc,
-                                          None if n == 0 else initial)
+                                          None if n == 0 else initial, aug_order)
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), p0, ref_p0)
         np.testing.assert_allclose(m["loss"], ref_m["loss"], rtol=1e-5, atol=1e-6)
         got = jax.device_get(state.params)
@@ -459,3 +464,39 @@ def test_sr_sample_grids_come_from_the_runs_own_data(tmp_path):
     low = np.stack([pipeline.to_float(pipeline.downsample(
         pipeline.resize_crop(i, c.image_size), c.lowres_size)) for i in img])
     np.testing.assert_allclose(np.asarray(lowres), low, atol=1e-6)
+
+
+@pytest.mark.parametrize("aug_order", ["resize_first", "augment_first"])
+def test_crop_trained_sr_stage_gets_the_crop_of_its_upsampled_lowres(aug_order):
+    """Crop training (the 1024 stage) with resize first: the host hands the step the crop of
+    the whole low-res image upsampled by the U-Net's resize (what sampling's full-size
+    upsample holds there, borders included); augment first keeps the low-res crop. The
+    step trains on either (a couple of steps)."""
+    from jaxt2i.data.pipeline import to_global_array
+    from jaxt2i.models.unet import resize_lowres
+
+    cfg = _cfg("configs/sr.py:tiny_sr", batch_size=2)
+    cfg.model.crop_size = 8  # of 16 px images; low-res 8 px
+    cfg.diffusion.aug_order = aug_order
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    c = trainer.unet_cfg
+    batch = _batch(trainer)
+    local = dict(batch, index=np.array([3, 11]))
+    host = train_module._host_batch(trainer, local)
+    assert host["image"].shape == (2, 8, 8, 3)
+    want = trainer.abstract_batch()["lowres"].shape
+    assert host["lowres"].shape == want == ((2, 8, 8, 3) if aug_order == "resize_first"
+                                            else (2, 4, 4, 3))
+    if aug_order == "resize_first":
+        full = np.asarray(resize_lowres(jnp.asarray(batch["lowres"]), (16, 16), c.lowres_resize))
+        for n, i in enumerate(local["index"]):
+            y, x = np.random.default_rng([cfg.data.seed, int(i)]).integers(0, 5, 2)
+            np.testing.assert_allclose(host["lowres"][n], full[n, 2 * y:2 * y + 8,
+                                                               2 * x:2 * x + 8], atol=1e-6)
+            np.testing.assert_array_equal(host["image"][n], batch["image"][n, 2 * y:2 * y + 8,
+                                                                          2 * x:2 * x + 8])
+    state = trainer.init_state(0)
+    for step in range(2):
+        state, metrics = trainer.step(state, to_global_array(host, trainer.mesh),
+                                      jax.random.key(1), step)
+        assert np.isfinite(float(jax.device_get(metrics)["loss"]))

@@ -38,7 +38,7 @@ CORRUPT_DIR = "corrupt_checkpoints"
 # would restore into another model (or fail and restart). Others (steps, lr, logging) may
 # change between runs.
 # (Configs before format version 2 also had `stage`, which model.lowres_size decides.)
-IDENTITY_FIELDS = ("model", "train.optimizer", "diffusion.schedule")
+IDENTITY_FIELDS = ("model", "train.optimizer", "diffusion.schedule", "diffusion.aug_order")
 # ... except these, which change how the same state is computed, not what it is.
 FREE_FIELDS = ("model.dtype", "model.remat")
 
@@ -57,7 +57,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def config_mismatch(saved: dict, current: dict) -> str | None:
-    """The first `IDENTITY_FIELDS` leaf that differs, as 'model.x: checkpoint A, config B'."""
+    """The first `IDENTITY_FIELDS` leaf that differs, as 'model.x: checkpoint A, config B'.
+
+    Both are compared in the current format (`jaxt2i.stage.upgrade`), so a field an older
+    run's config lacks stands for the value it had then (diffusion.aug_order: 'augment_first').
+    """
+    from jaxt2i.stage import upgrade
+
+    try:
+        saved, current = upgrade(saved), upgrade(current)
+    except ConfigError:  # not a stage config the upgrade can read: compare what is there
+        pass
 
     def leaves(tree, prefix):
         if isinstance(tree, dict):

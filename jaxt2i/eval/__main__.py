@@ -3,6 +3,7 @@ before): how well a cascade's images follow the words.
 
     python -m jaxt2i.eval                       # the bundled demo cascade
     python -m jaxt2i.eval --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
+    python -m jaxt2i.eval --aug_levels=0,0.1,0.2,0.4  # one row per SR augmentation level
 
 Draws prompts from the shapes world's `held_out` split (colour-shape pairs and stated
 relations that never appear in training) and its `test` split (new scenes made only of seen
@@ -10,7 +11,7 @@ combinations), samples one image per prompt through the cascade, reads each imag
 the shapes detector and prints, per split, the fraction of images whose colour, shape, size,
 count, relation, background and whole prompt are right, then the whole record as one JSON
 line. The work is `jaxt2i.eval.evaluate.evaluate_cascade`; see its docstring for
-`--reference`, `--true_lowres` and what `--out` holds.
+`--reference`, `--true_lowres`, `--aug_levels` and what `--out` holds.
 """
 
 from __future__ import annotations
@@ -47,23 +48,35 @@ def main(argv) -> None:
     cascade = load_cascade(list(checkpoints), dtype=F.dtype or None, text_encoder=F.text_encoder)
     settings = stage_settings(cascade, F.stages, stage_flag_values())
     n = len(settings)
+    aug_levels = []
+    for v in F.aug_levels or []:
+        try:
+            aug_levels.append(float(v))
+        except ValueError:
+            raise ConfigError(f"--aug_levels: {v!r} is not a number; pass e.g. "
+                              "--aug_levels=0,0.1,0.2,0.4") from None
     try:
         res = evaluate_cascade(cascade, splits=splits, num_prompts=F.num_prompts,
                                batch_size=F.batch_size, seed=F.seed, settings=settings,
                                num_stages=n, reference=F.reference,
-                               true_lowres=F.true_lowres, out=F.out,
+                               true_lowres=F.true_lowres, aug_levels=aug_levels,
+                               aug_stage=F.aug_stage, out=F.out,
                                progress=sys.stderr.isatty() or F.progress)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
     print(f"{F.num_prompts} prompts per split, {res['image_size']} px, stages {n}, "
           f"sampling {res['seconds']:.1f} s; settings: "
-          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings))
+          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings)
+          + (f"; stage {F.aug_stage} at aug levels {', '.join(f'{v:g}' for v in aug_levels)}"
+             if aug_levels else ""))
     print(format_table(res["results"]))
     record = {"checkpoints": [s.path for s in cascade.stages[:n]],
               "steps_trained": [s.step for s in cascade.stages[:n]],
               "num_prompts": F.num_prompts, "seed": F.seed, "image_size": res["image_size"],
               "settings": [dict(vars(s)) for s in settings], "results": res["results"],
               "sampling_seconds": round(res["seconds"], 2)}
+    if aug_levels:  # settings[aug_stage].aug_level is replaced by each of these
+        record.update(aug_stage=F.aug_stage, aug_levels=aug_levels)
     print(json.dumps(record), flush=True)
     if F.out:
         with open(os.path.join(F.out, "eval.json"), "w") as f:
@@ -85,6 +98,10 @@ def _define_flags() -> None:
     flags.DEFINE_boolean("true_lowres", False, "Also score the SR stages fed the true renders "
                          "at the base stage's resolution, and those renders bilinear-upsampled "
                          "(with --reference: is the base or an SR stage at fault?).")
+    flags.DEFINE_list("aug_levels", None, "Comma list of augmentation levels in [0, 1]: "
+                      "sample the SR stage --aug_stage at each (its --aug_level replaced), one "
+                      "table row per split and level; the stages before it sample once.")
+    flags.DEFINE_integer("aug_stage", 1, "The SR stage --aug_levels sweeps (1 = the first).")
     flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
                         "(JSONL) and eval.json.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")

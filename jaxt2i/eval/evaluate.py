@@ -10,8 +10,11 @@ arguments and seed give the same prompts and images. `reference` also scores the
 of the same scenes at the same resolution: the detector's ceiling, normally 100%.
 `true_lowres` also feeds the SR stages the true renders at the base's resolution, and scores
 those renders merely upsampled (bilinear), so a cascade's errors split between its base, its
-SR stages and what the base's resolution can show. With `out`, per-image scores (what was
-found, in `found`) and grids are written per split.
+SR stages and what the base's resolution can show. `aug_levels` sweeps one SR stage's
+noise-conditioning augmentation level, as the Imagen paper's ablation did (it reported FID
+and CLIP score per level; here the detector's scores): one row per split and level, the
+stages before it sampled once. With `out`, per-image scores (what was found, in `found`) and
+grids are written per split.
 """
 
 from __future__ import annotations
@@ -65,7 +68,8 @@ def _scored(images, prompts) -> list[dict]:
 def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: int = 100,
                      batch_size: int = 32, seed: int = 0, settings=None,
                      num_stages: int | None = None, reference: bool = False,
-                     true_lowres: bool = False, out: str | None = None,
+                     true_lowres: bool = False, aug_levels: Sequence[float] | None = None,
+                     aug_stage: int = 1, out: str | None = None,
                      progress: bool = True) -> dict:
     """Samples and scores `num_prompts` prompts of each split.
 
@@ -83,6 +87,11 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         `reference`, this splits a cascade's errors between its base and its SR stages. Row
         '<split> (true N px, bilinear)' scores the same renders merely upsampled: what an SR
         stage that only interpolates would score (below it, the SR stages lose information).
+      aug_levels: sample stage `aug_stage` at each of these augmentation levels (rows
+        '<split> (aug L)', per_image and `out` files '<split>_augL') instead of once at its
+        settings' level; the stages before it run once per batch and feed every level, and
+        each level's images are those a plain run at that level gives.
+      aug_stage: the SR stage `aug_levels` applies to (default 1, the first).
       out: if given, write each split's images as a grid PNG plus per-image scores JSONL there
         (with `true_lowres`, also '<split>_sr_true.png' / '.jsonl').
       progress: tqdm bar over batches.
@@ -90,7 +99,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     Returns:
       {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
        'seconds': sampling wall time, 'image_size': px}; with `true_lowres`, per_image also
-      has '<split>_sr_true' (the SR stages' images of the true renders).
+      has '<split>_sr_true' (the SR stages' images of the true renders); with `aug_levels`,
+      per_image has '<split>_augL' per level instead of '<split>'.
     """
     if num_prompts < 1:
         raise ConfigError(f"--num_prompts ({num_prompts}) must be at least 1")
@@ -100,16 +110,29 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     if true_lowres and n_stages < 2:
         raise ConfigError("--true_lowres needs a super-resolution stage after the base "
                           f"(stages to run: {n_stages})")
+    if aug_levels:
+        if not 1 <= aug_stage < n_stages:
+            raise ConfigError(f"--aug_stage ({aug_stage}) must name a super-resolution stage "
+                              f"that runs: 1 to {n_stages - 1} (stages to run: {n_stages})")
+        if true_lowres:
+            raise ConfigError("--aug_levels and --true_lowres: run them as two evaluations")
+        for level in aug_levels:
+            if not 0.0 <= level <= 1.0:  # NaN fails too
+                raise ConfigError(f"--aug_levels: {level} is not an augmentation level in "
+                                  "[0, 1]; pass e.g. --aug_levels=0,0.1,0.2,0.4")
+        settings = list(settings or cascade.settings(num_stages=n_stages))
     results, per_image, seconds, size = {}, {}, 0.0, None
     bar = None
     batches = -(-num_prompts // batch_size)
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=batches * len(splits) * (1 + true_lowres), unit="batch",
-                   dynamic_ncols=True)
+        runs = 1 + true_lowres if not aug_levels else 1 + len(aug_levels)
+        bar = tqdm(total=batches * len(splits) * runs, unit="batch", dynamic_ncols=True)
 
-    def run(prompts, lows, s_idx, label):  # -> sampled images, one per prompt
+    def run(prompts, lows, s_idx, label, start=0, stop=n_stages, run_settings=settings):
+        """-> one sampled image per prompt (uint8; stage stop - 1's float output if stop <
+        n_stages), stages start .. stop - 1, fed `lows` when start > 0."""
         nonlocal seconds
         images = []
         for b in range(batches):
@@ -120,35 +143,60 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             kwargs = {}
             if lows is not None:
                 low = lows[lo:hi]
-                kwargs = {"start_stage": 1, "lowres": np.concatenate([low] + [low[-1:]] * pad)}
+                kwargs = {"start_stage": start,
+                          "lowres": np.concatenate([low] + [low[-1:]] * pad)}
+            if stop < n_stages:
+                kwargs["return_all"] = True
             if bar is not None:
                 bar.set_description(f"{label} batch {b + 1}/{batches}")
             t0 = time.perf_counter()
-            imgs = cascade.sample(padded, seed + 1000 * s_idx + b, settings=settings,
-                                  num_stages=n_stages, **kwargs)
+            imgs = cascade.sample(padded, seed + 1000 * s_idx + b, settings=run_settings,
+                                  num_stages=stop, **kwargs)
             seconds += time.perf_counter() - t0
+            if stop < n_stages:
+                imgs = imgs[1][-1]  # the float output the next stage would get
             images.extend(imgs[:len(chunk)])
             if bar is not None:
                 bar.update(1)
         return images
 
+    def sweep(prompts, s_idx, split) -> dict:  # {name: (images, scores)}, one per level
+        lows = np.stack(run(prompts, None, s_idx, f"{split} stages < {aug_stage}",
+                            stop=aug_stage))
+        out = {}
+        for level in aug_levels:
+            st = list(settings)
+            st[aug_stage] = st[aug_stage].replace(aug_level=float(level))
+            images = run(prompts, lows, s_idx, f"{split} aug {level:g}", start=aug_stage,
+                         run_settings=st)
+            scores = _scored(images, prompts)
+            out[f"{split}_aug{level:g}"] = (images, scores)
+            results[f"{split} (aug {level:g})"] = detector.aggregate(scores)
+        return out
+
     for s_idx, split in enumerate(splits):
         pairs = eval_prompts(split, num_prompts, seed)
         prompts = [c for _, c in pairs]
         cascade.check_prompts(prompts)
-        images = run(prompts, None, s_idx, split)
-        size = int(images[0].shape[0])
-        scores = _scored(images, prompts)
-        per_image[split] = scores
-        results[split] = detector.aggregate(scores)
+        if aug_levels:
+            written = sweep(prompts, s_idx, split)
+            per_image.update({name: scs for name, (_, scs) in written.items()})
+            images = next(iter(written.values()))[0]
+            size = int(images[0].shape[0])
+        else:
+            images = run(prompts, None, s_idx, split)
+            size = int(images[0].shape[0])
+            scores = _scored(images, prompts)
+            per_image[split] = scores
+            results[split] = detector.aggregate(scores)
+            written = {split: (images, scores)}
         if reference:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
             results[f"{split} (true renders)"] = detector.evaluate(renders, prompts)
-        written = {split: (images, scores)}
         if true_lowres:
             r = cascade.stages[0].unet_cfg.image_size
             lows = np.stack([shapes.render(scene, r) for scene, _ in pairs])
-            sr_images = run(prompts, lows, s_idx, f"{split} SR")
+            sr_images = run(prompts, lows, s_idx, f"{split} SR", start=1)
             sr_scores = _scored(sr_images, prompts)
             per_image[f"{split}_sr_true"] = sr_scores
             results[f"{split} (SR of true {r} px)"] = detector.aggregate(sr_scores)

@@ -8,6 +8,9 @@ Layout written by `export_onnx`:
     OUT/stageK_.../denoiser.onnx        x_t [B, H, W, C], noise_level [B], text_emb [B, L, D],
                                         text_mask [B, L] bool (+ lowres [B, h, w, C] and
                                         aug_level [B] for SR stages) -> prediction [B, H, W, C]
+                                        (lowres [B, H, W, C] for a stage whose
+                                        diffusion.aug_order is 'resize_first': the consumer
+                                        upsamples, then augments, as Stage.augment does)
     OUT/stageK_.../config.json          the stage config (objective, schedule, sampler defaults)
 
 Images are NHWC float32 as in JAX; B is dynamic; weights are stored as initializers, in
@@ -133,13 +136,14 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
                     ["input_ids", "attention_mask"], ["text_emb"], "the text encoder", opset)
     _save(model, os.path.join(tdir, ENCODER_FILE))
 
-    names, prev_size = [], None
+    names = []
     for k, stage in enumerate(cascade.stages):
         name = stage_dir_name(k, stage.unet_cfg)
         names.append(name)
         sdir = os.path.join(root, name)
         os.makedirs(sdir)
-        in_names, specs = denoiser_inputs(stage.unet_cfg, L, prev_size)
+        # A stage that resizes first takes its augmented low-res input at its own size.
+        in_names, specs = denoiser_inputs(stage.unet_cfg, L, stage.lowres_input_size)
         say(f"stage {k}: converting the denoiser to ONNX")
         model = convert(denoiser_fn(stage), specs, in_names,
                         ["prediction"], f"stage {k} ({name})", opset)
@@ -150,7 +154,6 @@ def export_onnx(cascade, root: str, opset: int = OPSET, progress=None) -> dict:
             f"{stage.unet_cfg.image_size}, {stage.unet_cfg.channels}]",
             "noise_level": "jaxt2i.diffusion.get_schedule(config['diffusion']['schedule'])"
             ".model_t(t)", "opset": opset})
-        prev_size = stage.unet_cfg.image_size
     record = {"format": "onnx", "stages": names, "text_encoder": "text_encoder",
               "max_length": L, "opset": opset, "layout": "NHWC"}
     write_json(os.path.join(root, "cascade.json"), record)

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jaxt2i.models.unet import AUG_LEVEL_SCALE, UNetConfig, _resize_matrix
+from jaxt2i.models.unet import AUG_LEVEL_SCALE, UNetConfig, resize_matrix
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -418,8 +418,8 @@ class TorchUNet(nn.Module):
             return lowres
         method = self.config.lowres_resize
         # The interpolation matrices of the JAX model (numpy, cached there).
-        rows = torch.tensor(_resize_matrix(h, hh, method), device=lowres.device)  # [H, h]
-        cols = torch.tensor(_resize_matrix(w, ww, method), device=lowres.device)  # [W, w]
+        rows = torch.tensor(resize_matrix(h, hh, method), device=lowres.device)  # [H, h]
+        cols = torch.tensor(resize_matrix(w, ww, method), device=lowres.device)  # [W, w]
         return torch.einsum("Hh,bchw,Ww->bcHW", rows, lowres, cols)
 
     def _text_tokens(self, text_emb: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:

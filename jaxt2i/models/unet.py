@@ -309,17 +309,7 @@ class UNet(nn.Module):
 
     def _resize(self, lowres: Array, shape: tuple[int, ...]) -> Array:
         """Resizes the low-res image to x_t's [B, H, W, C] (float32)."""
-        lowres = lowres.astype(jnp.float32)
-        (h, w), (hh, ww) = lowres.shape[1:3], shape[1:3]
-        if (h, w) == (hh, ww):
-            return lowres
-        # jax.image.resize is linear and separable, so it equals one interpolation matrix per
-        # axis (the resize of an identity). As einsums the batch size may stay symbolic
-        # (jax.export, ONNX), which the resize primitive does not allow.
-        rows, cols = _resize_matrix(h, hh, self.config.lowres_resize), _resize_matrix(
-            w, ww, self.config.lowres_resize)
-        return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, lowres, cols,
-                          precision=jax.lax.Precision.HIGHEST)
+        return resize_lowres(lowres, shape[1:3], self.config.lowres_resize)
 
     def _text_tokens(self, text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
         """Normalises and projects text tokens, prepending a learned always-valid null token.
@@ -347,6 +337,25 @@ class UNet(nn.Module):
         return layers.constrain(tokens, layers.TOKEN_AXES), mask
 
 
+def resize_lowres(lowres: Array, size: tuple[int, int], method: str) -> Array:
+    """The U-Net's resize of its low-res input: [B, h, w, C] -> [B, H, W, C] float32.
+
+    `UNet` applies it to the image it is given; `Stage.augment` applies it before the
+    noise-conditioning augmentation when `diffusion.aug_order` is 'resize_first' (the U-Net
+    then gets an image of x_t's size, which it passes through unchanged).
+    """
+    lowres = lowres.astype(jnp.float32)
+    (h, w), (hh, ww) = lowres.shape[1:3], tuple(size)
+    if (h, w) == (hh, ww):
+        return lowres
+    # jax.image.resize is linear and separable, so it equals one interpolation matrix per
+    # axis (the resize of an identity). As einsums the batch size may stay symbolic
+    # (jax.export, ONNX), which the resize primitive does not allow.
+    rows, cols = resize_matrix(h, hh, method), resize_matrix(w, ww, method)
+    return jnp.einsum("Hh,bhwc,Ww->bHWc", rows, lowres, cols,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
 def _triangle(x: np.ndarray) -> np.ndarray:
     return np.maximum(np.float32(0), np.float32(1) - x)
 
@@ -370,7 +379,7 @@ _KERNELS = {"bilinear": _triangle, "bicubic": _keys_cubic, "lanczos3": _lanczos3
 
 
 @functools.lru_cache(maxsize=None)
-def _resize_matrix(n: int, size: int, method: str) -> np.ndarray:
+def resize_matrix(n: int, size: int, method: str) -> np.ndarray:
     """[size, n] float32 matrix M with M @ v == jax.image.resize(v, (size,), method).
 
     Built with numpy (the same float32 arithmetic as jax.image's `compute_weight_mat`,

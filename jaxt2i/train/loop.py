@@ -25,7 +25,7 @@ import numpy as np
 from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.images import save_grid, to_uint8
-from jaxt2i.models.unet import UNetConfig
+from jaxt2i.models.unet import UNetConfig, resize_matrix
 from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.text.tokenizer import UnknownTextError
 from jaxt2i.train.trainer import Trainer
@@ -103,7 +103,8 @@ def _host_batch(trainer: Trainer, local: dict) -> dict:
         out["lowres"] = local["lowres"]
     c = trainer.unet_cfg
     if c.crop_size and c.crop_size < c.image_size:
-        out = _random_crop_pair(out, c, np.asarray(local["index"]), trainer.cfg.data.seed)
+        out = _random_crop_pair(out, c, np.asarray(local["index"]), trainer.cfg.data.seed,
+                                upsample=trainer.host_upsamples_lowres)
     if "text_emb" in local:
         out["text_emb"], out["text_mask"] = local["text_emb"], local["text_mask"]
     else:  # tokenized by the input pipeline (in its workers, if any)
@@ -111,19 +112,29 @@ def _host_batch(trainer: Trainer, local: dict) -> dict:
     return out
 
 
-def _random_crop_pair(batch: dict, c: UNetConfig, index: np.ndarray, seed: int) -> dict:
+def _random_crop_pair(batch: dict, c: UNetConfig, index: np.ndarray, seed: int, *,
+                      upsample: bool = False) -> dict:
     """Aligned random crops of each high-res image and its low-res input (the 1024 stage).
 
     The crop of example `i` depends only on (seed, i), so resumed runs see the same crops.
+    With `upsample` (diffusion.aug_order 'resize_first') the low-res input is the same crop of
+    the whole low-res image upsampled by the U-Net's resize ([crop, crop] rows and columns of
+    its interpolation matrices), [B, crop_size, crop_size, C]; else [B, crop / scale, ...].
     """
     scale = c.image_size // c.lowres_size
     low_crop = c.crop_size // scale
+    m = resize_matrix(c.lowres_size, c.image_size, c.lowres_resize) if upsample else None
     images, lows = [], []
     for n, i in enumerate(index):
         y, x = np.random.default_rng([seed, int(i)]).integers(0, c.lowres_size - low_crop + 1, 2)
-        images.append(batch["image"][n, y * scale:y * scale + c.crop_size,
-                                     x * scale:x * scale + c.crop_size])
-        lows.append(batch["lowres"][n, y:y + low_crop, x:x + low_crop])
+        ys = slice(y * scale, y * scale + c.crop_size)
+        xs = slice(x * scale, x * scale + c.crop_size)
+        images.append(batch["image"][n, ys, xs])
+        if upsample:  # [crop, h] @ [h, w, C] @ [w, crop] (optimize: two BLAS products)
+            low = np.asarray(batch["lowres"][n], np.float32)
+            lows.append(np.einsum("Hh,hwc,Ww->HWc", m[ys], low, m[xs], optimize=True))
+        else:
+            lows.append(batch["lowres"][n, y:y + low_crop, x:x + low_crop])
     return {**batch, "image": np.stack(images), "lowres": np.stack(lows)}
 
 

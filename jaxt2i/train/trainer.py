@@ -109,6 +109,13 @@ class Trainer:
         stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
         self.unet_cfg = stage_cfg.model
         self.is_sr = self.unet_cfg.is_sr
+        c = self.unet_cfg
+        # A crop-trained SR stage that resizes first gets the crop of its upsampled low-res
+        # image from the host (`jaxt2i.train.loop`): the pixels sampling's full-size upsample
+        # has there, borders included, which upsampling a low-res crop would not give.
+        self.host_upsamples_lowres = bool(
+            self.is_sr and 0 < c.crop_size < c.image_size
+            and stage_cfg.diffusion.aug_order == "resize_first")
         try:
             self.mesh = make_mesh(dict(cfg.mesh), devices)
         except ValueError as e:
@@ -190,7 +197,7 @@ class Trainer:
         size = c.crop_size or c.image_size
         shapes = {"image": ((b, size, size, c.channels), jnp.float32)}
         if self.is_sr:
-            low = size * c.lowres_size // c.image_size
+            low = size if self.host_upsamples_lowres else size * c.lowres_size // c.image_size
             shapes["lowres"] = ((b, low, low, c.channels), jnp.float32)
         if text_cache:  # the cache stores bfloat16 embeddings
             shapes.update(text_emb=((b, L, c.text_dim), jnp.bfloat16), text_mask=((b, L), bool))
@@ -278,7 +285,8 @@ class Trainer:
             {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
         if self.is_sr:
             low, level = self.stage.augment(aug_rng, batch["lowres"],
-                                            max_level=cfg.diffusion.aug_max_level)
+                                            max_level=cfg.diffusion.aug_max_level,
+                                            size=batch["image"].shape[1])
             cond["lowres"], cond["aug_level"] = low, level
         per_example = diffusion.diffusion_loss(
             self.stage.denoiser(params), batch["image"], cond, loss_rng, schedule=self.schedule,
