@@ -45,6 +45,8 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     c.sample.guidance = 5.0
     c.sample.thresholding = "dynamic"
     c.sample.aug_level = 0.1  # SR stages: fixed noise-augmentation level at sampling
+    c.sample.spacing = "default"  # step grid: the schedule's, 'karras' or 'logsnr'
+    c.sample.churn = 0.0  # EDM's S_churn of the 'euler' / 'heun' samplers
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shapes"  # 'shapes' (generated on the fly) or a TFDS data dir of a builder

@@ -74,11 +74,16 @@ class StageSettings:
     per-stage command-line flags (`jaxt2i.cli`) and the exports' records all follow its fields.
 
     Attributes:
-      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m'.
-      steps: number of denoiser evaluations.
+      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'dpmpp_3m' | 'dpmpp_3m_sde' |
+        'euler' | 'heun' (`jaxt2i.diffusion.SAMPLER_NAMES`).
+      steps: number of sampler steps (one denoiser evaluation each; 'heun': two).
       guidance: classifier-free guidance weight w (1 = no guidance, no unconditional pass).
       thresholding: 'none' | 'static' | 'dynamic'.
       aug_level: SR stages: fixed noise-augmentation level in [0, 1] of the low-res input.
+      spacing: the step grid: 'default' (the schedule's) | 'karras' | 'logsnr'.
+      churn: EDM's S_churn for 'euler' / 'heun' (0 = deterministic).
+
+    Fields with defaults were added later: a saved config without them gets the default.
     """
 
     sampler: str
@@ -86,6 +91,8 @@ class StageSettings:
     guidance: float
     thresholding: str
     aug_level: float
+    spacing: str = "default"
+    churn: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # coerce (JSON, flags), then range-check
@@ -95,14 +102,25 @@ class StageSettings:
             except (TypeError, ValueError):
                 raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} must be of type "
                                   f"{kind.__name__}") from None
-        for name in ("steps", "guidance", "aug_level"):  # NaN / inf / out of range: one line
+        for name in ("steps", "guidance", "aug_level", "churn"):  # NaN / inf / range: one line
             check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
+        from jaxt2i import diffusion
+
+        if self.spacing not in diffusion.GRID_SPACINGS:
+            raise ConfigError(f"sample.spacing={self.spacing!r} is not one of "
+                              f"{', '.join(map(repr, diffusion.GRID_SPACINGS))}")
+        if self.churn and self.sampler not in diffusion.CHURN_SAMPLERS:
+            raise ConfigError(f"sample.churn={self.churn!r} applies only to the samplers "
+                              f"{', '.join(map(repr, diffusion.CHURN_SAMPLERS))}, not "
+                              f"{self.sampler!r}; set churn to 0")
 
     @classmethod
     def from_config(cls, sample_cfg: Mapping[str, Any], **overrides) -> "StageSettings":
         """Settings from a config's `sample` section, with non-None `overrides` applied."""
-        get = sample_cfg.get if hasattr(sample_cfg, "get") else lambda k: getattr(sample_cfg, k)
-        values = {name: get(name) for name in setting_types()}
+        get = sample_cfg.get if hasattr(sample_cfg, "get") else \
+            lambda k: getattr(sample_cfg, k, None)
+        values = {f.name: get(f.name) for f in dataclasses.fields(cls)  # missing: the default
+                  if get(f.name) is not None or f.default is dataclasses.MISSING}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -417,7 +435,7 @@ class Stage:
             noise from fold_in(rng, 2): `diffusion.sample(rng)` takes its step noise from
             split(rng)[1], which equals fold_in(rng, 1) under jax_threefry_partitionable.
           lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
-          settings: sampler, steps, guidance, thresholding, aug_level.
+          settings: sampler, steps, guidance, thresholding, aug_level, spacing, churn.
 
         Returns:
           [B, H, W, C] float32 images, roughly in [-1, 1].
@@ -444,7 +462,8 @@ class Stage:
             self.denoiser(params), shape, rng, schedule=self.schedule, x_init=x_init,
             sampler=settings.sampler, num_steps=settings.steps, cond=cond,
             uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
-            prediction=c.objective, thresholding=settings.thresholding)
+            prediction=c.objective, thresholding=settings.thresholding,
+            spacing=settings.spacing, churn=settings.churn)
 
     def __repr__(self) -> str:
         c = self.config.model
