@@ -90,6 +90,7 @@ def _euler_reference(sched, num_steps, model, *, churn=0.0, tmin=0.0, tmax=float
     from diffusers.schedulers import scheduling_euler_discrete
 
     sched.set_timesteps(num_steps)
+    sched.is_scale_input_called = True  # the model input is computed here (x_hat / alpha_hat)
     sigmas = sched.sigmas.double().numpy()
     log_sigmas = _log_sigmas(sched)
     noises = _noises(num_steps)
@@ -284,7 +285,7 @@ def _dpm_reference(sched, num_steps, model, noise, fractional=False):
         if fractional:
             t = sched._sigma_to_t(sched.sigmas[k].double().numpy(), _log_sigmas(sched))
         eps = torch.from_numpy(model(x.double().numpy(), float(t)).astype(np.float32))
-        kw = dict(variance_noise=torch.from_numpy(noises[k])) if noise else {}
+        kw = dict(variance_noise=torch.from_numpy(noises[k].copy())) if noise else {}
         x = sched.step(eps, t, x, **kw).prev_sample
         out.append(x.double().numpy())
     return np.stack(out)
