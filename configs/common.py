@@ -49,6 +49,8 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     c.sample.guidance = 5.0
     c.sample.thresholding = "dynamic"
     c.sample.aug_level = 0.1  # SR stages: fixed noise-augmentation level at sampling
+    c.sample.spacing = "default"  # step grid: the schedule's, 'karras' or 'logsnr'
+    c.sample.churn = 0.0  # EDM's S_churn of the 'euler' / 'heun' samplers
     c.sample.guidance_rescale = 0.0  # Lin et al. 2023; 0 = plain guidance
     c.sample.guidance_t_min = 0.0  # guidance only for normalized t in [t_min, t_max]
     c.sample.guidance_t_max = 1.0

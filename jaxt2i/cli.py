@@ -224,7 +224,8 @@ def define_text_encoder_flag() -> None:
 
 
 def define_stage_flags(what: str = "Per-stage") -> None:
-    """Defines --sampler --steps --guidance --thresholding --aug_level (comma lists per stage)."""
+    """Defines --sampler --steps --guidance --thresholding --aug_level --spacing --churn (the
+    `StageSettings` fields; comma lists per stage)."""
     for name, kind in stage_flags().items():
         flags.DEFINE_string(name, None, f"{what} {name} ({kind.__name__}): one value for all "
                             "stages or a comma list (default: each stage's saved config).")

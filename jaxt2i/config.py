@@ -84,6 +84,7 @@ CHOICES: dict[str, Any] = {
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
     "sample.thresholding": _lazy("jaxt2i.diffusion", "THRESHOLDINGS"),
+    "sample.spacing": _lazy("jaxt2i.diffusion", "GRID_SPACINGS"),
     "train.optimizer": _lazy("jaxt2i.train_state", "OPTIMIZERS"),
     "train.schedule": _lazy("jaxt2i.train_state", "SCHEDULES"),
 }
@@ -151,6 +152,7 @@ RANGES: dict[str, tuple] = {
     "sample.steps": (1, _INF, True, False, "sampler steps"),
     "sample.guidance": (0.0, 100.0, True, True, "the guidance scale (1 = none)"),
     "sample.aug_level": (0.0, 1.0, True, True, "the augmentation level at sampling"),
+    "sample.churn": (0.0, 1000.0, True, True, "EDM's S_churn (0 = none)"),
     "sample.guidance_rescale": (0.0, 1.0, True, True, "the guidance rescale phi"),
     "sample.guidance_t_min": (0.0, 1.0, True, True, "the guidance interval's start"),
     "sample.guidance_t_max": (0.0, 1.0, True, True, "the guidance interval's end"),

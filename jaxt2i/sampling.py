@@ -34,7 +34,7 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
       stages: how many stages to run (default: all).
       dtype: compute dtype override ('float32' | 'bfloat16').
       overrides: {setting: '25,10' or '25'} per-stage overrides (sampler, steps, guidance,
-        thresholding, aug_level).
+        thresholding, aug_level, spacing, churn: the fields of `StageSettings`).
       progress: tqdm bar over the stages.
       text_encoder: load the text encoder from here (a directory or hub id) instead.
       negative_prompts: one for all prompts or one per prompt (replaces the empty prompt of

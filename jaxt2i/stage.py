@@ -84,8 +84,9 @@ class StageSettings:
     per-stage command-line flags (`jaxt2i.cli`) and the exports' records all follow its fields.
 
     Attributes:
-      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m'.
-      steps: number of denoiser evaluations.
+      sampler: 'ddpm' | 'ddim' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'dpmpp_3m' | 'dpmpp_3m_sde' |
+        'euler' | 'heun' (`jaxt2i.diffusion.SAMPLER_NAMES`).
+      steps: number of sampler steps (one denoiser evaluation each; 'heun': two).
       guidance: classifier-free guidance weight w (1 = no guidance, no unconditional pass).
       thresholding: 'none' | 'static' | 'dynamic'.
       aug_level: SR stages: fixed noise-augmentation level in [0, 1] of the low-res input.
@@ -94,8 +95,10 @@ class StageSettings:
         (1 = pure noise) is in [t_min, t_max] (Kynkaanniemi et al. 2024); 0, 1 = always.
       threshold_percentile: the percentile p of dynamic thresholding (Imagen: 99.5).
       inpaint_resample: inpainting: RePaint jumps back per step (0 = none).
+      spacing: the step grid: 'default' (the schedule's) | 'karras' | 'logsnr'.
+      churn: EDM's S_churn for 'euler' / 'heun' (0 = deterministic).
 
-    Fields after `aug_level` have defaults, so configs and exports that predate them load.
+    Fields with defaults were added later: a saved config without them gets the default.
     """
 
     sampler: str
@@ -103,6 +106,8 @@ class StageSettings:
     guidance: float
     thresholding: str
     aug_level: float
+    spacing: str = "default"
+    churn: float = 0.0
     guidance_rescale: float = 0.0
     guidance_t_min: float = 0.0
     guidance_t_max: float = 1.0
@@ -117,20 +122,31 @@ class StageSettings:
             except (TypeError, ValueError):
                 raise ConfigError(f"sample.{f.name}={getattr(self, f.name)!r} must be of type "
                                   f"{kind.__name__}") from None
-        for name in ("steps", "guidance", "aug_level", "guidance_rescale", "guidance_t_min",
-                     "guidance_t_max", "threshold_percentile", "inpaint_resample"):
+        for name in ("steps", "guidance", "aug_level", "churn", "guidance_rescale",
+                     "guidance_t_min", "guidance_t_max", "threshold_percentile",
+                     "inpaint_resample"):  # NaN / inf / out of range: one line
             check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
         if self.guidance_t_min > self.guidance_t_max:
             raise ConfigError(f"sample.guidance_t_min={self.guidance_t_min} is above "
                               f"sample.guidance_t_max={self.guidance_t_max}; the guidance "
                               "interval [t_min, t_max] must not be empty")
+        from jaxt2i import diffusion
+
+        if self.spacing not in diffusion.GRID_SPACINGS:
+            raise ConfigError(f"sample.spacing={self.spacing!r} is not one of "
+                              f"{', '.join(map(repr, diffusion.GRID_SPACINGS))}")
+        if self.churn and self.sampler not in diffusion.CHURN_SAMPLERS:
+            raise ConfigError(f"sample.churn={self.churn!r} applies only to the samplers "
+                              f"{', '.join(map(repr, diffusion.CHURN_SAMPLERS))}, not "
+                              f"{self.sampler!r}; set churn to 0")
 
     @classmethod
     def from_config(cls, sample_cfg: Mapping[str, Any], **overrides) -> "StageSettings":
         """Settings from a config's `sample` section, with non-None `overrides` applied."""
-        get = sample_cfg.get if hasattr(sample_cfg, "get") else lambda k: getattr(sample_cfg, k)
-        values = {name: get(name) for name in setting_types()}
-        values = {k: v for k, v in values.items() if v is not None}  # defaults of newer fields
+        get = sample_cfg.get if hasattr(sample_cfg, "get") else \
+            lambda k: getattr(sample_cfg, k, None)
+        values = {f.name: get(f.name) for f in dataclasses.fields(cls)  # missing: the default
+                  if get(f.name) is not None or f.default is dataclasses.MISSING}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -518,7 +534,7 @@ class Stage:
             noise from fold_in(rng, 2): `diffusion.sample(rng)` takes its step noise from
             split(rng)[1], which equals fold_in(rng, 1) under jax_threefry_partitionable.
           lowres: SR stages: [B, h, w, C] low-res image in [-1, 1] (the previous stage's output).
-          settings: sampler, steps, guidance, thresholding, aug_level, ...
+          settings: sampler, steps, guidance, thresholding, aug_level, spacing, churn, ...
           edit: image-to-image and inpainting (`Edit`: init image, mask, strength; arrays, so
             new images, masks or strengths do not recompile), resized to this stage's size.
 
@@ -554,6 +570,7 @@ class Stage:
             prediction=c.objective,
             thresholding=diffusion.Thresholding(settings.thresholding,
                                                 percentile=settings.threshold_percentile),
+            spacing=settings.spacing, churn=settings.churn,
             guidance_rescale=settings.guidance_rescale,
             guidance_interval=(settings.guidance_t_min, settings.guidance_t_max), **edits)
 

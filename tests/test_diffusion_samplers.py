@@ -271,7 +271,7 @@ def test_jitted_sample_traces_once_and_guidance_is_one_call():
 
 
 @pytest.mark.parametrize('kwargs,needle', [
-    (dict(sampler='euler'), "'euler'"),
+    (dict(sampler='lms'), "'lms'"),
     (dict(prediction='epsilon'), "'epsilon'"),
     (dict(schedule='sigmoid'), "'sigmoid'"),
     (dict(thresholding='clip'), "'clip'"),

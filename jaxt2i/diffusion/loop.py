@@ -1,8 +1,11 @@
 """The reverse-diffusion loop: one `jax.lax.scan` over sampler steps.
 
-Step times are computed inside the scan from the step index, so the traced program (and its
-compile time) does not depend on the number of steps. `sample` is a pure, traceable function:
-jit it with the configuration static, and the model parameters as a traced argument, e.g.
+Step times (of any step grid: `spacing`) are computed inside the scan from the step index, so
+the traced program (and its compile time) does not depend on the number of steps. Each step
+calls `sampler.step(state, denoise, s, t, noise)` with a closure `denoise(x, point)` (guided,
+thresholded x0 and eps), which a sampler may call more than once per step (Heun). `sample`
+is a pure, traceable function: jit it with the configuration static, and the model parameters
+as a traced argument, e.g.
 
     @jax.jit
     def generate(params, cond, uncond, rng):
@@ -14,6 +17,7 @@ jit it with the configuration static, and the model parameters as a traced argum
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import jax
@@ -25,12 +29,15 @@ from jaxt2i.diffusion import samplers as samplers_lib
 from jaxt2i.diffusion import schedules as schedules_lib
 
 
-def _point_after(schedule, i, num_steps: int) -> schedules_lib.Point:
-    """Noise level after step i: the next grid point, or the clean point after the last step."""
-    nxt = schedule.point(schedule.sampling_time(jnp.minimum(i + 1, num_steps - 1), num_steps))
+def _point_after(schedule, spacing: str, i, num_steps: int):
+    """(Point, time) after step i: the next grid point, or the clean point (time 0) after the
+    last step."""
+    nxt, nxt_time = schedules_lib.grid_point(schedule, spacing, jnp.minimum(i + 1, num_steps - 1),
+                                             num_steps)
     last = i + 1 >= num_steps
-    return schedules_lib.Point(*(jnp.where(last, c, n) for c, n in
-                                 zip(schedules_lib.clean_point(), nxt)))
+    point = schedules_lib.Point(*(jnp.where(last, c, n) for c, n in
+                                  zip(schedules_lib.clean_point(), nxt)))
+    return point, jnp.where(last, 0.0, nxt_time)
 
 
 def normalized_time(schedule, t):
@@ -51,9 +58,9 @@ def start_index(strength, num_steps: int):
 def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
            num_steps: int = 50, cond=None, uncond=None, guidance_scale=1.0,
            prediction: str = 'eps', thresholding='none', x_init: Optional[jax.Array] = None,
-           return_trajectory: bool = False, init: Optional[jax.Array] = None, strength=None,
-           mask: Optional[jax.Array] = None, resample: int = 0, guidance_rescale=0.0,
-           guidance_interval=(0.0, 1.0)):
+           return_trajectory: bool = False, spacing: str = 'default', churn: float = 0.0,
+           init: Optional[jax.Array] = None, strength=None, mask: Optional[jax.Array] = None,
+           resample: int = 0, guidance_rescale=0.0, guidance_interval=(0.0, 1.0)):
     """Generates samples by reverse diffusion from pure noise, or edits an image.
 
     Args:
@@ -64,8 +71,10 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
         shape: output shape [B, ...] (static).
         rng: PRNG key; split into the initial noise and per-step noise (fold_in of the step).
         schedule: schedule object or name (static).
-        sampler: 'ddpm' | 'ddim' | 'dpmpp_2m' or a sampler object, e.g. DDIM(eta=1.0) (static).
-        num_steps: number of denoiser evaluations (static).
+        sampler: 'ddpm' | 'ddim' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'dpmpp_3m' | 'dpmpp_3m_sde' |
+            'euler' | 'heun' or a sampler object, e.g. DDIM(eta=1.0) (static).
+        num_steps: number of sampler steps (static); one denoiser evaluation each, two for
+            'heun' (except its last step).
         cond: conditioning pytree of [B, ...] leaves, passed to denoise_fn (None allowed).
         uncond: unconditional pytree with the structure of cond (leaves may have batch 1). When
             given, classifier-free guidance runs cond and uncond as one batched call of size 2B.
@@ -75,6 +84,10 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             to the x0 prediction in every step.
         x_init: optional initial noise [B, ...] (replaces the draw from rng).
         return_trajectory: also return x after every step, [num_steps, B, ...].
+        spacing: the step grid (static): 'default' (the schedule's `sampling_time`), 'karras'
+            (rho = 7 sigma spacing) or 'logsnr' (uniform log-SNR); see `schedules.grid_point`.
+        churn: EDM's S_churn (static) for 'euler' / 'heun' (0 = deterministic); replaces the
+            sampler object's own value when nonzero. Other samplers refuse a nonzero churn.
         init: a clean image [B, ...] in the model's range, for image-to-image and inpainting.
         strength: image-to-image (SDEdit, Meng et al. 2022): S in (0, 1] (traced is fine, so
             a new strength does not recompile). The loop starts at step `start_index(S)` from
@@ -103,8 +116,16 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
     sampler = samplers_lib.as_sampler(sampler)
     threshold = guidance_lib.as_thresholding(thresholding)
     schedules_lib.check_choice('prediction type', prediction, losses.OBJECTIVES)
+    schedules_lib.check_choice('step spacing', spacing, schedules_lib.GRID_SPACINGS)
     if num_steps < 1:
         raise ValueError(f'num_steps ({num_steps}) must be at least 1')
+    if churn:
+        if not isinstance(sampler, samplers_lib.EDM):
+            raise ValueError(f'churn ({churn}) applies only to the samplers '
+                             f'{", ".join(map(repr, samplers_lib.CHURN_SAMPLERS))}')
+        sampler = dataclasses.replace(sampler, churn=float(churn))
+    if hasattr(sampler, 'for_steps'):
+        sampler = sampler.for_steps(num_steps)
     use_cfg = uncond is not None
     if not use_cfg and isinstance(guidance_scale, (int, float)) and guidance_scale != 1:
         raise ValueError(f'guidance_scale ({guidance_scale}) needs an uncond pytree')
@@ -128,14 +149,14 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             mask = jnp.asarray(mask, jnp.float32)
         if strength is not None:
             start = start_index(strength, num_steps)
-            p0 = schedule.point(schedule.sampling_time(start, num_steps))
+            p0 = schedules_lib.grid_point(schedule, spacing, start, num_steps)[0]
             # S = 1 (start 0) keeps the start noise itself: the same images as without init.
             x = jnp.where(start == 0, x, p0.alpha * init + p0.sigma * x)
         # The kept region's noise (inpainting) and RePaint's jump noise: keys of their own, so
         # the sampler's step noise is that of a plain run.
         known_rng = jax.random.fold_in(step_rng, num_steps + 1)
 
-    def denoise(x_s, s: schedules_lib.Point, t_s):
+    def denoise_at(x_s, s: schedules_lib.Point, t_s):
         model_t = jnp.broadcast_to(schedule.model_t(t_s), (shape[0],))  # [B]
         if use_cfg:
             w = guidance_scale
@@ -159,13 +180,29 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
 
     def body(carry, _):
         i, state = carry
-        t_s = schedule.sampling_time(i, num_steps)
-        s = schedule.point(t_s)
-        t = _point_after(schedule, i, num_steps)
+        s, s_time = schedules_lib.grid_point(schedule, spacing, i, num_steps)
+        t, t_time = _point_after(schedule, spacing, i, num_steps)
         noise = jax.random.normal(jax.random.fold_in(step_rng, i), shape, jnp.float32)
 
+        def denoise(x, point: schedules_lib.Point) -> samplers_lib.Denoised:
+            """Predictions at `point`: the grid's time for s and t (checked by identity at
+            trace time), else the schedule's time of its log-SNR (s itself where equal)."""
+            if point is s:
+                time = s_time
+            elif point is t:
+                time = t_time
+            else:
+                time = jnp.where(point.logsnr == s.logsnr, s_time,
+                                 schedule.time_at_logsnr(point.logsnr))
+            return denoise_at(x, point, time)
+
+        def advance(before):
+            if hasattr(sampler, 'step'):
+                return sampler.step(before, denoise, s, t, noise)
+            return sampler.update(before, denoise(before['x'], s), s, t, noise)  # old protocol
+
         def one_step(before):
-            new = sampler.update(before, denoise(before['x'], s, t_s), s, t, noise)
+            new = advance(before)
             if mask is None:
                 return new
             key = jax.random.fold_in(known_rng, i)
@@ -176,14 +213,15 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
                 a_st = s.alpha / t.alpha
                 std = jnp.sqrt(jnp.maximum(s.sigma**2 - a_st**2 * t.sigma**2, 0.0))
                 x_s = a_st * new['x'] + std * jax.random.normal(k, shape, jnp.float32)
-                again = sampler.update({**before, 'x': x_s}, denoise(x_s, s, t_s), s, t, noise)
-                return keep_known(again, t, jax.random.fold_in(key, 2 * r + 2))
+                return keep_known(advance({**before, 'x': x_s}), t,
+                                  jax.random.fold_in(key, 2 * r + 2))
             return jax.lax.fori_loop(0, resample, jump, new) if resample else new
 
         if start is None:
             state = one_step(state)
         else:  # image-to-image: the steps before `start` are skipped, not computed
-            state = jax.lax.cond(i >= start, one_step, lambda st: st, state)
+            skip = getattr(sampler, 'skip', lambda st: st)  # e.g. a multistep grid index
+            state = jax.lax.cond(i >= start, one_step, skip, state)
         return (i + 1, state), (state['x'] if return_trajectory else None)
 
     carry = (jnp.int32(0), sampler.initialize(x))

@@ -8,11 +8,15 @@ interface:
     model_t(t)                                the [B] float the denoiser is given
     sample_t(rng, shape)                      training times
     sampling_time(i, num_steps)               time of sampler step i (traced i), i < num_steps
+    time_at_logsnr(logsnr)                    the inverse of logsnr(t) (clipped to the time range)
+    logsnr_range()                            (logsnr at the noisiest time, logsnr at t = 0), floats
 
 Schedule time t means, for continuous schedules, t in [0, 1] (0 = clean, 1 = pure noise); for
 discrete schedules the integer diffusers timestep 0 .. N-1 as a float. Samplers walk
 `sampling_time(0..num_steps-1)` and then jump to the clean point (alpha = 1, sigma = 0), like
-diffusers with `set_alpha_to_one=True` / `final_sigmas_type="zero"`.
+diffusers with `set_alpha_to_one=True` / `final_sigmas_type="zero"`. Other step grids
+(`GRID_SPACINGS`: Karras et al.'s rho = 7 sigma spacing, uniform log-SNR) are built by
+`grid_point` from `logsnr_range()`, with `time_at_logsnr` giving the model's time input.
 
 Schedules are frozen, hashable dataclasses, so they can be static arguments of `jax.jit`.
 """
@@ -35,6 +39,11 @@ BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
 SCHEDULE_NAMES = CONTINUOUS_NAMES + tuple(f'discrete_{b}' for b in BETA_SCHEDULES)
 SPACINGS = ('trailing', 'leading', 'linspace', 'linspace_exclusive')
 MODEL_INPUTS = ('t', 'logsnr')
+# Step grids of the samplers: the schedule's own `sampling_time`, Karras et al. (2022) rho = 7
+# spacing of sigma_edm = sigma / alpha between the schedule's ends (diffusers'
+# `use_karras_sigmas=True`), or uniform in log-SNR between them.
+GRID_SPACINGS = ('default', 'karras', 'logsnr')
+KARRAS_RHO = 7.0
 
 
 def check_choice(kind: str, value, allowed) -> None:
@@ -53,6 +62,20 @@ class Point(NamedTuple):
 def clean_point() -> Point:
     """The noise-free end point of every sampling grid."""
     return Point(jnp.float32(1.0), jnp.float32(0.0), jnp.float32(jnp.inf))
+
+
+def point_at_logsnr(logsnr) -> Point:
+    """The variance-preserving noise level with log-SNR `logsnr`."""
+    logsnr = jnp.asarray(logsnr, jnp.float32)
+    return Point(jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr)), logsnr)
+
+
+def point_at_sigma_edm(sigma_edm) -> Point:
+    """The noise level of EDM's sigma = sigma / alpha = exp(-logsnr / 2) (Karras et al. 2022):
+    alpha = 1 / sqrt(1 + sigma_edm^2), as diffusers' `_sigma_to_alpha_sigma_t`."""
+    sigma_edm = jnp.asarray(sigma_edm, jnp.float32)
+    alpha = jax.lax.rsqrt(1.0 + sigma_edm**2)
+    return Point(alpha, sigma_edm * alpha, -2.0 * jnp.log(sigma_edm))
 
 
 class _ContinuousBase:
@@ -88,6 +111,15 @@ class _ContinuousBase:
         """Time of step i of a uniform grid 1, 1 - 1/n, ..., 1/n (then the clean point)."""
         return 1.0 - jnp.asarray(i, jnp.float32) / num_steps
 
+    def logsnr_range(self) -> tuple[float, float]:
+        """(logsnr(1), logsnr(0)) as Python floats (float64 arithmetic, no tracing)."""
+        return self._logsnr_np(1.0), self._logsnr_np(0.0)
+
+    def time_at_logsnr(self, logsnr):
+        """The time t in [0, 1] with logsnr(t) = logsnr (closed form; clipped to [0, 1], so a
+        noise level beyond the schedule's ends maps to its end time)."""
+        return jnp.clip(self._time_at_logsnr(jnp.asarray(logsnr, jnp.float32)), 0.0, 1.0)
+
 
 @dataclasses.dataclass(frozen=True)
 class CosineSchedule(_ContinuousBase):
@@ -110,9 +142,20 @@ class CosineSchedule(_ContinuousBase):
         self._check()
 
     def logsnr(self, t):
-        b = math.atan(math.exp(-0.5 * self.logsnr_max))
-        a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
+        a, b = self._ab()
         return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
+
+    def _ab(self):
+        b = math.atan(math.exp(-0.5 * self.logsnr_max))
+        return math.atan(math.exp(-0.5 * self.logsnr_min)) - b, b
+
+    def _logsnr_np(self, t: float) -> float:
+        a, b = self._ab()
+        return -2.0 * math.log(math.tan(a * t + b))
+
+    def _time_at_logsnr(self, logsnr):
+        a, b = self._ab()  # tan(a t + b) = exp(-logsnr / 2)
+        return (jnp.arctan(jnp.exp(-0.5 * logsnr)) - b) / a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +180,18 @@ class LinearSchedule(_ContinuousBase):
         t = jnp.asarray(t, jnp.float32)
         integral = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
         return jnp.clip(-jnp.log(jnp.expm1(integral)), self.logsnr_min, self.logsnr_max)
+
+    def _logsnr_np(self, t: float) -> float:
+        integral = self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
+        value = -math.log(math.expm1(integral)) if integral > 0 else math.inf
+        return min(max(value, self.logsnr_min), self.logsnr_max)
+
+    def _time_at_logsnr(self, logsnr):
+        # integral(t) = log(1 + exp(-logsnr)); the root of beta_min t + d t^2 / 2 = integral,
+        # written without cancellation (and valid for d = 0).
+        integral = jnp.logaddexp(0.0, -logsnr)
+        d = self.beta_max - self.beta_min
+        return 2.0 * integral / (self.beta_min + jnp.sqrt(self.beta_min**2 + 2.0 * d * integral))
 
 
 @functools.lru_cache(maxsize=32)
@@ -214,6 +269,30 @@ class DiscreteSchedule:
         """The diffusers timestep as float."""
         return jnp.asarray(t, jnp.float32)
 
+    def _log_sigmas(self) -> np.ndarray:
+        """[N] float64 log(sigma / alpha) = -logsnr / 2 of the integer timesteps (increasing)."""
+        abar, one_minus = _discrete_tables(self.beta_schedule, self.beta_start, self.beta_end,
+                                           self.num_train_timesteps)
+        return 0.5 * (np.log(one_minus) - np.log(abar))
+
+    def logsnr_range(self) -> tuple[float, float]:
+        """(logsnr at timestep N - 1, logsnr at timestep 0) as Python floats."""
+        log_sigmas = self._log_sigmas()
+        return float(-2.0 * log_sigmas[-1]), float(-2.0 * log_sigmas[0])
+
+    def time_at_logsnr(self, logsnr):
+        """The fractional timestep of a noise level: log(sigma / alpha) interpolated linearly
+        between the two nearest timesteps, clipped to [0, N - 1], as diffusers' `_sigma_to_t`
+        (its karras grids' timesteps). `_lookup` interpolates alpha_bar instead, so
+        point(time_at_logsnr(l)).logsnr is l only up to that difference between timesteps."""
+        table = jnp.asarray(self._log_sigmas(), jnp.float32)  # [N]
+        log_sigma = -0.5 * jnp.asarray(logsnr, jnp.float32)
+        low = jnp.clip(jnp.searchsorted(table, log_sigma, side='right') - 1, 0,
+                       self.num_train_timesteps - 2)
+        lo, hi = table[low], table[low + 1]
+        w = jnp.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+        return low.astype(jnp.float32) + w
+
     def sample_t(self, rng, shape):
         """Training timesteps, uniform integers in [0, N), as float."""
         return jax.random.randint(rng, shape, 0, self.num_train_timesteps).astype(jnp.float32)
@@ -269,3 +348,29 @@ def get_schedule(name: str, **kwargs) -> Schedule:
 def as_schedule(schedule) -> Schedule:
     """A schedule object from a schedule or its name."""
     return get_schedule(schedule) if isinstance(schedule, str) else schedule
+
+
+def grid_point(schedule, spacing: str, i, num_steps: int):
+    """(Point, schedule time) of sampler step i (traced int, i < num_steps) of a step grid.
+
+    'default': `schedule.sampling_time(i, num_steps)` and its point. 'karras': Karras et al.
+    (2022) eq. (5), sigma_i = (smax^(1/rho) + i / (n - 1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    rho = 7, with sigma = sigma_edm = exp(-logsnr / 2) and (smax, smin) the schedule's ends
+    (`logsnr_range`), as diffusers' `use_karras_sigmas=True`. 'logsnr': logsnr_i = lmin + i /
+    (n - 1) (lmax - lmin), uniform in log-SNR between the same ends (diffusers'
+    `use_lu_lambdas=True`). Both include both ends (n = 1: the noisiest one only); the time of a
+    karras / logsnr point is `schedule.time_at_logsnr` (fractional for discrete schedules).
+    """
+    check_choice('step spacing', spacing, GRID_SPACINGS)
+    if spacing == 'default':
+        t = schedule.sampling_time(i, num_steps)
+        return schedule.point(t), t
+    lo, hi = schedule.logsnr_range()
+    frac = jnp.asarray(i, jnp.float32) / max(num_steps - 1, 1)
+    if spacing == 'karras':
+        inv = 1.0 / KARRAS_RHO
+        top, bottom = math.exp(-0.5 * lo) ** inv, math.exp(-0.5 * hi) ** inv
+        point = point_at_sigma_edm((top + frac * (bottom - top)) ** KARRAS_RHO)
+    else:
+        point = point_at_logsnr(lo + frac * (hi - lo))
+    return point, schedule.time_at_logsnr(point.logsnr)
