@@ -16,8 +16,9 @@ Phases (each prints a table and one JSON line `{"bench": "jaxt2i", "phase": ...}
            cost analysis) / step time / the matmul peak measured in the same process
   memory   peak host RSS of every job, and XLA's compiled memory analysis of the paper's 2B
            base train step (bfloat16, remat) on a simulated FSDP mesh (--memory_devices)
-  quality  shapes-evaluator scores of the bundled demo: DPM-Solver++ 25 steps vs ancestral 250
-           (not in the default set: it samples ~2 x 64 prompts x 275 steps)
+  quality  shapes-evaluator scores of the bundled demo: dpmpp_2m / dpmpp_3m / heun / euler /
+           ddim at 10 and 15 steps against DPM-Solver++(2M) at 25 (not in the default set: it
+           samples 2 x 200 prompts x 11 runs; --quality_stages=1 for the base stage only)
 
 Every job runs in a fresh child process, one at a time, so peak RSS is per job and jobs never
 share the CPU. With --vs-imagen-pytorch, the vendored anchor script
@@ -71,8 +72,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("memory_devices", 8, "Simulated devices of the FSDP mesh in `memory`.")
     flags.DEFINE_integer("memory_batch", 0, "Global batch of the memory phase (0: 8 per device, "
                          "the paper's 2048 spread over a pod).")
-    flags.DEFINE_integer("quality_prompts", 0, "Prompts per split of `quality` (0: 32, 8 with "
-                         "--quick).")
+    flags.DEFINE_integer("quality_prompts", 0, "Prompts per split of `quality` (0: 200, 8 "
+                         "with --quick).")
     flags.DEFINE_integer("quality_stages", 0, "Demo stages sampled by `quality` (0: all; 1: the "
                          "base stage, ten times cheaper).")
     flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke "

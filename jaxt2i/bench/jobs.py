@@ -424,23 +424,36 @@ def job_memory_paper(quick: bool, batch: int | None = None, tiny: bool = False) 
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
+# The samplers `quality` compares at equal step counts, against DPM-Solver++(2M) at 25 steps.
+QUALITY_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "heun", "euler", "ddim")
+QUALITY_STEPS = (10, 15)
+
+
 def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None = None) -> dict:
-    """Shapes-evaluator scores of the demo cascade: DPM-Solver++ 25 steps vs ancestral 250."""
+    """Shapes-evaluator scores of the demo cascade: each of `QUALITY_SAMPLERS` at each of
+    `QUALITY_STEPS` steps (quick: DPM-Solver++ 2M / 3M at 10) against DPM-Solver++(2M) at 25
+    steps, the same prompts and seeds for all; `nfe` counts denoiser calls (Heun's n steps make
+    2n - 1)."""
     from jaxt2i.assets import demo_cascade_dir
     from jaxt2i.cascade import load_cascade
     from jaxt2i.eval.evaluate import evaluate_cascade
 
     cascade = load_cascade([demo_cascade_dir()])
-    n = num_prompts or (8 if quick else 32)
+    n = num_prompts or (8 if quick else 200)
     k = stages or len(cascade.stages)
-    rows = {}
-    for name, sampler, steps in (("dpmpp_2m_25", "dpmpp_2m", 25), ("ddpm_250", "ddpm", 250)):
+    runs = [("dpmpp_2m", 25)] + [(s, steps) for steps in ((10,) if quick else QUALITY_STEPS)
+                                 for s in (("dpmpp_2m", "dpmpp_3m") if quick
+                                           else QUALITY_SAMPLERS)]
+    rows = []
+    for sampler, steps in runs:
         settings = cascade.settings([{"sampler": sampler, "steps": steps}] * k, num_stages=k)
         r = evaluate_cascade(cascade, splits=("held_out", "test"), num_prompts=n,
                              settings=settings, num_stages=k, progress=False)
-        rows[name] = {"results": r["results"], "seconds": r["seconds"]}
-    return {"num_prompts_per_split": n, "stages": k, "image_size": r["image_size"], **rows,
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+        rows.append({"name": f"{sampler}_{steps}", "sampler": sampler, "steps": steps,
+                     "nfe": 2 * steps - 1 if sampler == "heun" else steps,
+                     "results": r["results"], "seconds": r["seconds"]})
+    return {"num_prompts_per_split": n, "stages": k, "image_size": r["image_size"],
+            "rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 JOBS = {

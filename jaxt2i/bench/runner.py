@@ -264,17 +264,19 @@ def report(phase: str, ours: dict, theirs: dict) -> tuple[str, dict]:
     else:  # quality
         q = ours.get("quality", {})
         rows = []
-        for name in ("dpmpp_2m_25", "ddpm_250"):
-            res = (q.get(name) or {}).get("results", {})
-            for split, r in res.items():
-                rows.append([f"{name} {split}", *[100 * r.get(k, 0) for k in (
-                    "colour", "shape", "count", "relation", "whole")], q[name]["seconds"]])
+        for run in q.get("rows") or []:
+            for split, r in run["results"].items():
+                rows.append([f"{run['sampler']} {run['steps']} ({run['nfe']} calls) {split}",
+                             *[None if r.get(k) is None else 100 * r[k]
+                               for k in ("colour", "shape", "count", "relation", "whole")],
+                             run["seconds"]])
         rec.update({k: q.get(k) for k in ("num_prompts_per_split", "stages", "image_size",
-                                          "dpmpp_2m_25", "ddpm_250", "error")})
+                                          "rows", "error")})
         text = _table(f"quality: shapes evaluator on the demo cascade, {q.get('stages')} stage(s), "
                       f"{q.get('image_size')} px, {q.get('num_prompts_per_split')} prompts per "
                       "split (% correct)",
-                      ["sampler/split", "colour", "shape", "count", "relation", "whole", "s"], rows)
+                      ["sampler steps split", "colour", "shape", "count", "relation", "whole",
+                       "s"], rows)
     errors = {j: o["error"] for j, o in {**ours, **{f"imagen_pytorch:{k}": v for k, v in
                                                    theirs.items()}}.items()
               if isinstance(o, dict) and o.get("error")}
