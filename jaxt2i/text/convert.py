@@ -1,4 +1,4 @@
-"""Hugging Face T5 safetensors <-> Flax parameter trees, without torch.
+"""Hugging Face T5 / mT5 / umT5 / ByT5 safetensors <-> Flax parameter trees, without torch.
 
 One table (`param_map`) names, for every Flax leaf, the Hugging Face tensor it comes from and
 the reshape/transpose between the two layouts; loading and the exporter both read it, so the two
@@ -51,15 +51,20 @@ def param_map(cfg: T5Config) -> list[Entry]:
     def out_back(a):
         return a.reshape(H * K, D).T
 
+    relpos = "0.SelfAttention.relative_attention_bias.weight"
+    buckets = cfg.relative_attention_num_buckets
     entries = [
         Entry("shared.weight", ("token_embedding",), (cfg.vocab_size, D), ident, ident),
-        Entry("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-              ("relpos_bias",), (cfg.relative_attention_num_buckets, H), ident, ident),
         Entry("encoder.final_layer_norm.weight", ("encoder_norm", "scale"), (D,), ident, ident),
     ]
+    if not cfg.bias_per_layer:  # T5 / mT5 / ByT5: the first layer's table, shared
+        entries.insert(1, Entry(f"encoder.block.0.layer.{relpos}", ("relpos_bias",),
+                                (buckets, H), ident, ident))
     _, gated = cfg.activation
     for i in range(cfg.num_layers):
         hf, fx = f"encoder.block.{i}.layer.", f"layers_{i}"
+        if cfg.bias_per_layer:  # umT5: every layer's own table
+            entries.append(Entry(f"{hf}{relpos}", (fx, "relpos_bias"), (buckets, H), ident, ident))
         for p, name in (("q", "query"), ("k", "key"), ("v", "value")):
             entries.append(Entry(f"{hf}0.SelfAttention.{p}.weight", (fx, "attention", name, "kernel"),
                                  (H * K, D), qkv, qkv_back))
@@ -171,9 +176,14 @@ def hf_to_flax(tensors: dict, names: list[str], cfg: T5Config, dtype) -> dict:
             parts.append(f"missing tensors {missing}")
         if unexpected:
             parts.append(f"unexpected tensors {unexpected}")
+        hint = "check that config.json belongs to these weights"
+        if any(".relative_attention_bias." in n and not n.startswith("encoder.block.0.")
+               for n in unexpected):
+            hint = ("every layer has a relative_attention_bias, as in umT5: a umT5 checkpoint's "
+                    "config.json says \"model_type\": \"umt5\"")
         raise ValueError(
             "checkpoint does not match its config.json T5 encoder: " + "; ".join(parts)
-            + "; check that config.json belongs to these weights")
+            + "; " + hint)
     bad = [f"{e.hf_name}: got {list(tensors[e.hf_name].shape)}, expected {list(e.hf_shape)}"
            for e in entries if tuple(tensors[e.hf_name].shape) != e.hf_shape]
     if bad:

@@ -1,13 +1,18 @@
-"""Pure-Flax T5 encoder stack (T5 v1.0, v1.1, Flan, mT5), numerically matching transformers.
+"""Pure-Flax T5 encoder stack (T5 v1.0, v1.1, Flan, mT5, umT5, ByT5), numerically matching
+transformers.
 
 The encoder is frozen in Imagen, so this module has no dropout and no decoder. It follows the
 published T5 architecture:
   * a shared token embedding (no scaling),
   * pre-norm residual blocks with RMS layer norm (variance in float32, no mean, no bias),
   * self-attention without the 1/sqrt(d) scaling, biased by bidirectional relative-position
-    buckets whose table lives in the first layer and is shared by all layers,
+    buckets whose table lives in the first layer and is shared by all layers (umT5:
+    `bias_per_layer`, every layer has its own table),
   * a feed-forward block, `relu` (v1.0) or `gated-gelu` (v1.1 / Flan, tanh-approximated GELU),
   * a final RMS norm.
+
+mT5 is this architecture with a 250k SentencePiece vocabulary, ByT5 with a 384-row byte
+vocabulary (and a deeper encoder); neither needs anything of its own here.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv, mlp, relpos_buckets, norm)
 so a mesh can shard T5-XXL; the mapping to mesh axes lives in the config.
@@ -53,6 +58,9 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    # umT5: every layer has its own relative-position bias table (T5, mT5, ByT5: only the
+    # first layer has one, and all layers use it).
+    bias_per_layer: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 
@@ -92,26 +100,34 @@ class T5Config:
 
     @classmethod
     def from_hf(cls, hf: dict, **overrides) -> "T5Config":
-        """Builds the encoder config from a Hugging Face `config.json` dict."""
-        model_type = hf.get("model_type", "t5")
-        if model_type not in ("t5", "mt5"):
+        """Builds the encoder config from a Hugging Face `config.json` dict.
+
+        Fields config.json leaves out take transformers' defaults for its model_type (an old
+        T5 config without `feed_forward_proj` is a ReLU T5, as transformers reads it). A
+        config without model_type is named by its `architectures` (early umT5 uploads).
+        """
+        model_type = hf.get("model_type") or _model_type_of(hf.get("architectures") or [])
+        if model_type not in _HF_DEFAULTS:
             raise ValueError(
                 f"model_type {model_type!r} is not a T5 encoder this loader supports; "
-                "use a t5 / mt5 checkpoint (v1.0, v1.1, Flan)"
+                "use a t5 / mt5 / umt5 checkpoint (T5 v1.0, v1.1, Flan, mT5, umT5, ByT5)"
             )
-        kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
-        if "num_layers" in hf:
-            kw["num_layers"] = hf["num_layers"]
-        kw.pop("dtype", None)  # HF's dtype is the storage dtype, not our compute dtype
+        kw = dict(_HF_DEFAULTS[model_type])
+        kw.update({f.name: hf[f.name] for f in dataclasses.fields(cls)
+                   if f.name in hf and f.name not in ("dtype", "param_dtype", "bias_per_layer")})
+        # HF's dtype is the storage dtype, not our compute dtype; bias_per_layer is not an HF
+        # field: it follows from the model type.
+        kw["bias_per_layer"] = model_type == "umt5"
         kw.update(overrides)
         return cls(**kw)
 
     def to_hf(self) -> dict:
         """The matching Hugging Face `config.json` fields (encoder part)."""
         act, gated = self.activation
+        umt5 = self.bias_per_layer
         return {
-            "model_type": "t5",
-            "architectures": ["T5EncoderModel"],
+            "model_type": "umt5" if umt5 else "t5",
+            "architectures": ["UMT5EncoderModel" if umt5 else "T5EncoderModel"],
             "vocab_size": self.vocab_size,
             "d_model": self.d_model,
             "d_kv": self.d_kv,
@@ -132,6 +148,26 @@ class T5Config:
         }
 
 
+# transformers' defaults for the fields a config.json may leave out, by model_type.
+_HF_DEFAULTS = {
+    "t5": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+               feed_forward_proj="relu"),
+    "mt5": dict(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                feed_forward_proj="gated-gelu"),
+    "umt5": dict(vocab_size=250112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_heads=6,
+                 feed_forward_proj="gated-gelu"),
+}
+
+
+def _model_type_of(architectures: list) -> str:
+    """The model_type an `architectures` list implies ('t5' when it names none we know)."""
+    for arch in architectures:
+        for prefix, model_type in (("UMT5", "umt5"), ("MT5", "mt5")):
+            if str(arch).startswith(prefix):
+                return model_type
+    return "t5"
+
+
 _V1_1 = {  # T5 v1.1 and Flan-T5 share these shapes (gated-GELU, untied, vocab 32128)
     "small": dict(d_model=512, d_ff=1024, num_layers=8, num_heads=6),
     "base": dict(d_model=768, d_ff=2048, num_layers=12, num_heads=12),
@@ -147,11 +183,26 @@ _V1_0 = {  # original T5 (ReLU feed-forward)
     "11b": dict(d_model=1024, d_ff=65536, num_layers=24, num_heads=128, d_kv=128),
 }
 
-# Every named size, defined once.
+_BYT5 = {  # ByT5: byte vocabulary (384 rows), wider and deeper encoders (12 / 18 / 36 layers)
+    "small": dict(d_model=1472, d_ff=3584, num_layers=12, num_heads=6),
+    "base": dict(d_model=1536, d_ff=3968, num_layers=18, num_heads=12),
+    "large": dict(d_model=1536, d_ff=3840, num_layers=36, num_heads=16),
+    "xl": dict(d_model=2560, d_ff=6720, num_layers=36, num_heads=32),
+    "xxl": dict(d_model=4672, d_ff=12352, num_layers=36, num_heads=64),
+}
+_GATED = dict(feed_forward_proj="gated-gelu")
+
+# Every named size, defined once (the published Hugging Face configurations of google/<name>).
 SIZES: dict[str, dict] = {
-    **{f"t5-v1_1-{k}": dict(v, feed_forward_proj="gated-gelu") for k, v in _V1_1.items()},
-    **{f"flan-t5-{k}": dict(v, feed_forward_proj="gated-gelu") for k, v in _V1_1.items()},
+    **{f"t5-v1_1-{k}": dict(v, **_GATED) for k, v in _V1_1.items()},
+    **{f"flan-t5-{k}": dict(v, **_GATED) for k, v in _V1_1.items()},
     **{f"t5-{k}": dict(v, feed_forward_proj="relu") for k, v in _V1_0.items()},
+    # mT5 and umT5 have T5 v1.1's shapes with multilingual SentencePiece vocabularies; umT5
+    # has a position-bias table in every layer (and was published without a 'large').
+    **{f"mt5-{k}": dict(v, vocab_size=250112, **_GATED) for k, v in _V1_1.items()},
+    **{f"umt5-{k}": dict(v, vocab_size=256384, bias_per_layer=True, **_GATED)
+       for k, v in _V1_1.items() if k != "large"},
+    **{f"byt5-{k}": dict(v, vocab_size=384, **_GATED) for k, v in _BYT5.items()},
     # Tests: a few thousand parameters.
     "tiny": dict(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
     # The frozen, randomly initialised encoder of the bundled shapes demo (closed vocabulary).
@@ -284,15 +335,36 @@ class T5MLP(nn.Module):
         return dense("wo", cfg.d_model, ("mlp", "embed"), cfg.d_ff ** -0.5)(h)
 
 
+def _relpos_table(module: nn.Module, cfg: T5Config) -> jax.Array:
+    """Declares a relative-position bias table [buckets, heads] on `module`."""
+    return module.param(
+        "relpos_bias",
+        nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.d_model ** -0.5), ("relpos_buckets", "heads")),
+        (cfg.relative_attention_num_buckets, cfg.num_heads), resolve_dtype(cfg.param_dtype),
+    )
+
+
+def _position_bias(table: jax.Array, buckets: np.ndarray) -> jax.Array:
+    """[buckets, H] table, [Lq, Lk] bucket ids -> [1, H, Lq, Lk] float32 attention bias."""
+    return jnp.transpose(table[buckets].astype(jnp.float32), (2, 0, 1))[None]
+
+
 class T5Block(nn.Module):
-    """One pre-norm encoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One pre-norm encoder layer: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With `config.bias_per_layer` (umT5) the layer owns a position-bias table (`relpos_bias`)
+    and adds its bias to `bias` (then the mask only); `buckets` [L, L] indexes the table.
+    """
 
     config: T5Config
 
     @nn.compact
-    def __call__(self, x, bias):  # [B, L, D] -> [B, L, D]
+    def __call__(self, x, bias, buckets=None):  # [B, L, D] -> [B, L, D]
         cfg = self.config
         dtype, pdtype = resolve_dtype(cfg.dtype), resolve_dtype(cfg.param_dtype)
+        if cfg.bias_per_layer:
+            bias = bias + _position_bias(_relpos_table(self, cfg), buckets)
         norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name=name)  # noqa: E731
         x = x + T5Attention(cfg, name="attention")(norm("pre_attention_layer_norm")(x), bias)
         x = x + T5MLP(cfg, name="mlp")(norm("pre_mlp_layer_norm")(x))
@@ -332,19 +404,13 @@ class T5Encoder(nn.Module):
             pos[None, :] - pos[:, None],
             cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
         )  # [Lq, Lk]
-        table = self.param(
-            "relpos_bias",
-            nn.with_logical_partitioning(
-                nn.initializers.normal(cfg.d_model ** -0.5), ("relpos_buckets", "heads")),
-            (cfg.relative_attention_num_buckets, cfg.num_heads), pdtype,
-        )
-        pos_bias = jnp.transpose(table[buckets].astype(jnp.float32), (2, 0, 1))[None]  # [1,H,L,L]
         neg = jnp.finfo(jnp.float32).min
-        mask_bias = jnp.where(mask.astype(bool), 0.0, neg)[:, None, None, :]  # [B,1,1,L]
-        bias = pos_bias + mask_bias
+        bias = jnp.where(mask.astype(bool), 0.0, neg)[:, None, None, :]  # [B,1,1,L]
+        if not cfg.bias_per_layer:  # one table, shared by every layer
+            bias = bias + _position_bias(_relpos_table(self, cfg), buckets)  # [B,H,L,L]
 
         for i in range(cfg.num_layers):
-            x = T5Block(cfg, name=f"layers_{i}")(x, bias)
+            x = T5Block(cfg, name=f"layers_{i}")(x, bias, buckets)
         return RMSNorm(cfg.layer_norm_epsilon, dtype, pdtype, name="encoder_norm")(x)
 
 
