@@ -1,22 +1,27 @@
-"""mT5 and umT5 encoders against transformers' PyTorch models (issue #28).
+"""mT5, umT5 and ByT5 encoders against transformers' PyTorch models (issue #28).
 
 Every checkpoint is a tiny random one made here, every tokenizer is trained (SentencePiece,
-`tokenizers`' Unigram) here on Chinese, English and mixed text; nothing is downloaded. Named
-sizes are checked against the published configurations, their parameter counts against
-transformers' models built on the meta device (no memory).
+`tokenizers`' Unigram) or built (ByT5's byte tokenizer) here on Chinese, English and mixed text;
+nothing is downloaded. Named sizes are checked against the published configurations, their
+parameter counts against transformers' models built on the meta device (no memory).
 """
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from jaxt2i.text import T5Config, count_params, get_t5_config, load_encoder, save_encoder
 from jaxt2i.text import convert
+from jaxt2i.text.tokenizer import is_byte_level
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ZH = ["一只红色的猫坐在蓝色的桌子上", "两个绿色的三角形在白色的背景上", "一个红色的圆在蓝色的正方形上面",
       "画一只可爱的小狗，它在草地上奔跑。", "紫色的星星在黑色的天空里"]
@@ -284,6 +289,107 @@ def test_config_defaults_follow_transformers():
     assert not T5Config.from_hf({"model_type": "t5", "bias_per_layer": True}).bias_per_layer
     with pytest.raises(ValueError, match="model_type 'bert'"):
         T5Config.from_hf({"model_type": "bert"})
+
+
+# ---------------------------------------------------------------------------------------------
+# ByT5
+# ---------------------------------------------------------------------------------------------
+
+BYTE_PROMPTS = PROMPTS + ["猫🐱 and café", "ひらがな、한국어, Ελληνικά"]
+
+
+def _byte_ids(prompt):
+    """The reference: UTF-8 bytes shifted past <pad>=0, </s>=1, <unk>=2, then </s>."""
+    return [b + 3 for b in prompt.encode("utf-8")] + [1]
+
+
+@pytest.fixture(scope="module")
+def byt5_dir(tmp_path_factory):
+    """A tiny ByT5 as on the hub: T5 config with vocab 384, ByT5Tokenizer, no vocabulary file."""
+    torch.manual_seed(0)
+    cfg = _small(transformers.T5Config, vocab_size=384, feed_forward_proj="gated-gelu",
+                 tokenizer_class="ByT5Tokenizer")
+    model = transformers.T5EncoderModel(cfg).eval()
+    d = tmp_path_factory.mktemp("byt5") / "m"
+    model.save_pretrained(str(d))
+    transformers.ByT5Tokenizer().save_pretrained(str(d))
+    assert not {"spiece.model", "tokenizer.json", "vocab.json"} & set(os.listdir(d))
+    return d, model
+
+
+def test_byt5_tokenizer_gives_utf8_byte_ids(byt5_dir):
+    d, _ = byt5_dir
+    enc = load_encoder(str(d), max_length=64)
+    assert is_byte_level(str(d))
+    ids, mask = enc.tokenizer(BYTE_PROMPTS)
+    want = [_byte_ids(p) for p in BYTE_PROMPTS]
+    np.testing.assert_array_equal(ids, _padded(want, 64))
+    ref = transformers.ByT5Tokenizer()(BYTE_PROMPTS, padding="max_length", max_length=64)
+    np.testing.assert_array_equal(ids, np.asarray(ref["input_ids"]))
+    np.testing.assert_array_equal(mask, np.asarray(ref["attention_mask"], bool))
+    # Lengths count bytes: a Chinese character is 3, an emoji 4, plus </s>.
+    assert enc.tokenizer.lengths(["一只猫", "cat", "🐱", ""]) == [10, 4, 5, 1]
+
+
+def test_byt5_max_length_counts_bytes(byt5_dir):
+    d, _ = byt5_dir
+    enc = load_encoder(str(d), max_length=16)
+    fits, over = "一二三四五", "一二三四五六"  # 15 + 1 and 18 + 1 bytes
+    assert enc.tokenizer.lengths([fits, over]) == [16, 19]
+    ids, mask = enc.tokenizer([fits])
+    assert mask.all() and ids[0, -1] == 1
+    # What `Cascade.check_prompts` refuses (no truncation at sampling): more bytes than L.
+    assert [n > enc.max_length for n in enc.tokenizer.lengths([fits, over])] == [False, True]
+
+
+def test_byt5_encoder_matches_transformers(byt5_dir):
+    d, model = byt5_dir
+    enc = load_encoder(str(d), max_length=64)
+    assert enc.config.vocab_size == 384 and not enc.config.bias_per_layer
+    _check_parity(enc, model, BYTE_PROMPTS, label="ByT5")
+
+
+def test_byt5_hub_layout_and_save_encoder(byt5_dir, tmp_path):
+    """google/byt5-* name the tokenizer class only in config.json; save_encoder keeps it."""
+    import shutil
+
+    d, model = byt5_dir
+    hub = tmp_path / "hub"
+    shutil.copytree(d, hub)
+    tc = json.loads((hub / "tokenizer_config.json").read_text())
+    tc.pop("tokenizer_class")
+    (hub / "tokenizer_config.json").write_text(json.dumps(tc))
+    assert json.loads((hub / "config.json").read_text())["tokenizer_class"] == "ByT5Tokenizer"
+    enc = load_encoder(str(hub), max_length=64)
+    _check_parity(enc, model, BYTE_PROMPTS, label="ByT5 (hub layout)")
+    out = tmp_path / "export"
+    save_encoder(enc, str(out))
+    again = load_encoder(str(out))
+    np.testing.assert_array_equal(again.tokenizer(BYTE_PROMPTS)[0], enc.tokenizer(BYTE_PROMPTS)[0])
+    _check_parity(again, transformers.T5EncoderModel.from_pretrained(str(out)).eval(),
+                  BYTE_PROMPTS, label="ByT5 (save_encoder -> transformers)")
+
+
+def test_encode_command_with_a_chinese_prompt_and_byt5(byt5_dir, tmp_path):
+    """`python -m jaxt2i.encode --text_encoder=<ByT5 dir>` in a fresh process."""
+    from safetensors.numpy import load_file
+
+    d, model = byt5_dir
+    out = tmp_path / "emb.safetensors"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu")
+    prompts = ["一只红色的猫坐在蓝色的桌子上", "", "a 红色的 circle"]
+    args = [sys.executable, "-m", "jaxt2i.encode", f"--text_encoder={d}", "--max_length=48",
+            f"--out={out}"] + [f"--prompt={p}" for p in prompts]
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert " 43 tokens" in r.stdout  # 14 characters x 3 bytes + </s>
+    got = load_file(str(out))
+    mask = got["mask"].astype(bool)
+    ids = _padded([_byte_ids(p) for p in prompts], 48)
+    np.testing.assert_array_equal(mask, ids > 0)
+    diff, rel = _errors(got["embeddings"], _reference(model, ids, mask), mask)
+    assert rel < 1e-4, (diff, rel)
 
 
 # ---------------------------------------------------------------------------------------------

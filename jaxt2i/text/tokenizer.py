@@ -1,7 +1,8 @@
 """Fixed-length tokenization for the frozen text encoder.
 
 The tokenizer itself is transformers' (`AutoTokenizer`), loaded from a local directory; the
-network is touched only when the user names a hub id. This wrapper pads / truncates every prompt
+network is touched only when the user names a hub id. SentencePiece vocabularies (T5, mT5,
+umT5) come with their model file; ByT5's byte tokenizer needs none (`is_byte_level`). This wrapper pads / truncates every prompt
 to the encoder's fixed text length and returns the mask, reporting truncation once. An empty
 prompt is valid: it is the unconditional prompt of classifier-free guidance (just `</s>`).
 
@@ -140,7 +141,11 @@ class Tokenizer:
                     "text apart%s", self._describe_unknown(fresh[0]), more, last)
 
     def lengths(self, prompts: Sequence[str]) -> list[int]:
-        """Untruncated token counts (including </s>) of each prompt."""
+        """Untruncated token counts (including </s>) of each prompt: what `max_length` bounds.
+
+        For a byte-level (ByT5) tokenizer a token is a UTF-8 byte: an ASCII letter is 1, a
+        Chinese character 3, most emoji 4.
+        """
         return [len(ids) for ids in self.hf(list(prompts), add_special_tokens=True)["input_ids"]]
 
     def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +181,29 @@ class Tokenizer:
         return ids, mask
 
 
+BYTE_TOKENIZER = "ByT5Tokenizer"  # transformers' byte-level tokenizer: no vocabulary file
+
+
+def is_byte_level(model_dir: str) -> bool:
+    """True when a directory's tokenizer is ByT5's byte tokenizer (named by `tokenizer_class`
+    in tokenizer_config.json or, as on the hub's google/byt5-*, in config.json).
+
+    Its ids are the UTF-8 bytes of the prompt plus 3 (<pad>=0, </s>=1, <unk>=2 come first), so
+    it needs no vocabulary file, and its lengths count bytes: a Chinese character is 3.
+    """
+    for name in ("tokenizer_config.json", "config.json"):
+        f = os.path.join(model_dir, name)
+        if os.path.exists(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    cls = json.load(fh).get("tokenizer_class")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if cls:
+                return cls == BYTE_TOKENIZER
+    return False
+
+
 def load_tokenizer(path: str, max_length: int,
                    closed_vocabulary: bool | None = None) -> Tokenizer:
     """Loads a transformers tokenizer from a local directory (or an explicit hub id).
@@ -187,14 +215,16 @@ def load_tokenizer(path: str, max_length: int,
         `jaxt2i_closed_vocabulary` flag of the directory's config.json (the bundled encoder's).
 
     Raises FileNotFoundError (one line) when the directory has no tokenizer files: transformers
-    would build an empty T5 tokenizer there that maps every word to <unk>.
+    would build an empty T5 tokenizer there that maps every word to <unk>. A ByT5 directory
+    needs none: its `tokenizer_class` (`is_byte_level`) is enough.
     """
     from transformers import AutoTokenizer
 
     local = os.path.isdir(path)
     d = path if local else resolve_model_dir(path, allow_patterns=["*.json", "*.model", "*.txt"])
     files = set(os.listdir(d))
-    if not files & set(TOKENIZER_FILES) and not any(f.endswith(".model") for f in files):
+    if (not files & set(TOKENIZER_FILES) and not any(f.endswith(".model") for f in files)
+            and not is_byte_level(d)):
         raise FileNotFoundError(
             f"no tokenizer files in {path!r} (none of {', '.join(TOKENIZER_FILES)}); copy this "
             "encoder's tokenizer there (tokenizer.save_pretrained(dir)) or pass tokenizer=DIR")
