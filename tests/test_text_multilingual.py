@@ -278,6 +278,25 @@ def test_umt5_config_read_from_architectures_and_mislabelled_weights(umt5_dir, t
         load_encoder(str(bare), max_length=48)
 
 
+def test_stages_name_them_by_path_like_any_t5(umt5_dir, byt5_dir):
+    """text.encoder = a umT5 / ByT5 directory: what training and sampling load
+    (`stage.load_text_encoder`), and the shape-only encoder `jaxt2i.aot` compiles against."""
+    import jax
+
+    from jaxt2i.stage import TextSpec, load_text_encoder
+    from jaxt2i.text.encoder import abstract_encoder
+
+    for d, max_length in ((umt5_dir[0], 48), (byt5_dir[0], 64)):
+        enc = load_text_encoder(TextSpec(encoder=str(d), max_length=max_length))
+        assert enc.max_length == max_length and enc.encode(["一只红色的猫"])[0].shape[1] == max_length
+        shapes = abstract_encoder(str(d))
+        assert jax.tree_util.tree_structure(shapes.params) == \
+            jax.tree_util.tree_structure(enc.params)
+    xxl = abstract_encoder("google/umt5-xxl", dtype="bfloat16")
+    assert xxl.params["layers_23"]["relpos_bias"].shape == (32, 64)
+    assert xxl.config == get_t5_config("umt5-xxl", dtype="bfloat16", param_dtype="bfloat16")
+
+
 def test_config_defaults_follow_transformers():
     # An old T5 config.json without feed_forward_proj is a ReLU T5 (transformers' default).
     hf = transformers.T5Config(vocab_size=64).to_dict()
