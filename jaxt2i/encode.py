@@ -5,8 +5,8 @@ embeddings (+ mask), as safetensors (`jaxt2i.text.encoder.encode_to_file`).
         --out embeddings.safetensors
 
 Without --text-encoder, the small encoder bundled with the package is used (the one the demo
-cascade is conditioned on); point --text-encoder at any Hugging Face T5 directory (v1.0, v1.1,
-Flan) to use another.
+cascade is conditioned on); point --text_encoder at any Hugging Face T5 directory (v1.0, v1.1,
+Flan, mT5, umT5, ByT5) to use another.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def _define_flags() -> None:
                               "unconditional prompt).")
     flags.DEFINE_string("prompts_file", None, "A UTF-8 text file, one prompt a line (stripped; "
                         "blank lines skipped).")
-    flags.DEFINE_string("text_encoder", None, "Hugging Face T5 directory (or hub id); default: "
-                        "the bundled shapes encoder.")
+    flags.DEFINE_string("text_encoder", None, "Hugging Face T5 / mT5 / umT5 / ByT5 directory (or "
+                        "hub id); default: the bundled shapes encoder.")
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
     flags.DEFINE_integer("max_length", None, "Text length L (default: the encoder's).")
     flags.DEFINE_string("out", None, "Write embeddings [B, L, D], mask [B, L] and the prompts to "

@@ -1,8 +1,8 @@
 """The frozen text encoder object: tokenizer + T5 params + one jitted encode function.
 
-`load_encoder(path)` reads a Hugging Face T5 directory (config.json, model.safetensors or a
-sharded index, tokenizer files) without torch; `save_encoder` writes one back that
-transformers' `T5EncoderModel.from_pretrained` loads; `init_encoder` makes a randomly
+`load_encoder(path)` reads a Hugging Face T5 / mT5 / umT5 / ByT5 directory (config.json,
+model.safetensors or a sharded index, tokenizer files) without torch; `save_encoder` writes one
+back that transformers' `T5EncoderModel.from_pretrained` (`UMT5EncoderModel` for umT5) loads; `init_encoder` makes a randomly
 initialised one (tests, the bundled shapes demo).
 """
 
@@ -92,7 +92,7 @@ def load_encoder(
     tokenizer: str | None = None,
     shardings: Any | Callable | None = None,
 ) -> TextEncoder:
-    """Loads a Hugging Face T5 (v1.0 / v1.1 / Flan / mT5) encoder without torch.
+    """Loads a Hugging Face T5 (v1.0 / v1.1 / Flan / mT5 / umT5 / ByT5) encoder without torch.
 
     Args:
       path: local HF model directory, or a hub id (the only case that uses the network).
@@ -231,7 +231,8 @@ def abstract_encoder(path: str, dtype: str = "float32", max_length: int | None =
 def save_encoder(encoder: TextEncoder, out_dir: str, dtype: str | None = None) -> None:
     """Writes a Hugging Face T5 encoder directory (config.json, model.safetensors, tokenizer).
 
-    `T5EncoderModel.from_pretrained(out_dir)` and `load_encoder(out_dir)` both read it.
+    `T5EncoderModel.from_pretrained(out_dir)` (`UMT5EncoderModel` for umT5) and
+    `load_encoder(out_dir)` both read it.
 
     Args:
       encoder: the encoder to save.
