@@ -128,3 +128,35 @@ def test_tpu_topology_compiles_without_a_tpu(tmp_path):
     assert rec["topology_kind"] == "TPU v4" and rec["chips"] == 4
     assert rec["hbm_bytes_per_device"] == 16 << 30 and rec["fits"] is True
     assert rec["optimal_seconds"] > 0 and 0 < rec["roofline_utilisation"] < 1
+
+
+def test_roofline_falls_back_to_xlas_counts_when_the_compiler_gives_no_time():
+    """The TPU compiler reports no optimal_seconds for the 2B steps: the report then takes the
+    roofline of XLA's per-device FLOPs and bytes (a v4 device is half a chip: 137.5 TFLOP/s and
+    614 GB/s), and says so."""
+    from types import SimpleNamespace
+
+    from jaxt2i.aot import _summary, format_report
+
+    devices = [SimpleNamespace(device_kind="TPU v4", coords=(i // 2, 0, 0), id=i)
+               for i in range(8)]
+    mem = SimpleNamespace(argument_size_in_bytes=1 << 30, output_size_in_bytes=0,
+                          temp_size_in_bytes=2 << 30, alias_size_in_bytes=0,
+                          generated_code_size_in_bytes=0)
+
+    def compiled(cost):
+        return SimpleNamespace(memory_analysis=lambda: mem, cost_analysis=lambda: cost)
+
+    flops, nbytes = 1.1e13, 1e11  # per device
+    r = _summary("train_step", devices, compiled({"flops": flops, "bytes accessed": nbytes}),
+                 1.0, 64, 8e13)
+    want = max(flops / (275e12 / 2), nbytes / (1228e9 / 2))  # memory-bound: 0.163 s
+    assert r["optimal_seconds"] == pytest.approx(want) and want == pytest.approx(nbytes / 614e9)
+    assert r["optimal_seconds_source"].startswith("roofline")
+    assert r["roofline_utilisation"] == pytest.approx(8e13 / (want * 275e12 * 4))
+    assert r["fits"] and r["bytes_per_device"] == 3 << 30
+    assert "roofline time (XLA's flops and bytes accessed)" in format_report(r)
+    r = _summary("train_step", devices, compiled({"flops": flops, "bytes accessed": nbytes,
+                                                  "optimal_seconds": 0.05}), 1.0, 64, 8e13)
+    assert r["optimal_seconds"] == 0.05 and r["optimal_seconds_source"] == "compiler"
+    assert "compiler's optimal time 50.0 ms" in format_report(r)
