@@ -248,7 +248,11 @@ def test_program_size_does_not_grow_with_steps(schedule, sampler):
         assert abs(small_ops - large_ops) <= 0.05 * small_ops
 
 
-def test_jitted_sample_traces_once_and_guidance_is_one_call():
+@pytest.mark.parametrize('sampler,extra,calls', [
+    ('dpmpp_2m', {}, 1),
+    ('heun', dict(churn=2.0, spacing='karras'), 2),  # Heun's two evaluations per step
+])
+def test_jitted_sample_traces_once_and_guidance_is_one_call(sampler, extra, calls):
     traces = []
 
     def denoise(params, x, t, cond):
@@ -259,13 +263,14 @@ def test_jitted_sample_traces_once_and_guidance_is_one_call():
     def generate(params, rng, cond, uncond, scale):
         return diffusion.sample(lambda x, t, c: denoise(params, x, t, c), (2, 4, 4, 3), rng,
                                 cond=cond, uncond=uncond, guidance_scale=scale,
-                                schedule='cosine', sampler='dpmpp_2m', num_steps=6,
-                                thresholding='dynamic')
+                                schedule='cosine', sampler=sampler, num_steps=6,
+                                thresholding='dynamic', **extra)
 
     cond, uncond = {'text': jnp.ones((2, 5, 4))}, {'text': jnp.zeros((1, 5, 4))}
     a = generate({'w': 0.5}, jax.random.key(0), cond, uncond, 2.0)
     b = generate({'w': 0.6}, jax.random.key(1), cond, uncond, 5.0)
-    assert traces == [(4, 4, 4, 3)]  # traced once; one batched call of 2B per step
+    # traced once; each evaluation is one batched call of 2B
+    assert traces == [(4, 4, 4, 3)] * calls
     assert a.shape == (2, 4, 4, 3) and float(jnp.abs(a - b).max()) > 0
     assert generate._cache_size() == 1
 

@@ -522,28 +522,6 @@ def test_program_size_does_not_grow_with_steps(sampler, spacing, churn):
     assert 'while' in small and small.count('func.func') == large.count('func.func')
 
 
-def test_jitted_heun_traces_once_for_new_inputs():
-    traces = []
-
-    def denoise(params, x, t, cond):
-        traces.append(x.shape)
-        return params['w'] * x + cond['text'].mean((1, 2))[:, None, None, None]
-
-    @jax.jit
-    def generate(params, rng, cond, uncond, scale):
-        return diffusion.sample(lambda x, t, c: denoise(params, x, t, c), (2, 4, 4, 3), rng,
-                                cond=cond, uncond=uncond, guidance_scale=scale,
-                                schedule='cosine', sampler='heun', num_steps=6, churn=2.0,
-                                spacing='karras', thresholding='dynamic')
-
-    cond, uncond = {'text': jnp.ones((2, 5, 4))}, {'text': jnp.zeros((1, 5, 4))}
-    a = generate({'w': 0.5}, jax.random.key(0), cond, uncond, 2.0)
-    b = generate({'w': 0.6}, jax.random.key(1), cond, uncond, 5.0)
-    assert traces == [(4, 4, 4, 3)] * 2  # two batched guided calls in the step, traced once
-    assert bool(jnp.isfinite(a).all()) and float(jnp.abs(a - b).max()) > 0
-    assert generate._cache_size() == 1
-
-
 @pytest.mark.parametrize('kwargs,needle', [
     (dict(spacing='uniform'), "'uniform'"),
     (dict(sampler='ddim', churn=1.0), "'euler', 'heun'"),
