@@ -106,7 +106,8 @@ def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None,
         fmt = img.format
         img.load()
     except OSError as e:  # PIL raises OSError subclasses for both cases
-        return None, (0, 0), ["truncated" if "truncated" in str(e) else "unreadable"]
+        # PNG: 'image file is truncated', JPEG: 'Truncated File Read'
+        return None, (0, 0), ["truncated" if "truncated" in str(e).lower() else "unreadable"]
     except Exception:  # pylint: disable=broad-except  # decoders raise many types
         return None, (0, 0), ["unreadable"]
     events, changed = [], False
