@@ -314,7 +314,7 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
          f"error: image folder '{tmp_path / 'nope'}' not found; pass an existing --root"),
         (["--shapes=16:8"], "Flag --data_dir must have a value"),
         ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", f"--root={tmp_path}"],
-         "Exactly one of (shapes, root)"),
+         "Exactly one of (shapes, root, input)"),
         ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", "--min_size=big"],
          "--min_size"),
     ]
