@@ -268,8 +268,8 @@ def test_rebuild_rules_and_validation_split(tmp_path):
     assert report.read == 60 and report.written == 50 and report.balanced
     assert report.counts["truncated_tar"] == 2 and report.counts["bad_shard"] == 1
     assert report.counts["img2dataset_failed_to_download"] == 2
-    assert builders.build(builders.shards_builder(data, src, val_fraction=0.3)).counts[
-        "ok"] == 50  # the same inputs: the saved build and report
+    again = builders.build(builders.shards_builder(data, src, val_fraction=0.3))
+    assert again.to_json() == report.to_json()  # the same inputs: the saved build and report
     with pytest.raises(ValueError, match="max_aspect was 5.0 when it was built, now 20"):
         builders.build(builders.shards_builder(data, src, val_fraction=0.3, max_aspect=20))
     with open(os.path.join(src, "00001.tar"), "ab") as f:
@@ -301,6 +301,23 @@ def test_plain_webdataset_caption_from_a_json_field(tmp_path):
     assert items[1].captions == [_render(121)[1]] and items[1].meta["score"] == 0.3
     assert items[0].events == ["ignored_member"] and items[-1].problem == "no_image"
     assert "bad_json" in items[-1].events
+    # The same tar gzipped reads the same; a garbage header ends the shard, counted.
+    import gzip
+
+    data, where = _tar(members)
+    gz = tmp_path / "other" / "a.tar.gz"
+    gz.parent.mkdir()
+    gz.write_bytes(gzip.compress(data))
+    assert [s.key for s in shards.read_shard(str(gz), "webdataset")
+            if isinstance(s, shards.Sample)] == [s.key for s in items]
+    bad = bytearray(data)
+    start = where["train/img_2.jpeg"][0]
+    bad[start:start + 512] = b"x" * 512
+    (gz.parent / "b.tar").write_bytes(bytes(bad))
+    got = list(shards.read_shard(str(gz.parent / "b.tar"), "webdataset"))
+    assert [s.key for s in got[:-1]] == ["train/img_0", "train/img_1"]
+    assert got[-1].kind == "corrupt_tar" and "unreadable member header" in got[-1].detail
+
     _, dataset, report = _build_command(tmp_path / "tfds", f"--input={root / '*.tar'}",
                                         "--caption_field=json:TEXT")
     assert report["read"] == 7 and report["written"] == 6

@@ -35,6 +35,7 @@ import json
 import os
 import posixpath
 import tarfile
+import zlib
 from typing import Iterator
 
 from jaxt2i.data import inputs
@@ -266,7 +267,7 @@ def _read_tar(path, caption_field, image_field):
                 continue
             try:
                 fields[field] = tf.extractfile(member).read()
-            except (OSError, tarfile.TarError, EOFError) as e:
+            except (OSError, tarfile.TarError, EOFError, zlib.error) as e:
                 yield _sample(key, fields, order, caption_field, image_field,
                               problem="truncated_member")
                 yield ShardProblem("truncated_tar" if "unexpected end" in str(e)
@@ -310,7 +311,11 @@ def _sample(key, fields, order, caption_field, image_field, problem=None) -> Sam
     events += ["ignored_member"] * (len(order) - len(images) - len(texts))
     events += ["extra_image"] * (len(images) - 1)
     meta, caps = {}, [None]
-    if "json" in fields and fields["json"] is not None:
+    lower = {}  # field names as written (TXT, Json) -> lower case; the first of each wins
+    for f in order:
+        lower.setdefault(f.lower(), f)
+    fields = {low: fields.get(f) for low, f in lower.items()}
+    if fields.get("json") is not None:
         try:
             meta = json.loads(fields["json"].decode("utf-8", "surrogateescape"))
             if not isinstance(meta, dict):
@@ -328,9 +333,9 @@ def _sample(key, fields, order, caption_field, image_field, problem=None) -> Sam
     elif caption_field.startswith("json:"):
         caps = _as_list(meta.get(caption_field[5:]))
     else:
-        member = next((f for f in fields if f.lower() == caption_field.lower()), None)
-        caps = [fields[member]] if member is not None else [None]
-    image = fields.get(images[0]) if images else None
+        member = caption_field.lower()
+        caps = [fields[member]] if fields.get(member) is not None else [None]
+    image = fields.get(images[0].lower()) if images else None
     if problem is None and image is None:
         problem = "no_image"
     return Sample(key=key, image=image, captions=caps or [None], meta=meta, problem=problem,
@@ -434,6 +439,20 @@ class ShardReport(inputs.Report):
         self.add(kind, example)
         self.outcomes[kind] += 1
         self.shard_counts(shard)["counts"][kind] += 1
+
+    @classmethod
+    def from_json(cls, saved: dict) -> "ShardReport":
+        """The report `to_json` saved (for a build that is already there)."""
+        report = cls()
+        report.counts.update(saved.get("counts", {}))
+        report.examples.update(saved.get("examples", {}))
+        report.read = saved.get("read", 0)
+        report.outcomes.update(saved.get("skipped", {}))
+        report.outcomes["ok"] = saved.get("written", 0)
+        for shard, v in saved.get("shards", {}).items():
+            report.shard_counts(shard)["read"] = v.get("read", 0)
+            report.shard_counts(shard)["counts"].update(v.get("counts", {}))
+        return report
 
     @property
     def written(self) -> int:

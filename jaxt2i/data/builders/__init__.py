@@ -609,6 +609,8 @@ def _remove_empty_tree(path: str) -> None:
 def _saved_report(version_dir: str) -> inputs.Report:
     report = inputs.Report()
     saved = _read_json(os.path.join(version_dir, REPORT_FILE))
+    if saved and "read" in saved:  # a shard build's
+        return shards_lib.ShardReport.from_json(saved)
     if saved:
         report.counts.update(saved["counts"])
         report.examples.update(saved["examples"])
