@@ -20,12 +20,12 @@ CLI (console script `jaxt2i-build-data`):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
 import json
 import logging
-import collections
 import os
 import shutil
 import zlib
