@@ -247,6 +247,17 @@ def test_load_image_conversions():
     assert inputs.load_image(_png(_RGB), min_size=64)[0] is None
     data, size, events = inputs.load_image(_png(_RGB), max_size=20)
     assert events == ["downscaled"] and min(size) == 20
+    assert inputs.load_image(b"")[2] == ["empty_file"]
+    frames = [Image.fromarray(_RGB), Image.fromarray(255 - _RGB)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    data, size, events = inputs.load_image(buf.getvalue())
+    assert events == ["animated_first_frame", "converted_P"] and size == (52, 40)
+    first = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    np.testing.assert_array_equal(pipeline.decode_image(data), first)
+    wide = _png(np.zeros((10, 80, 3), np.uint8))
+    assert inputs.load_image(wide)[2] == ["extreme_aspect"]
+    assert inputs.load_image(wide, max_aspect=8)[0] is not None
     assert inputs.decode_text(b"caf\xe9") == ("café", True)
     assert inputs.decode_text("  two\nlines ") == ("two lines", False)
     with pytest.raises(ValueError, match="unknown format"):
@@ -303,7 +314,7 @@ def test_cli_mistakes_are_one_line_and_exit_2(tmp_path):
          f"error: image folder '{tmp_path / 'nope'}' not found; pass an existing --root"),
         (["--shapes=16:8"], "Flag --data_dir must have a value"),
         ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", f"--root={tmp_path}"],
-         "Exactly one of (shapes, root)"),
+         "Exactly one of (shapes, root, input)"),
         ([f"--data_dir={tmp_path / 'd'}", "--shapes=16:8", "--min_size=big"],
          "--min_size"),
     ]

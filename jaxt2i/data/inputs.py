@@ -1,13 +1,14 @@
 """Reading a user's images and captions so that no bad input stops a build.
 
-Images: unreadable or truncated files are skipped; grayscale, palette, RGBA, CMYK and
-16-bit images become 8-bit RGB (transparency composited onto white); EXIF-rotated photos
-are turned upright; images below a minimum size (and always those under `MIN_SIDE` pixels)
-or more than `MAX_ASPECT` times wider than high (or the reverse) are skipped, huge ones
-optionally downscaled. Captions: any language (UTF-8, or UTF-16 with its byte-order mark);
-other non-UTF-8 bytes are decoded as Windows-1252; captions longer than `MAX_CAPTION_CHARS`
-are cut there; a caption that is not text (a JSON object, a number) is skipped; empty or
-missing captions skip the image. Every case is counted in a `Report` with example paths.
+Images: empty, unreadable or truncated files are skipped; grayscale, palette, RGBA, CMYK and
+16-bit images become 8-bit RGB (transparency composited onto white), animated ones their
+first frame; EXIF-rotated photos are turned upright; images below a minimum size (and always
+those under `MIN_SIDE` pixels) or more than `MAX_ASPECT` times wider than high (or the
+reverse) are skipped, huge ones optionally downscaled. Captions: any language (UTF-8, or
+UTF-16 with its byte-order mark); other non-UTF-8 bytes are decoded as Windows-1252; captions
+longer than `MAX_CAPTION_CHARS` are cut there; a caption that is not text (a JSON object, a
+number) is skipped; empty or missing captions skip the image. Every case is counted in a
+`Report` with example paths.
 
 Captions come from a JSONL or CSV manifest, side-car `.txt` files next to the images, or a
 COCO-style captions JSON (`read_entries`).
@@ -80,28 +81,39 @@ def decode_text(raw: bytes | str) -> tuple[str, bool]:
         return " ".join(raw.decode("cp1252", "replace").split()), True
 
 
-def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None):
+def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None,
+               max_aspect: float = MAX_ASPECT):
     """Decodes image bytes into an 8-bit RGB image ready to store.
 
     Args:
       data: the file's bytes.
       min_size: images whose shorter side is below this are rejected ('too_small').
       max_size: images whose shorter side is above this are downscaled to it.
+      max_aspect: images more than this many times wider than high (or the reverse) are
+        rejected ('extreme_aspect').
 
     Returns:
       (encoded bytes or None if rejected, (width, height), list of event kinds for the
-      report: 'unreadable', 'truncated', 'too_small', 'converted_<mode>', 'exif_rotated',
-      'downscaled', 'small').
+      report). When the image is rejected the last kind is the reason: 'empty_file',
+      'unreadable', 'truncated', 'too_small' or 'extreme_aspect'; the others say what was
+      done to a kept image: 'converted_<mode>', 'animated_first_frame', 'exif_rotated',
+      'downscaled'.
     """
+    if not data:
+        return None, (0, 0), ["empty_file"]
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format
         img.load()
     except OSError as e:  # PIL raises OSError subclasses for both cases
-        return None, (0, 0), ["truncated" if "truncated" in str(e) else "unreadable"]
+        # PNG: 'image file is truncated', JPEG: 'Truncated File Read'
+        return None, (0, 0), ["truncated" if "truncated" in str(e).lower() else "unreadable"]
     except Exception:  # pylint: disable=broad-except  # decoders raise many types
         return None, (0, 0), ["unreadable"]
     events, changed = [], False
+    if getattr(img, "n_frames", 1) > 1:  # an animated GIF / WebP / PNG: its first frame
+        events.append("animated_first_frame")
+        changed = True
     if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation: camera photos stored sideways
         img, changed = ImageOps.exif_transpose(img), True
         events.append("exif_rotated")
@@ -111,7 +123,7 @@ def load_image(data: bytes, *, min_size: int = 0, max_size: int | None = None):
     w, h = img.size
     if min(w, h) < max(min_size, MIN_SIDE):
         return None, (w, h), events + ["too_small"]
-    if max(w, h) > MAX_ASPECT * min(w, h):
+    if max(w, h) > max_aspect * min(w, h):
         return None, (w, h), events + ["extreme_aspect"]
     if max_size and min(w, h) > max_size:
         f = max_size / min(w, h)

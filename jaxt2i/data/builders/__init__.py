@@ -1,4 +1,5 @@
-"""TFDS dataset builders: the shapes world, and a user's own images with captions.
+"""TFDS dataset builders: the shapes world, a user's own images with captions, and sharded
+image-text data (img2dataset's webdataset or parquet output, other webdataset tars).
 
 Both write array_record files with `tfds` and are read back through random access
 (`builder.as_data_source(split)`), without TensorFlow: images are stored as encoded
@@ -6,17 +7,20 @@ PNG/JPEG bytes (`tfds.features.Image` would import TensorFlow to encode) and dec
 Pillow by the pipeline.
 
 User data comes as a folder of images with captions from a JSONL or CSV manifest, from
-side-car `.txt` files, or from a COCO-style captions JSON (read by `inputs`). Bad inputs
-never stop a build: each is converted or skipped and counted in a `Report` with example
-paths, logged at the end and written beside the data as `build_report.json`.
+side-car `.txt` files, or from a COCO-style captions JSON (read by `inputs`); sharded data
+from tar or parquet shards (read by `shards`, one machine, no Beam). Bad inputs never stop a
+build: each is converted or skipped and counted in a `Report` with example paths, logged at
+the end and written beside the data as `build_report.json`.
 
 CLI (console script `jaxt2i-build-data`):
      python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
+     python -m jaxt2i.data.builders --data_dir=DIR --input=SHARDS [--source=parquet]
      python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -32,6 +36,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from jaxt2i.data import inputs, shapes
+from jaxt2i.data import shards as shards_lib
 
 REPORT_FILE = "build_report.json"
 INPUTS_FILE = "build_inputs.json"
@@ -134,6 +139,17 @@ class ImageTextConfig(tfds.core.BuilderConfig):
     num_threads: int = 4
 
 
+def _image_text_features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG/JPEG bytes
+        "caption": tfds.features.Text(),
+        "captions": tfds.features.Text(),  # all captions, one per line (COCO)
+        "path": tfds.features.Text(),  # folder builds: the file; shards: 'SHARD:KEY'
+        "width": tfds.features.Scalar(dtype=np.int32),
+        "height": tfds.features.Scalar(dtype=np.int32),
+    })
+
+
 class ImageText(tfds.core.GeneratorBasedBuilder):
     """A user's own images with captions (folder + manifest, side-car text, or COCO)."""
 
@@ -143,16 +159,8 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
-            builder=self,
-            description="Images with captions from a local folder.",
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=(), dtype=np.object_),  # PNG/JPEG bytes
-                "caption": tfds.features.Text(),
-                "captions": tfds.features.Text(),  # all captions, one per line (COCO)
-                "path": tfds.features.Text(),
-                "width": tfds.features.Scalar(dtype=np.int32),
-                "height": tfds.features.Scalar(dtype=np.int32),
-            }))
+            builder=self, description="Images with captions from a local folder.",
+            features=_image_text_features())
 
     @property
     def report(self) -> inputs.Report:
@@ -231,9 +239,232 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
     return ImageText(config=cfg, data_dir=data_dir, file_format="array_record")
 
 
+# --- sharded image-text data (img2dataset output, webdataset tars, parquet) ---------------
+
+
+@dataclasses.dataclass
+class ShardsConfig(tfds.core.BuilderConfig):
+    """Where the shards are, how to read them, and which images to keep.
+
+    Attributes:
+      input: a folder of shards, a glob, a file, or several joined by commas
+        (`shards.list_shards`).
+      source: 'webdataset' (tar shards) or 'parquet'.
+      caption_field: 'auto' (webdataset: the `txt`, `caption` or `text` member, else the JSON
+        member's `caption` / `TEXT` / `text`; parquet: the `txt`, `caption`, `TEXT` or `text`
+        column), a member / column name, or 'json:FIELD' (webdataset).
+      image_field: 'auto' (any image extension / a `jpg`, `png`, `webp`, `image` column) or
+        a name.
+      min_size, small_warn, max_size, val_fraction, num_threads: as in `ImageTextConfig`
+        (the validation split is drawn by a hash of the sample's key).
+      max_aspect: skip images more than this many times wider than high, or the reverse.
+    """
+
+    input: str = ""
+    source: str = "webdataset"
+    caption_field: str = "auto"
+    image_field: str = "auto"
+    min_size: int = 0
+    small_warn: int = 0
+    max_size: int | None = None
+    max_aspect: float = inputs.MAX_ASPECT
+    val_fraction: float = 0.0
+    num_threads: int = 4
+
+
+class ImageTextShards(tfds.core.GeneratorBasedBuilder):
+    """Images with captions from tar (webdataset) or parquet shards, on one machine.
+
+    The same features as `ImageText`; `path` is 'SHARD:KEY'. Every sample read is written or
+    skipped for a counted reason, per shard (`shards.ShardReport`); damaged shards are
+    counted and the build goes on. A key already written is skipped ('duplicate_key'): the
+    first usable sample of a key, in shard order, is kept.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [ShardsConfig(name="default")]
+    code_path = None  # nothing is downloaded, so TFDS needs no checksums file beside us
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self, description="Images with captions from tar or parquet shards.",
+            features=_image_text_features())
+
+    @property
+    def report(self) -> shards_lib.ShardReport:
+        if not hasattr(self, "_report"):
+            self._report = shards_lib.ShardReport()
+        return self._report
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        cfg = self.builder_config
+        paths = shards_lib.list_shards(cfg.input, cfg.source)
+        frac = cfg.val_fraction
+        if frac <= 0:
+            return {"train": self._generate_examples(paths, None, True, True)}
+
+        def is_val(key):
+            return zlib.crc32(key.encode("utf-8")) % 10000 < frac * 10000
+
+        # Each split reads every shard and keeps its own keys; shard problems are counted
+        # once, in the first.
+        return {"train": self._generate_examples(paths, lambda k: not is_val(k), True, False),
+                "validation": self._generate_examples(paths, is_val, False, True)}
+
+    def _samples(self, paths, select, first):
+        """(shard name, Sample, [caption], [events], outcome) of the samples `select`
+        keeps, in order; captions are cleaned here (the report is not shared with threads)."""
+        cfg = self.builder_config
+        report, root = self.report, shards_lib.shard_root(paths)
+        for path in paths:
+            shard = os.path.relpath(path, root)
+            report.shard_counts(shard)  # listed even if nothing in it can be read
+            if first:
+                for status, n in sorted(shards_lib.upstream_stats(path).items()):
+                    report.event(shard, f"img2dataset_{status}", shard, n)
+            for item in shards_lib.read_shard(path, cfg.source, caption_field=cfg.caption_field,
+                                              image_field=cfg.image_field):
+                if isinstance(item, shards_lib.ShardProblem):
+                    if first:
+                        report.event(shard, item.kind, item.detail)
+                    continue
+                if select is not None and not select(item.key):
+                    continue
+                report.count_read(shard)
+                where = f"{shard}:{item.key}"
+                for ev in item.events:
+                    report.event(shard, ev, where)
+                if item.problem:
+                    yield shard, item, None, [], item.problem
+                    continue
+                log = _KindLog()
+                caps = inputs._clean_captions(  # pylint: disable=protected-access
+                    item.captions, where, log)
+                if not caps:
+                    yield shard, item, None, log.kinds[:-1], log.kinds[-1]
+                    continue
+                yield shard, item, caps, log.kinds, None
+
+    def _generate_examples(self, paths, select, first: bool, last: bool):
+        """The examples of one split (`select`: its keys, None: all); `first` counts shard
+        problems, `last` logs the balance of the whole build."""
+        cfg, report = self.builder_config, self.report
+        seen = set()
+
+        def work(entry):
+            shard, item, caps, events, outcome = entry
+            if outcome is not None:
+                return entry, None, (0, 0)
+            data, size, more = inputs.load_image(item.image, min_size=cfg.min_size,
+                                                 max_size=cfg.max_size,
+                                                 max_aspect=cfg.max_aspect)
+            if data is None:
+                return (shard, item, caps, events + more[:-1], more[-1]), None, size
+            return (shard, item, caps, events + more, None), data, size
+
+        entries = self._samples(paths, select, first)
+        for (shard, item, caps, events, outcome), data, (w, h) in _ordered_map(
+                work, entries, max(1, cfg.num_threads)):
+            where = f"{shard}:{item.key}"
+            for ev in events:
+                report.event(shard, ev, where)
+            if outcome is None and item.key in seen:
+                outcome = "duplicate_key"
+            if outcome is not None:
+                report.outcome(shard, outcome, where)
+                continue
+            seen.add(item.key)
+            if cfg.small_warn and min(w, h) < cfg.small_warn:
+                report.event(shard, "small", where)
+            report.outcome(shard, "ok")
+            yield item.key, {"image": data, "caption": caps[0], "captions": "\n".join(caps),
+                             "path": where, "width": w, "height": h}
+        if last:
+            line = report.balance_line()
+            (logging.info if report.balanced else logging.error)("%s", line)
+
+
+class _KindLog:
+    """Collects the kinds `inputs._clean_captions` reports for one sample."""
+
+    def __init__(self):
+        self.kinds: list[str] = []
+
+    def add(self, kind: str, path: str | None = None) -> None:
+        del path
+        self.kinds.append(kind)
+
+
+def _ordered_map(fn, items, threads: int, window: int = 64):
+    """`fn` over `items` on `threads` threads, results in order, at most `window` ahead (a
+    shard stream is not read into memory at once, as `Executor.map` would)."""
+    with futures.ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= max(window, threads):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def shards_builder(data_dir: str, input: str,  # pylint: disable=redefined-builtin
+                   source: str = "webdataset", *, name: str | None = None,
+                   **options) -> ImageTextShards:
+    """An `ImageTextShards` builder for tar or parquet shards (call `build` on it).
+
+    Args:
+      data_dir: TFDS data directory.
+      input: the shards: a folder, a glob, a file, or several joined by commas.
+      source: 'webdataset' or 'parquet'.
+      name: config name; default from the shards' folder name.
+      **options: other `ShardsConfig` fields (caption_field, image_field, min_size,
+        small_warn, max_size, max_aspect, val_fraction, num_threads).
+
+    Returns:
+      The builder (TFDS name 'image_text_shards').
+
+    Raises:
+      ValueError: an unknown source, a field flag that does not fit it, or no shards (one
+        line each); ImportError: parquet without pyarrow (naming the `[data]` extra).
+    """
+    shards_lib.check_fields(source, options.get("caption_field", "auto"),
+                            options.get("image_field", "auto"))
+    paths = shards_lib.list_shards(input, source)
+    if name is None:
+        base = os.path.basename(shards_lib.shard_root(paths)).lower() or "default"
+        name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
+    cfg = ShardsConfig(name=name, input=input, source=source, **options)
+    return ImageTextShards(config=cfg, data_dir=data_dir, file_format="array_record")
+
+
+def _input_files(builder) -> tuple[str, list[str]] | None:
+    """(folder that names are relative to, the files a build reads), or None (shapes)."""
+    cfg = builder.builder_config
+    if isinstance(builder, ImageText):
+        paths = [cfg.manifest] if cfg.manifest else []
+        for dirpath, dirnames, names in os.walk(cfg.root):
+            dirnames.sort()
+            paths.extend(os.path.join(dirpath, x) for x in sorted(names))
+        return cfg.root, paths
+    if isinstance(builder, ImageTextShards):
+        try:
+            paths = shards_lib.list_shards(cfg.input, cfg.source)
+        except ValueError:
+            return "", []
+        stats = []
+        for p in paths:
+            stem = p[:-len(".parquet")] if p.endswith(".parquet") else p.rsplit(".tar", 1)[0]
+            stats.append(stem + "_stats.json")  # its upstream counts are in the report
+        return shards_lib.shard_root(paths), paths + [p for p in stats if os.path.exists(p)]
+    return None
+
+
 def build_inputs(builder: tfds.core.DatasetBuilder) -> dict:
     """What a build was made from: the builder's options and, for a user's folder, a digest of
-    every file under it (path, size, modification time) and of the manifest.
+    every file under it (path, size, modification time) and of the manifest; for shards, of
+    every shard (and img2dataset's `_stats.json` beside it).
 
     Stored beside the data (`build_inputs.json`); a later build of the same name whose
     inputs differ is refused instead of returning the old data as new.
@@ -246,20 +477,20 @@ def build_inputs(builder: tfds.core.DatasetBuilder) -> dict:
     for k, v in sorted(options.items()):
         if k in ("root", "manifest") and v:
             v = os.path.abspath(v)
+        if k == "input" and v:
+            v = ",".join(os.path.abspath(p) for p in v.split(",") if p)
         record["options"][k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-    if isinstance(builder, ImageText):
+    files = _input_files(builder)
+    if files is not None:
+        base, paths = files
         h, n = hashlib.sha256(), 0
-        paths = [cfg.manifest] if cfg.manifest else []
-        for dirpath, dirnames, names in os.walk(cfg.root):
-            dirnames.sort()
-            paths.extend(os.path.join(dirpath, x) for x in sorted(names))
         for path in paths:
             try:
                 st = os.stat(path)
             except OSError:
                 continue
             n += 1
-            h.update(f"{os.path.relpath(path, cfg.root)}\0{st.st_size}\0{st.st_mtime_ns}\n"
+            h.update(f"{os.path.relpath(path, base)}\0{st.st_size}\0{st.st_mtime_ns}\n"
                      .encode("utf-8", "surrogateescape"))
         record["files"] = {"count": n, "sha256": h.hexdigest()}
     return record
@@ -282,7 +513,7 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False) -> inputs
     """Generates a dataset (if not already built from the same inputs) and returns its report.
 
     Args:
-      builder: from `shapes_builder` or `image_text_builder`.
+      builder: from `shapes_builder`, `image_text_builder` or `shards_builder`.
       rebuild: replace an existing build of the same name whose inputs differ (by default
         that is refused with a ValueError naming the difference).
 
@@ -378,6 +609,8 @@ def _remove_empty_tree(path: str) -> None:
 def _saved_report(version_dir: str) -> inputs.Report:
     report = inputs.Report()
     saved = _read_json(os.path.join(version_dir, REPORT_FILE))
+    if saved and "read" in saved:  # a shard build's
+        return shards_lib.ShardReport.from_json(saved)
     if saved:
         report.counts.update(saved["counts"])
         report.examples.update(saved["examples"])

@@ -1,7 +1,9 @@
-"""`python -m jaxt2i.data.builders` (console script `jaxt2i-build-data`): build the shapes world
-or a folder of captioned images into a TFDS data dir.
+"""`python -m jaxt2i.data.builders` (console script `jaxt2i-build-data`): build the shapes world,
+a folder of captioned images, or tar / parquet shards (img2dataset's output) into a TFDS data
+dir.
 
     python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
+    python -m jaxt2i.data.builders --data_dir=DIR --input=SHARDS [--source=parquet]
     python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
 
 Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name.
@@ -11,7 +13,10 @@ from __future__ import annotations
 
 import os
 
-from jaxt2i.data.builders import build, image_text_builder, shapes_builder
+from jaxt2i.data.builders import build, image_text_builder, shapes_builder, shards_builder
+
+_SHARD_FLAGS = ("source", "caption_field", "image_field", "max_aspect")
+_ROOT_FLAGS = ("manifest", "format")
 
 
 def _define_flags() -> None:
@@ -24,19 +29,31 @@ def _define_flags() -> None:
     flags.DEFINE_string("manifest", None, "JSONL / CSV / COCO JSON captions of --root; none: "
                         "side-car .txt files.")
     flags.DEFINE_string("format", "auto", "Manifest format: auto, jsonl, csv, coco or txt.")
+    flags.DEFINE_string("input", None, "Build tar or parquet shards (img2dataset's output): a "
+                        "folder, a glob (DIR/*.tar) or files joined by commas.")
+    flags.DEFINE_enum("source", "webdataset", ["webdataset", "parquet"], "Layout of --input: "
+                      "tar shards (webdataset) or parquet files with the image bytes.")
+    flags.DEFINE_string("caption_field", "auto", "Caption of --input: auto, a member / column "
+                        "name (txt, caption) or json:FIELD (a field of each sample's .json).")
+    flags.DEFINE_string("image_field", "auto", "Image of --input: auto (any image extension; "
+                        "parquet: jpg / png / webp / image column) or a name.")
+    flags.DEFINE_float("max_aspect", 5.0, "Skip --input images more than this many times "
+                       "wider than high, or the reverse.")
     flags.DEFINE_string("name", None, "Config name (default: the folder's name).")
     flags.DEFINE_integer("min_size", 0, "Skip smaller images (px).")
     flags.DEFINE_integer("small_warn", 0, "Count images below this size (px).")
     flags.DEFINE_integer("max_size", None, "Downscale larger images (px).")
-    flags.DEFINE_float("val_fraction", 0.0, "Fraction of --root's examples in a validation "
-                       "split.")
+    flags.DEFINE_float("val_fraction", 0.0, "Fraction of --root's / --input's examples in a "
+                       "validation split.")
     flags.DEFINE_boolean("rebuild", False, "Replace an earlier build of the same name whose "
                          "inputs or options differ (refused by default).")
     flags.mark_flag_as_required("data_dir")
-    flags.mark_flags_as_mutual_exclusive(["shapes", "root"], required=True)
+    flags.mark_flags_as_mutual_exclusive(["shapes", "root", "input"], required=True)
+
 
 def main(argv) -> None:
-    """Builds the shapes world or a user's folder into a TFDS data dir, as the flags say."""
+    """Builds the shapes world, a user's folder or shards into a TFDS data dir, as the flags
+    say."""
     from absl import flags
 
     from jaxt2i.config import ConfigError
@@ -47,6 +64,14 @@ def main(argv) -> None:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     if F.root and not os.path.isdir(F.root):  # before TFDS starts (and logs) anything
         raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
+    for names, needs in ((_SHARD_FLAGS, "input"), (_ROOT_FLAGS, "root")):
+        for name in names:
+            if F[name].present and not F[needs].value:
+                raise ConfigError(f"--{name} applies to --{needs} only; drop it or pass "
+                                  f"--{needs}")
+    if F.input and not F.max_aspect >= 1:
+        raise ConfigError(f"--max_aspect={F.max_aspect} must be at least 1 (5 skips strips "
+                          "more than five times wider than high)")
     try:
         if F.shapes:
             parts = F.shapes.split(":")
@@ -58,6 +83,14 @@ def main(argv) -> None:
                 raise ValueError(f"--shapes resolution {n[0]} must be between 8 and 4096 px")
             builder = shapes_builder(F.data_dir, n[0], n[1], test_size=n[2],
                                      held_out_size=n[3], seed=n[4])
+        elif F.input:
+            try:
+                builder = shards_builder(
+                    F.data_dir, F.input, F.source, name=F.name, caption_field=F.caption_field,
+                    image_field=F.image_field, min_size=F.min_size, small_warn=F.small_warn,
+                    max_size=F.max_size, max_aspect=F.max_aspect, val_fraction=F.val_fraction)
+            except ImportError as e:  # parquet without pyarrow: names the extra
+                raise ConfigError(str(e)) from None
         else:
             builder = image_text_builder(
                 F.data_dir, F.root, F.manifest, name=F.name, format=F.format,
