@@ -133,3 +133,19 @@ def test_train_and_mfu_end_to_end_with_a_stand_in_anchor(tmp_path):
         assert 0.8 < mine["xla_over_analytic"] < 1.5
         assert mine["compile_s"] > 0 and mine["peak_rss_mb"] > 100
     assert data["meta"]["imagen_pytorch"] == {"torch": "fake"}
+
+
+def test_a_timed_out_job_keeps_what_it_reported():
+    """A job stopped by --timeout used to lose everything it had measured (a 30 min quality
+    run came back empty); the runner now keeps its last tagged partial result."""
+    import sys
+
+    from jaxt2i.bench.runner import CHILD_TAG, _run
+
+    code = (f"import json, time; print({CHILD_TAG!r} + json.dumps({{'rows': [1, 2]}}), "
+            "flush=True); time.sleep(60)")
+    out = _run([sys.executable, "-c", code], None, 5, CHILD_TAG, lambda d: d)
+    assert out["rows"] == [1, 2] and out["error"].startswith("timed out after 5 s")
+    out = _run([sys.executable, "-c", "import time; time.sleep(60)"], None, 2, CHILD_TAG,
+               lambda d: d)
+    assert set(out) == {"error"}

@@ -429,7 +429,8 @@ QUALITY_SAMPLERS = ("dpmpp_2m", "dpmpp_3m", "heun", "euler", "ddim")
 QUALITY_STEPS = (10, 15)
 
 
-def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None = None) -> dict:
+def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None = None,
+                report=None) -> dict:
     """Shapes-evaluator scores of the demo cascade: each of `QUALITY_SAMPLERS` at each of
     `QUALITY_STEPS` steps (quick: DPM-Solver++ 2M / 3M at 10) against DPM-Solver++(2M) at 25
     steps, the same prompts and seeds for all; `nfe` counts denoiser calls (Heun's n steps make
@@ -445,6 +446,7 @@ def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None 
                                  for s in (("dpmpp_2m", "dpmpp_3m") if quick
                                            else QUALITY_SAMPLERS)]
     rows = []
+    out = {"num_prompts_per_split": n, "stages": k, "rows": rows}
     for sampler, steps in runs:
         settings = cascade.settings([{"sampler": sampler, "steps": steps}] * k, num_stages=k)
         r = evaluate_cascade(cascade, splits=("held_out", "test"), num_prompts=n,
@@ -452,8 +454,10 @@ def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None 
         rows.append({"name": f"{sampler}_{steps}", "sampler": sampler, "steps": steps,
                      "nfe": 2 * steps - 1 if sampler == "heun" else steps,
                      "results": r["results"], "seconds": r["seconds"]})
-    return {"num_prompts_per_split": n, "stages": k, "image_size": r["image_size"],
-            "rows": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
+        out.update(image_size=r["image_size"], peak_rss_mb=round(peak_rss_mb(), 1))
+        if report is not None:  # what is done survives a timeout
+            report({**out, "partial": f"{len(rows)} of {len(runs)} runs"})
+    return out
 
 
 JOBS = {
@@ -464,5 +468,6 @@ JOBS = {
     "sample_sr": lambda q, o: job_sample("sample_sr", q, o.get("tiny", False)),
     "cascade": lambda q, o: job_cascade(q, o.get("cascade_steps", 4), o.get("tiny", False)),
     "memory_paper": lambda q, o: job_memory_paper(q, o.get("memory_batch"), o.get("tiny", False)),
-    "quality": lambda q, o: job_quality(q, o.get("quality_prompts"), o.get("quality_stages")),
+    "quality": lambda q, o: job_quality(q, o.get("quality_prompts"), o.get("quality_stages"),
+                                        o.get("report")),
 }

@@ -85,8 +85,13 @@ def _run(cmd, env, timeout, tag, pick) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s: {' '.join(cmd)}"}
+    except subprocess.TimeoutExpired as e:
+        error = {"error": f"timed out after {timeout} s: {' '.join(cmd)}"}
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        lines = [ln for ln in out.splitlines() if ln.startswith(tag)]
+        if lines:  # a job that reports as it goes (quality): keep what it finished
+            return {**pick(json.loads(lines[-1][len(tag):])), **error}
+        return error
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(tag)]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
@@ -286,12 +291,15 @@ def report(phase: str, ours: dict, theirs: dict) -> tuple[str, dict]:
 
 
 def run_job(job: str, quick: bool, opts: dict) -> dict:
-    """Runs one job in this process (the child side of `run_child`)."""
+    """Runs one job in this process (the child side of `run_child`). Jobs that report partial
+    results as they go (`opts['report']`) print them tagged like the final one, so a job
+    stopped by the timeout still gives what it finished."""
     from jaxt2i.bench.jobs import JOBS
 
     if job not in JOBS:
         raise ConfigError(f"unknown --job {job!r}; one of {', '.join(JOBS)}")
-    return JOBS[job](quick, opts)
+    report = lambda partial: print(CHILD_TAG + json.dumps(partial), flush=True)  # noqa: E731
+    return JOBS[job](quick, {**opts, "report": report})
 
 
 def run_benchmarks(phases, opts: dict, *, quick: bool, timeout: int,
