@@ -262,7 +262,9 @@ def test_default_is_the_bundled_demo_cascade(tmp_path):
 
 def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
     """Issue #23: with the bundled demo, a Chinese prompt became one <unk> (the same images as
-    any other unknown text) without a word; now it is one line naming the prompt and characters."""
+    any other unknown text) without a word; now it is one line naming the prompt and characters.
+    Issue #28: the line says what the demo draws, with a Chinese example it honestly cannot read
+    yet, and names the multilingual encoders a real model would need."""
     out = tmp_path / "out"
     r = _cli("--prompt=一只可爱的猫", "--num_images=2", f"--out={out}")
     assert r.returncode == 2, r.stderr[-2000:]
@@ -271,6 +273,12 @@ def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
     assert lines[0].startswith("error: prompt '一只可爱的猫'")
     assert "'一', '只', '可', '爱', '的', '猫'" in lines[0]
     assert "the bundled demo encoder knows only the shapes-world English vocabulary" in lines[0]
+    assert ("the demo draws coloured shapes on plain backgrounds from English prompts such as "
+            "'a red circle above a blue square' and cannot read Chinese yet") in lines[0]
+    assert "'一个红色的圆形在一个蓝色的正方形上面'" in lines[0]
+    assert lines[0].endswith("sample a real model (--checkpoint=DIR), for Chinese one trained "
+                             "with a multilingual text encoder: mT5, umT5 or ByT5 (see "
+                             "docs/text-encoder.md)")
     assert not list(tmp_path.rglob("*.png")) and not (out / "sample.json").exists()
 
 
