@@ -315,6 +315,66 @@ def test_eval_cli(cascade_dir, tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
+def _eval(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxt2i.eval", *map(str, args)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_cli_languages(cascade_dir, tmp_path):
+    """Issue #28: `--language=both` on a cascade whose encoder reads no Chinese (the tiny
+    cascade's, the bundled one) is one line before any sampling; `--renders_only` scores the
+    same scenes' true renders against English and Chinese prompts side by side."""
+    r = _eval(f"--checkpoint={cascade_dir}", "--language=both", "--num_prompts=2",
+              f"--out={tmp_path / 'refused'}")
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("error: --language=both: prompt '"), lines[0]
+    assert "cannot read Chinese yet" in lines[0] and "'一个红色的圆形在一个蓝色的正方形上面'" in lines[0]
+    assert lines[0].endswith("evaluate English prompts with --language=en, or score the true "
+                             "renders alone with --renders_only"), lines[0]
+    assert not list(tmp_path.rglob("*.png"))
+
+    out = tmp_path / "renders"
+    r = _eval(f"--checkpoint={cascade_dir}", "--language=both", "--renders_only",
+              "--num_prompts=4", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["language"] == "both" and record["renders_only"] and record["image_size"] == 32
+    rows = record["results"]
+    assert list(rows) == ["held_out (true renders)", "held_out (zh, true renders)",
+                          "test (true renders)", "test (zh, true renders)"]
+    assert all(row["n"] == 4 and row["whole"] == 1.0 for row in rows.values()), rows
+    assert "4 prompts per split (English and Chinese), 32 px, true renders only" in r.stdout
+    assert re.search(r"^held_out \(zh, true renders\)\s+100\.0%", r.stdout, re.M), r.stdout
+    zh = [json.loads(x)["prompt"] for x in (out / "held_out_zh.jsonl").read_text().splitlines()]
+    en = [json.loads(x)["prompt"] for x in (out / "held_out.jsonl").read_text().splitlines()]
+    from jaxt2i.data import shapes
+
+    assert [shapes.parse_caption(p) for p in zh] == [shapes.parse_caption(p) for p in en]
+    assert all(re.search("[\u4e00-\u9fff]", p) for p in zh)
+
+    bad = _eval(f"--checkpoint={cascade_dir}", "--language=fr")
+    lines = [line for line in bad.stderr.strip().splitlines() if line.strip()]
+    assert bad.returncode != 0 and len(lines) == 1 and "--language" in lines[0], bad.stderr
+
+
+def test_eval_language_commands_of_the_docs():
+    """docs/sampling.md: `python -m jaxt2i.eval --language=both --renders_only` (the detector
+    on the bundled demo's scenes in both languages) and `python -m jaxt2i.eval --language=zh`
+    (the demo reads no Chinese: one line)."""
+    r = _eval("--language=both", "--renders_only")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["results"]
+    assert set(rows) == {"held_out (true renders)", "held_out (zh, true renders)",
+                         "test (true renders)", "test (zh, true renders)"}
+    assert all(row["n"] == 100 and row["whole"] == 1.0 for row in rows.values()), rows
+    r = _eval("--language=zh")
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: --language=zh: prompt '") and "cannot read Chinese" in (
+        lines[0])
+
+
 def test_eval_aug_level_sweep_cli(cascade_dir, tmp_path):
     """docs/evaluation: `python -m jaxt2i.eval --aug_levels=...` prints one row per split and
     level and writes them into its JSON record; a bad level is one line."""
