@@ -454,6 +454,17 @@ def test_captions_the_bundled_encoder_cannot_read_stop_training_in_one_line(tmp_
     assert "\n" not in str(e.value)
 
 
+def test_chinese_shapes_captions_stop_the_bundled_encoder_in_one_line(tmp_path):
+    """data.caption_language=zh with the bundled demo encoder (English shapes words only):
+    training stops at the first batch, in one line naming a caption and the fix."""
+    cfg = _cfg(num_steps=2, log_every=1, save_every=0, batch_size=2)
+    cfg.data.caption_language = "zh"
+    with pytest.raises(ConfigError, match=r"^data: prompt '.*' has text the tokenizer does not "
+                                          r"know: .*cannot read Chinese yet.*use a real T5") as e:
+        train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], progress=False)
+    assert "\n" not in str(e.value)
+
+
 def test_cadence_decides_log_save_sample_and_the_end_alone():
     """The loop's schedule is data: which actions follow each step, without a model."""
     from jaxt2i.train import Cadence
