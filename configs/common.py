@@ -64,6 +64,10 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     # Scene-kind mix of the on-the-fly shapes world, e.g. 'single=0.1,relation=0.45,count=0.1,
     # and=0.35' (weights; kinds left out get none); '' is the world's default mix.
     c.data.shapes_kinds = ""
+    # Caption language of the on-the-fly shapes world: 'en', 'zh' (Chinese) or 'both' (each
+    # example's language drawn from a stream of its own, so the English examples are those of
+    # an 'en' run). Chinese needs a text encoder that reads it (mT5 / umT5 / ByT5).
+    c.data.caption_language = "en"
     c.data.random_crop = False
     c.data.seed = 0
     c.data.worker_count = 0

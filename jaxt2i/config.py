@@ -85,6 +85,7 @@ CHOICES: dict[str, Any] = {
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
     "sample.thresholding": _lazy("jaxt2i.diffusion", "THRESHOLDINGS"),
     "sample.spacing": _lazy("jaxt2i.diffusion", "GRID_SPACINGS"),
+    "data.caption_language": _lazy("jaxt2i.data.shapes", "CAPTION_LANGUAGES"),
     "train.optimizer": _lazy("jaxt2i.train_state", "OPTIMIZERS"),
     "train.schedule": _lazy("jaxt2i.train_state", "SCHEDULES"),
 }

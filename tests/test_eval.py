@@ -1,6 +1,7 @@
 """Tests of the shapes detector and prompt scorer."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -132,7 +133,8 @@ class _RenderingCascade:
 def _scenes(num, seed=0):
     from jaxt2i.eval.evaluate import eval_prompts
 
-    return {c: s for split in ("held_out", "test") for s, c in eval_prompts(split, num, seed)}
+    return {c: s for split in ("held_out", "test") for lang in shapes.LANGUAGES
+            for s, c in eval_prompts(split, num, seed, lang)}
 
 
 def test_eval_prompts_respect_the_splits():
@@ -210,3 +212,102 @@ def test_true_lowres_separates_a_lossy_sr_stage_from_the_base_resolution(tmp_pat
         assert lines == res["per_image"][f"{split}_sr_true"] and len(lines) == 12
         assert all(f.endswith(" circle") for x in lines for f in x["found"])
         assert (tmp_path / f"{split}_sr_true.png").exists()
+
+
+# --- prompts in Chinese (issue #28) -------------------------------------------------------
+
+
+def test_score_reads_chinese_prompts():
+    scene = {"kind": "relation", "background": "white",
+             "relation": {"subject": 0, "relation": "above", "object": 1},
+             "objects": [{"shape": "circle", "colour": "red", "size": "large", "x": 0.5,
+                          "y": 0.25, "r": 0.16},
+                         {"shape": "square", "colour": "blue", "size": "small", "x": 0.5,
+                          "y": 0.75, "r": 0.1}]}
+    img = shapes.render(scene, 64)
+    for zh, en in [("一个红色的圆形在一个蓝色的正方形上面", "a red circle above a blue square"),
+                   ("一个蓝色的小正方形上面有一个红色的大圆形", "a large red circle above a small "
+                                                             "blue square"),
+                   ("一个红色的圆形在一个蓝色的正方形下面", "a red circle below a blue square"),
+                   ("一颗红色的星星在一个蓝色的正方形上面", "a red star above a blue square"),
+                   ("黑色背景上的三个红色的圆形", "three red circles on a black background")]:
+        assert detector.score(img, zh) == detector.score(img, en), zh
+    assert detector.score(img, "一个红色的圆形在一个蓝色的正方形上面")["whole"] is True
+    with pytest.raises(ValueError, match="unknown words '只可爱', '猫'"):
+        detector.score(img, "一只可爱的猫")
+
+
+@pytest.mark.parametrize("split", shapes.SPLITS)
+def test_eval_prompts_in_chinese_are_the_same_scenes(split):
+    from jaxt2i.eval.evaluate import eval_prompts
+
+    en, zh = eval_prompts(split, 60, 3), eval_prompts(split, 60, 3, language="zh")
+    assert [s for s, _ in zh] == [s for s, _ in en]
+    for (scene, e), (_, z) in zip(en, zh):
+        assert shapes.parse_caption(z) == shapes.parse_caption(e), (e, z)
+        assert shapes.prompt_is_held_out(z) == (split == "held_out")
+        img = shapes.render(scene, 64)
+        assert detector.score(img, z) == detector.score(img, e)
+    with pytest.raises(ConfigError, match="--language: 'fr' is not one of"):
+        eval_prompts(split, 2, language="fr")
+
+
+def test_evaluate_cascade_in_both_languages_side_by_side(tmp_path):
+    """--language=both prompts the same scenes in English and Chinese with the same sampling
+    seeds: rows '<split> (zh)' beside '<split>', and equal scores for equal images."""
+    from jaxt2i.eval.evaluate import evaluate_cascade, format_table
+
+    scenes = _scenes(6)
+    wrong = _RenderingCascade(scenes, recolour="yellow")
+    res = evaluate_cascade(wrong, num_prompts=6, batch_size=4, reference=True, language="both",
+                           out=str(tmp_path), progress=False)
+    rows = res["results"]
+    assert list(rows) == ["held_out", "held_out (true renders)", "held_out (zh)",
+                          "held_out (zh, true renders)", "test", "test (true renders)",
+                          "test (zh)", "test (zh, true renders)"]
+    for split in ("held_out", "test"):
+        assert rows[f"{split} (zh)"] == rows[split] and rows[split]["n"] == 6
+        assert rows[f"{split} (zh, true renders)"]["whole"] == 1.0
+        lines = [json.loads(x) for x in (tmp_path / f"{split}_zh.jsonl").read_text().splitlines()]
+        assert lines == res["per_image"][f"{split}_zh"] and len(lines) == 6
+        assert all(re.search("[\u4e00-\u9fff]", x["prompt"]) for x in lines)
+        assert (tmp_path / f"{split}_zh.png").exists() and (tmp_path / f"{split}.png").exists()
+    seeds = [s for _, s in wrong.calls]  # 2 batches per split and language
+    assert seeds[0:2] == seeds[2:4] and seeds[4:6] == seeds[6:8] and seeds[0:2] != seeds[4:6]
+    assert "held_out (zh, true renders)" in format_table(rows)
+    zh_only = evaluate_cascade(_RenderingCascade(scenes), num_prompts=6, batch_size=4,
+                               language="zh", progress=False)
+    assert list(zh_only["results"]) == ["held_out (zh)", "test (zh)"]
+    with pytest.raises(ConfigError, match="--language='fr' is not one of en, zh, both"):
+        evaluate_cascade(wrong, num_prompts=2, language="fr", progress=False)
+
+
+class _EnglishOnlyCascade(_RenderingCascade):
+    """Refuses Chinese prompts the way the bundled demo encoder's tokenizer does."""
+
+    def check_prompts(self, prompts):
+        for p in prompts:
+            if re.search("[\u4e00-\u9fff]", p):
+                raise ConfigError(f"prompt {p!r} has text the tokenizer does not know")
+
+
+def test_chinese_prompts_the_encoder_cannot_read_stop_before_sampling():
+    from jaxt2i.eval.evaluate import evaluate_cascade
+
+    cascade = _EnglishOnlyCascade(_scenes(4))
+    for language in ("zh", "both"):
+        with pytest.raises(ConfigError, match=rf"^--language={language}: prompt '.*' has text "
+                           r"the tokenizer does not know; evaluate English prompts with "
+                           r"--language=en, or score the true renders alone with "
+                           r"--renders_only$"):
+            evaluate_cascade(cascade, num_prompts=4, language=language, progress=False)
+    assert cascade.calls == []  # refused before any sampling, English included
+    res = evaluate_cascade(cascade, num_prompts=4, language="both", renders_only=True,
+                           progress=False, num_stages=1)
+    assert cascade.calls == [] and res["image_size"] == 16
+    assert list(res["results"]) == ["held_out (true renders)", "held_out (zh, true renders)",
+                                    "test (true renders)", "test (zh, true renders)"]
+    assert all(r["n"] == 4 for r in res["results"].values())
+    with pytest.raises(ConfigError, match="--renders_only samples nothing"):
+        evaluate_cascade(cascade, num_prompts=2, renders_only=True, true_lowres=True,
+                         progress=False)

@@ -262,7 +262,9 @@ def test_default_is_the_bundled_demo_cascade(tmp_path):
 
 def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
     """Issue #23: with the bundled demo, a Chinese prompt became one <unk> (the same images as
-    any other unknown text) without a word; now it is one line naming the prompt and characters."""
+    any other unknown text) without a word; now it is one line naming the prompt and characters.
+    Issue #28: the line says what the demo draws, with a Chinese example it honestly cannot read
+    yet, and names the multilingual encoders a real model would need."""
     out = tmp_path / "out"
     r = _cli("--prompt=一只可爱的猫", "--num_images=2", f"--out={out}")
     assert r.returncode == 2, r.stderr[-2000:]
@@ -271,6 +273,12 @@ def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
     assert lines[0].startswith("error: prompt '一只可爱的猫'")
     assert "'一', '只', '可', '爱', '的', '猫'" in lines[0]
     assert "the bundled demo encoder knows only the shapes-world English vocabulary" in lines[0]
+    assert ("the demo draws coloured shapes on plain backgrounds from English prompts such as "
+            "'a red circle above a blue square' and cannot read Chinese yet") in lines[0]
+    assert "'一个红色的圆形在一个蓝色的正方形上面'" in lines[0]
+    assert lines[0].endswith("sample a real model (--checkpoint=DIR), for Chinese one trained "
+                             "with a multilingual text encoder: mT5, umT5 or ByT5 (see "
+                             "docs/text-encoder.md)")
     assert not list(tmp_path.rglob("*.png")) and not (out / "sample.json").exists()
 
 
@@ -305,6 +313,66 @@ def test_eval_cli(cascade_dir, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--true_lowres needs a super-resolution stage" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def _eval(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "jaxt2i.eval", *map(str, args)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_cli_languages(cascade_dir, tmp_path):
+    """Issue #28: `--language=both` on a cascade whose encoder reads no Chinese (the tiny
+    cascade's, the bundled one) is one line before any sampling; `--renders_only` scores the
+    same scenes' true renders against English and Chinese prompts side by side."""
+    r = _eval(f"--checkpoint={cascade_dir}", "--language=both", "--num_prompts=2",
+              f"--out={tmp_path / 'refused'}")
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert lines[0].startswith("error: --language=both: prompt '"), lines[0]
+    assert "cannot read Chinese yet" in lines[0] and "'一个红色的圆形在一个蓝色的正方形上面'" in lines[0]
+    assert lines[0].endswith("evaluate English prompts with --language=en, or score the true "
+                             "renders alone with --renders_only"), lines[0]
+    assert not list(tmp_path.rglob("*.png"))
+
+    out = tmp_path / "renders"
+    r = _eval(f"--checkpoint={cascade_dir}", "--language=both", "--renders_only",
+              "--num_prompts=4", f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["language"] == "both" and record["renders_only"] and record["image_size"] == 32
+    rows = record["results"]
+    assert list(rows) == ["held_out (true renders)", "held_out (zh, true renders)",
+                          "test (true renders)", "test (zh, true renders)"]
+    assert all(row["n"] == 4 and row["whole"] == 1.0 for row in rows.values()), rows
+    assert "4 prompts per split (English and Chinese), 32 px, true renders only" in r.stdout
+    assert re.search(r"^held_out \(zh, true renders\)\s+100\.0%", r.stdout, re.M), r.stdout
+    zh = [json.loads(x)["prompt"] for x in (out / "held_out_zh.jsonl").read_text().splitlines()]
+    en = [json.loads(x)["prompt"] for x in (out / "held_out.jsonl").read_text().splitlines()]
+    from jaxt2i.data import shapes
+
+    assert [shapes.parse_caption(p) for p in zh] == [shapes.parse_caption(p) for p in en]
+    assert all(re.search("[\u4e00-\u9fff]", p) for p in zh)
+
+    bad = _eval(f"--checkpoint={cascade_dir}", "--language=fr")
+    lines = [line for line in bad.stderr.strip().splitlines() if line.strip()]
+    assert bad.returncode != 0 and len(lines) == 1 and "--language" in lines[0], bad.stderr
+
+
+def test_eval_language_commands_of_the_docs():
+    """docs/sampling.md: `python -m jaxt2i.eval --language=both --renders_only` (the detector
+    on the bundled demo's scenes in both languages) and `python -m jaxt2i.eval --language=zh`
+    (the demo reads no Chinese: one line)."""
+    r = _eval("--language=both", "--renders_only")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])["results"]
+    assert set(rows) == {"held_out (true renders)", "held_out (zh, true renders)",
+                         "test (true renders)", "test (zh, true renders)"}
+    assert all(row["n"] == 100 and row["whole"] == 1.0 for row in rows.values()), rows
+    r = _eval("--language=zh")
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: --language=zh: prompt '") and "cannot read Chinese" in (
+        lines[0])
 
 
 def test_eval_aug_level_sweep_cli(cascade_dir, tmp_path):

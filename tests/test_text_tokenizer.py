@@ -59,6 +59,14 @@ def test_closed_vocabulary_refuses_unknown_characters(closed, prompt):
     msg = str(e.value)
     assert "\n" not in msg and repr(prompt) in msg
     assert "the bundled demo encoder knows only the shapes-world English vocabulary" in msg
+    # what the demo draws, with an example in the prompt's language, and the way further
+    assert "the demo draws coloured shapes on plain backgrounds" in msg
+    assert "'a red circle above a blue square'" in msg and "--checkpoint=DIR" in msg
+    chinese = "一个红色的圆形在一个蓝色的正方形上面"
+    assert (chinese in msg) == ("猫" in prompt) and ("cannot read Chinese yet" in msg) == (
+        "猫" in prompt)
+    if "猫" in prompt:
+        assert "mT5, umT5 or ByT5 (see docs/text-encoder.md)" in msg
     chars, _ = closed.unknown_text(prompt)
     assert chars == _unknown(prompt) and chars
     for c in chars:

@@ -292,6 +292,35 @@ def test_scene_kind_mix_is_refused_where_it_cannot_apply(tmp_path):
         _pipeline(trainer, cfg)
 
 
+def test_caption_language_reaches_the_shapes_source_and_is_refused_elsewhere(tmp_path):
+    """data.caption_language (issue #28): the on-the-fly shapes world captions in English,
+    Chinese or both; another source or a text cache (English captions) is refused in one line
+    naming the value and the fix, and an unknown language by the config check."""
+    from types import SimpleNamespace
+
+    from jaxt2i.config import validate
+    from jaxt2i.train.loop import _pipeline, _source
+
+    trainer = SimpleNamespace(unet_cfg=SimpleNamespace(image_size=16, lowres_size=0))
+    cfg = _cfg()
+    assert cfg.data.caption_language == "en" and _source(trainer, cfg).language == "en"
+    cfg.data.caption_language = "both"
+    src = _source(trainer, cfg)
+    assert src.language == "both" and {src.language_at(i) for i in range(20)} == {"en", "zh"}
+    cfg.data.source = str(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.caption_language='both' applies only to "
+                                          r"data.source='shapes' .*unset it$"):
+        _pipeline(trainer, cfg)
+    cfg.data.source = "shapes"
+    cfg.text.cache = str(tmp_path / "cache")
+    with pytest.raises(ConfigError, match=r"built from English captions.*unset text.cache$"):
+        _pipeline(trainer, cfg)
+    cfg.data.caption_language = "fr"
+    with pytest.raises(ConfigError, match=r"data.caption_language='fr' is not allowed.*en, zh, "
+                                          r"both"):
+        validate(cfg)
+
+
 def test_adafactor_state_shards_on_fsdp_mesh():
     """Adafactor's factored statistics have other shapes than their params: they replicate,
     moments shaped like params follow the params' sharding, and a step runs."""
@@ -421,6 +450,17 @@ def test_captions_the_bundled_encoder_cannot_read_stop_training_in_one_line(tmp_
     cfg = _cfg(num_steps=2, log_every=1, save_every=0, batch_size=2)
     cfg.data.source = str(b.data_path)
     with pytest.raises(ConfigError, match=r"^data: .*一只可爱的.*use a real T5") as e:
+        train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_chinese_shapes_captions_stop_the_bundled_encoder_in_one_line(tmp_path):
+    """data.caption_language=zh with the bundled demo encoder (English shapes words only):
+    training stops at the first batch, in one line naming a caption and the fix."""
+    cfg = _cfg(num_steps=2, log_every=1, save_every=0, batch_size=2)
+    cfg.data.caption_language = "zh"
+    with pytest.raises(ConfigError, match=r"^data: prompt '.*' has text the tokenizer does not "
+                                          r"know: .*cannot read Chinese yet.*use a real T5") as e:
         train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1], progress=False)
     assert "\n" not in str(e.value)
 

@@ -6,8 +6,11 @@ world. Everything is a pure function of a seed: `ShapesSource(resolution, size, 
 seed)[i]` is the same image and caption on every machine, with no build step.
 
 Captions come from several templates and always mention every object, so a caption can be
-checked against the image (`jaxt2i.eval.detector`). `parse_caption` turns a caption or
-user prompt back into its structured form. Some colour-shape pairs and some stated
+checked against the image (`jaxt2i.eval.detector`). They are English by default or Chinese
+(`caption(..., language='zh')`, `ShapesSource(..., language='zh' | 'both')`), written as a
+native speaker would ('一个红色的圆形在一个蓝色的正方形上面', '两个绿色的三角形').
+`parse_caption` turns a caption or user prompt in either language back into its structured
+form. Some colour-shape pairs and some stated
 relations are held out of the 'train' and 'test' splits and make up the 'held_out' split,
 which measures compositional generalisation.
 
@@ -42,6 +45,23 @@ SIZE_THRESHOLD = math.sqrt(SIZES["small"] * SIZES["large"])  # what the detector
 RELATIONS = ("left of", "right of", "above", "below")
 SPLITS = ("train", "test", "held_out")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+LANGUAGES = ("en", "zh")  # caption languages
+CAPTION_LANGUAGES = LANGUAGES + ("both",)  # what ShapesSource (data.caption_language) takes
+_LANGUAGE_STREAM = 0x5A48  # seeds 'both' sources' per-example language draw
+
+# Chinese captions: the words a native speaker writes. Stars take the measure word 颗 (一颗星星),
+# every other shape 个; 两 (not 二) counts two things.
+ZH_SHAPES = {"circle": "圆形", "square": "正方形", "triangle": "三角形", "star": "星星",
+             "cross": "十字"}
+ZH_MEASURE = {"circle": "个", "square": "个", "triangle": "个", "star": "颗", "cross": "个"}
+ZH_COLOURS = {"red": "红色", "orange": "橙色", "yellow": "黄色", "green": "绿色", "blue": "蓝色",
+              "purple": "紫色"}
+ZH_BACKGROUNDS = {"white": "白色", "black": "黑色", "gray": "灰色"}
+ZH_SIZES = {"small": "小", "large": "大"}
+ZH_COUNT_WORDS = {1: "一", 2: "两", 3: "三"}
+# Position words after the object ("在 ... 上面"); the first of each is the most common.
+ZH_RELATIONS = {"above": ("上面", "上方"), "below": ("下面", "下方"), "left of": ("左边", "左侧"),
+                "right of": ("右边", "右侧")}
 
 # Held out of 'train'/'test'; a scene is held out if any object or its stated relation is.
 HELD_OUT_COLOUR_SHAPES = frozenset({
@@ -312,6 +332,17 @@ def is_held_out(scene: dict) -> bool:
     return False
 
 
+def prompt_is_held_out(prompt: str | dict) -> bool:
+    """Whether a prompt (text in either language, or `parse_caption` output) names a held-out
+    colour-shape pair or a held-out relation: a caption of a scene is iff the scene is."""
+    parsed = parse_caption(prompt) if isinstance(prompt, str) else prompt
+    objs = parsed["objects"]
+    if any((o["colour"], o["shape"]) in HELD_OUT_COLOUR_SHAPES for o in objs):
+        return True
+    return bool(parsed["relation"]) and (
+        objs[0]["shape"], parsed["relation"], objs[1]["shape"]) in HELD_OUT_RELATIONS
+
+
 def sample_scene(rng: np.random.Generator, split: str = "train",
                  kinds: dict | None = None) -> dict:
     """Samples a scene.
@@ -353,17 +384,26 @@ def _phrase(o: dict, with_size: bool, count: int = 1) -> str:
     return f"{COUNT_WORDS[count]} {' '.join(words)} {_plural(o['shape'])}"
 
 
-def caption(scene: dict, rng: np.random.Generator) -> str:
+def caption(scene: dict, rng: np.random.Generator, language: str = "en") -> str:
     """Writes one caption for a scene from a random template; every object is mentioned.
 
     Args:
       scene: a scene dict.
       rng: numpy Generator choosing the template and which optional words appear.
+      language: 'en' or 'zh'. Both draw the same first numbers from `rng` (size words or not,
+        lead-in, background mentioned or not), so from one rng state the two captions state
+        the same attributes; Chinese then draws its own word-order choices.
 
     Returns:
       e.g. 'a red circle above a blue square', 'two small green triangles on a white
-      background'.
+      background'; in Chinese e.g. '一个红色的圆形在一个蓝色的正方形上面', '两个绿色的小三角形',
+      '白色背景上的一颗黄色的星星'.
     """
+    if language == "zh":
+        return _caption_zh(scene, rng)
+    if language != "en":
+        raise ValueError(f"caption language {language!r} is not one of {LANGUAGES}; pass "
+                         f"language='en' or 'zh'")
     objs, kind = scene["objects"], scene["kind"]
     sized = bool(rng.random() < 0.5)
     if kind == "count":
@@ -382,6 +422,56 @@ def caption(scene: dict, rng: np.random.Generator) -> str:
     suffix = f" on {_article(scene['background'])} {scene['background']} background" if (
         rng.random() < 0.4) else ""
     return prefix + body + suffix
+
+
+def _phrase_zh(o: dict, sized: bool, style: int, count: int = 1) -> str:
+    """'一个红色的小圆形' (style 0) or '一个小的红色圆形' / '一个红色圆形' (style 1)."""
+    head = ZH_COUNT_WORDS[count] + ZH_MEASURE[o["shape"]]
+    colour, shape = ZH_COLOURS[o["colour"]], ZH_SHAPES[o["shape"]]
+    size = ZH_SIZES[o["size"]] if sized else ""
+    if style == 0:
+        return f"{head}{colour}的{size}{shape}"
+    return f"{head}{size}的{colour}{shape}" if sized else f"{head}{colour}{shape}"
+
+
+def _caption_zh(scene: dict, rng: np.random.Generator) -> str:
+    """The Chinese caption (see `caption`): its first three draws are the English ones."""
+    objs, kind = scene["objects"], scene["kind"]
+    sized = bool(rng.random() < 0.5)
+    lead = int(rng.integers(4))  # English: '', '', 'a picture of ', 'there is/are '
+    with_bg = bool(rng.random() < 0.4)
+    style = int(rng.integers(2))
+    bg = ZH_BACKGROUNDS[scene["background"]]
+    if kind == "relation":
+        rel = scene["relation"]
+        a = _phrase_zh(objs[rel["subject"]], sized, style)
+        b = _phrase_zh(objs[rel["object"]], sized, style)
+        where = ZH_RELATIONS[rel["relation"]][int(rng.integers(2))]
+        if rng.random() < 0.5:  # 一个红色的圆形在一个蓝色的正方形上面
+            clause = ("有" if lead == 3 else "") + f"{a}在{b}{where}"
+        else:  # 一个蓝色的正方形上面有一个红色的圆形
+            clause = f"{b}{where}有{a}"
+        if lead == 2:
+            clause = "图中，" + clause
+        if not with_bg:
+            return clause
+        if rng.random() < 0.5:
+            return f"{clause}，背景是{bg}的"
+        return f"{bg}背景上，{clause.removeprefix('图中，')}"
+    if kind == "count":
+        body = _phrase_zh(objs[0], sized, style, len(objs))
+    else:
+        parts = [_phrase_zh(o, sized, style) for o in objs]
+        body = parts[0] if len(parts) == 1 else "、".join(parts[:-1]) + "和" + parts[-1]
+    head = ("", "", "图中有", "有")[lead]
+    if not with_bg:
+        return head + body
+    form = int(rng.integers(3))
+    if form == 0:  # 白色背景上的一颗黄色的星星 / 白色背景上有两个绿色的三角形
+        return f"{bg}背景上{'有' if head else '的'}{body}"
+    if form == 1:
+        return f"{head}{body}，背景是{bg}的"
+    return f"{head}{body}，{bg}背景"
 
 
 _NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
@@ -417,7 +507,12 @@ def parse_caption(prompt: str) -> dict:
 
     Raises:
       ValueError: words outside the shapes vocabulary.
+
+    A prompt with Chinese characters is read as Chinese ('一个红色的圆形在一个蓝色的正方形上面',
+    '两个绿色的三角形', '白色背景上的一颗黄色的星星'), into the same structure.
     """
+    if _HAN_RE.search(prompt):
+        return _parse_zh(prompt)
     text = re.sub(r"[^\w\s,]", " ", prompt.lower()).replace(",", " , ")
     text = " ".join(text.split())
     background = None
@@ -445,6 +540,120 @@ def parse_caption(prompt: str) -> dict:
     return {"objects": objects, "relation": relation, "background": background}
 
 
+# --- Chinese prompts ---------------------------------------------------------------------
+
+_HAN_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_ZH_NUMBER = {"一": 1, "两": 2, "二": 2, "三": 3, "四": 4, "五": 5, "1": 1, "2": 2, "3": 3,
+              "4": 4, "5": 5}
+_ZH_MEASURES = ("个", "颗")
+_ZH_COLOUR_WORDS = {**{w: c for c, w in ZH_COLOURS.items()},
+                    **{w[0]: c for c, w in ZH_COLOURS.items()}, "橘色": "orange", "橘": "orange"}
+_ZH_SIZE_WORDS = {w: s for s, w in ZH_SIZES.items()}
+_ZH_SHAPE_WORDS = {**{w: s for s, w in ZH_SHAPES.items()}, "圆": "circle", "圆圈": "circle",
+                   "方形": "square", "方块": "square", "三角": "triangle", "星": "star",
+                   "五角星": "star", "星形": "star", "十字形": "cross"}
+_ZH_BACKGROUND_WORDS = {**{w: b for b, w in ZH_BACKGROUNDS.items()},
+                        **{w[0]: b for b, w in ZH_BACKGROUNDS.items()}}
+_ZH_WHERE = {"上面": "above", "上方": "above", "上边": "above", "之上": "above",
+             "下面": "below", "下方": "below", "下边": "below", "之下": "below", "底下": "below",
+             "左边": "left of", "左侧": "left of", "左面": "left of", "左方": "left of",
+             "右边": "right of", "右侧": "right of", "右面": "right of", "右方": "right of"}
+_ZH_LEXICON = sorted({*_ZH_NUMBER, *_ZH_MEASURES, *_ZH_COLOUR_WORDS, *_ZH_SIZE_WORDS,
+                      *_ZH_SHAPE_WORDS, "的"}, key=len, reverse=True)
+_ZH_COL = r"(?:[\u4e00-\u9fff]色|白|黑|灰)"  # a background colour (others are named wrong)
+_ZH_BG_LEAD_RE = re.compile(rf"^在?(?P<c>{_ZH_COL})的?背景(?:上|中|里)?(?:的|有|，)?")
+_ZH_BG_TAIL_RE = re.compile(rf"，?(?:背景(?:是|为)(?P<c>{_ZH_COL})的?|在?(?P<d>{_ZH_COL})的?背景"
+                            r"(?:上|中|里)?)$")
+_ZH_LEAD_RE = re.compile(r"^(?:(?:图中|图里|图片中|图片里|画面中|画面里|画面上|画中)(?:有|，)?|有)")
+_ZH_WHERE_ALT = "|".join(sorted(_ZH_WHERE, key=len, reverse=True))
+_ZH_REL_RES = (  # (subject, object): 'A在B上面', 'A位于B的上方'; 'B上面有A'
+    re.compile(rf"^(?P<a>.+?)(?:在|位于)(?P<b>.+?)的?(?P<w>{_ZH_WHERE_ALT})$"),
+    re.compile(rf"^(?P<b>.+?)的?(?P<w>{_ZH_WHERE_ALT})(?:有|是)(?P<a>.+)$"),
+)
+_ZH_FORM = ("write objects as '[一个|两个|三个]<颜色>的[大|小]<形状>', e.g. '两个绿色的三角形' "
+            f"(colours {' '.join(ZH_COLOURS.values())}; shapes {' '.join(ZH_SHAPES.values())})")
+
+
+def _segment_zh(text: str) -> list[tuple[str, bool]]:
+    """Longest-match segmentation into (word, known); unknown text runs are single items."""
+    out, i = [], 0
+    while i < len(text):
+        word = next((w for w in _ZH_LEXICON if text.startswith(w, i)), None)
+        if word:
+            out.append((word, True))
+            i += len(word)
+        elif out and not out[-1][1]:
+            out[-1] = (out[-1][0] + text[i], False)
+            i += 1
+        else:
+            out.append((text[i], False))
+            i += 1
+    return out
+
+
+def _parse_group_zh(text: str, prompt: str) -> dict:
+    words = _segment_zh(text)
+    unknown = [w for w, known in words if not known]
+    if unknown:
+        raise ValueError(f"cannot parse {text!r} in prompt {prompt!r}: unknown words "
+                         f"{', '.join(repr(w) for w in unknown)}; {_ZH_FORM}")
+    words = [w for w, _ in words]
+    count = 1
+    if words and words[0] in _ZH_NUMBER:
+        count = _ZH_NUMBER[words.pop(0)]
+    if words and words[0] in _ZH_MEASURES:
+        words.pop(0)
+    mods = [w for w in words[:-1] if w != "的"]
+    colours = [_ZH_COLOUR_WORDS[w] for w in mods if w in _ZH_COLOUR_WORDS]
+    sizes = [_ZH_SIZE_WORDS[w] for w in mods if w in _ZH_SIZE_WORDS]
+    if (not words or words[-1] not in _ZH_SHAPE_WORDS or len(colours) != 1 or len(sizes) > 1
+            or len(colours) + len(sizes) != len(mods)):
+        raise ValueError(f"cannot parse {text!r} in prompt {prompt!r}: each object needs one "
+                         f"colour and then one shape; {_ZH_FORM}")
+    return {"count": count, "size": sizes[0] if sizes else None, "colour": colours[0],
+            "shape": _ZH_SHAPE_WORDS[words[-1]]}
+
+
+def _parse_zh(prompt: str) -> dict:
+    """`parse_caption` for a Chinese prompt."""
+    text = "".join(prompt.split())
+    text = re.sub(r"[,;；:：]", "，", text)
+    text = re.sub(r"[。.！!？?\"“”'‘’「」]", "", text).strip("，")
+    background = None
+    for rx in (_ZH_BG_LEAD_RE, _ZH_BG_TAIL_RE):
+        m = rx.search(text)
+        if m:
+            word = m.group("c") or m.groupdict().get("d")
+            if word not in _ZH_BACKGROUND_WORDS:
+                raise ValueError(f"unknown background {word!r} in {prompt!r}; use one of "
+                                 f"{', '.join(ZH_BACKGROUNDS.values())} (e.g. '白色背景上的"
+                                 f"一颗黄色的星星')")
+            background = _ZH_BACKGROUND_WORDS[word]
+            text = (text[:m.start()] + text[m.end():]).strip("，")
+            break
+    if "背景" in text:
+        raise ValueError(f"cannot read the background of {prompt!r}; write e.g. '白色背景上的"
+                         f"一颗黄色的星星' or '...，背景是白色的' (backgrounds "
+                         f"{', '.join(ZH_BACKGROUNDS.values())})")
+    text = _ZH_LEAD_RE.sub("", text).strip("，")
+    relation, parts = None, [text]
+    for rx in _ZH_REL_RES:
+        m = rx.match(text)
+        if m:
+            relation = _ZH_WHERE[m.group("w")]
+            parts = [m.group("a"), m.group("b")]
+            break
+    groups = [g for p in parts for g in re.split(r"和|、|以及|与|跟|还有|，", _ZH_LEAD_RE.sub(
+        "", p.strip("，"))) if g]
+    if not groups:
+        raise ValueError(f"no object in prompt {prompt!r}; e.g. '一个红色的圆形'")
+    objects = [_parse_group_zh(g, prompt) for g in groups]
+    if relation and (len(objects) != 2 or any(o["count"] != 1 for o in objects)):
+        raise ValueError(f"a relation needs exactly one object on each side: {prompt!r}; e.g. "
+                         f"'一个红色的圆形在一个蓝色的正方形上面'")
+    return {"objects": objects, "relation": relation, "background": background}
+
+
 # --- random-access source ----------------------------------------------------------------
 
 
@@ -456,11 +665,18 @@ class ShapesSource:
     """
 
     def __init__(self, resolution: int, size: int, split: str = "train", seed: int = 0,
-                 kinds: str | dict | None = None):
+                 kinds: str | dict | None = None, language: str = "en"):
         """Args: resolution: image side; size: number of examples; split: one of SPLITS;
-        seed: dataset seed; kinds: the scene-kind mix (`parse_kinds`; None: the default)."""
+        seed: dataset seed; kinds: the scene-kind mix (`parse_kinds`; None: the default);
+        language: caption language, 'en', 'zh' or 'both' (each example's language drawn at
+        even odds from a stream of its own, so the scenes, and the English captions there
+        are, are those of an 'en' source)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+        if language not in CAPTION_LANGUAGES:
+            raise ValueError(f"caption language {language!r} is not one of "
+                             f"{CAPTION_LANGUAGES}; use 'en', 'zh' or 'both'")
+        self.language = language
         if resolution < 8 or size < 1:
             raise ValueError(f"resolution ({resolution}) must be >= 8 and size ({size}) >= 1")
         self.resolution, self.size, self.split, self.seed = int(resolution), int(size), split, int(
@@ -476,7 +692,15 @@ class ShapesSource:
             raise IndexError(f"index {index} out of range for {self.size} examples")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index)])
         scene = sample_scene(rng, self.split, self.kinds)
-        return scene, caption(scene, rng)
+        return scene, caption(scene, rng, self.language_at(index))
+
+    def language_at(self, index: int) -> str:
+        """The caption language of example `index` ('en' or 'zh')."""
+        if self.language != "both":
+            return self.language
+        pick = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index),
+                                      _LANGUAGE_STREAM])
+        return LANGUAGES[int(pick.integers(len(LANGUAGES)))]
 
     def caption_at(self, index: int) -> str:
         """The caption of example `index` (cheap: no rendering)."""
@@ -490,8 +714,9 @@ class ShapesSource:
     def __repr__(self) -> str:
         kinds = (", kinds=" + ",".join(f"{k}={p:g}" for k, p in self.kinds.items())
                  if self.kinds != _KIND_PROBS else "")
+        language = f", language={self.language!r}" if self.language != "en" else ""
         return (f"ShapesSource(resolution={self.resolution}, size={self.size}, "
-                f"split={self.split!r}, seed={self.seed}{kinds})")
+                f"split={self.split!r}, seed={self.seed}{kinds}{language})")
 
 
 def vocabulary(num_captions: int = 2000) -> list[str]:

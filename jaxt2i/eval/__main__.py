@@ -4,6 +4,8 @@ before): how well a cascade's images follow the words.
     python -m jaxt2i.eval                       # the bundled demo cascade
     python -m jaxt2i.eval --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
     python -m jaxt2i.eval --aug_levels=0,0.1,0.2,0.4  # one row per SR augmentation level
+    python -m jaxt2i.eval --checkpoint=runs/cascade --language=both  # English and Chinese
+    python -m jaxt2i.eval --language=both --renders_only  # the detector alone, both languages
 
 Draws prompts from the shapes world's `held_out` split (colour-shape pairs and stated
 relations that never appear in training) and its `test` split (new scenes made only of seen
@@ -11,7 +13,8 @@ combinations), samples one image per prompt through the cascade, reads each imag
 the shapes detector and prints, per split, the fraction of images whose colour, shape, size,
 count, relation, background and whole prompt are right, then the whole record as one JSON
 line. The work is `jaxt2i.eval.evaluate.evaluate_cascade`; see its docstring for
-`--reference`, `--true_lowres`, `--aug_levels` and what `--out` holds.
+`--reference`, `--true_lowres`, `--aug_levels`, `--language`, `--renders_only` and what
+`--out` holds.
 """
 
 from __future__ import annotations
@@ -61,18 +64,23 @@ def main(argv) -> None:
                                num_stages=n, reference=F.reference,
                                true_lowres=F.true_lowres, aug_levels=aug_levels,
                                aug_stage=F.aug_stage, out=F.out,
-                               progress=sys.stderr.isatty() or F.progress)
+                               progress=sys.stderr.isatty() or F.progress,
+                               language=F.language, renders_only=F.renders_only)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
-    print(f"{F.num_prompts} prompts per split, {res['image_size']} px, stages {n}, "
-          f"sampling {res['seconds']:.1f} s; settings: "
-          + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}" for s in settings)
-          + (f"; stage {F.aug_stage} at aug levels {', '.join(f'{v:g}' for v in aug_levels)}"
-             if aug_levels else ""))
+    languages = {"en": "", "zh": " (Chinese)", "both": " (English and Chinese)"}[F.language]
+    print(f"{F.num_prompts} prompts per split{languages}, {res['image_size']} px, "
+          + ("true renders only (nothing sampled)" if F.renders_only else
+             f"stages {n}, sampling {res['seconds']:.1f} s; settings: "
+             + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}"
+                         for s in settings)
+             + (f"; stage {F.aug_stage} at aug levels {', '.join(f'{v:g}' for v in aug_levels)}"
+                if aug_levels else "")))
     print(format_table(res["results"]))
     record = {"checkpoints": [s.path for s in cascade.stages[:n]],
               "steps_trained": [s.step for s in cascade.stages[:n]],
-              "num_prompts": F.num_prompts, "seed": F.seed, "image_size": res["image_size"],
+              "num_prompts": F.num_prompts, "seed": F.seed, "language": F.language,
+              "renders_only": F.renders_only, "image_size": res["image_size"],
               "settings": [dict(vars(s)) for s in settings], "results": res["results"],
               "sampling_seconds": round(res["seconds"], 2)}
     if aug_levels:  # settings[aug_stage].aug_level is replaced by each of these
@@ -104,6 +112,11 @@ def _define_flags() -> None:
     flags.DEFINE_integer("aug_stage", 1, "The SR stage --aug_levels sweeps (1 = the first).")
     flags.DEFINE_string("out", None, "Directory for per-split image grids, per-image scores "
                         "(JSONL) and eval.json.")
+    flags.DEFINE_enum("language", "en", ["en", "zh", "both"], "Prompt language: en, zh "
+                      "(Chinese: rows '<split> (zh)') or both (the same scenes in each, side by "
+                      "side). The bundled demo encoder reads English only.")
+    flags.DEFINE_boolean("renders_only", False, "Sample nothing: score the true renders of the "
+                         "prompts' scenes (the detector's ceiling; no text encoder involved).")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
     define_stage_flags()
     define_text_encoder_flag()

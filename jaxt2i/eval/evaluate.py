@@ -14,7 +14,9 @@ SR stages and what the base's resolution can show. `aug_levels` sweeps one SR st
 noise-conditioning augmentation level, as the Imagen paper's ablation did (it reported FID
 and CLIP score per level; here the detector's scores): one row per split and level, the
 stages before it sampled once. With `out`, per-image scores (what was found, in `found`) and
-grids are written per split.
+grids are written per split. `language` prompts the same scenes in English, Chinese or both
+(rows '<split> (zh)' beside '<split>'); `renders_only` scores the true renders alone, without
+sampling or a text encoder.
 """
 
 from __future__ import annotations
@@ -36,16 +38,33 @@ _SHOWN = ("colour", "shape", "size", "count", "relation", "background", "whole")
 _PROMPT_SEED = 7_000_003  # prompt scenes: disjoint from the training stream's seeds
 
 
-def eval_prompts(split: str, num: int, seed: int = 0) -> list[tuple[dict, str]]:
-    """`num` (scene, caption) pairs of `split`, deterministic in (split, seed)."""
+LANGUAGES = ("en", "zh", "both")  # --language
+
+
+def eval_prompts(split: str, num: int, seed: int = 0,
+                 language: str = "en") -> list[tuple[dict, str]]:
+    """`num` (scene, caption) pairs of `split`, deterministic in (split, seed).
+
+    `language` 'en' or 'zh' captions the same scenes in English or Chinese; the two captions
+    of a scene state the same attributes (sizes, background), so their scores compare.
+    """
     if split not in shapes.SPLITS:
         raise ConfigError(f"--splits: {split!r} is not one of {shapes.SPLITS}")
+    if language not in shapes.LANGUAGES:
+        raise ConfigError(f"--language: {language!r} is not one of {shapes.LANGUAGES}")
     out = []
     for i in range(num):
         rng = np.random.default_rng([_PROMPT_SEED, seed, shapes.SPLITS.index(split), i])
         scene = shapes.sample_scene(rng, split)
-        out.append((scene, shapes.caption(scene, rng)))
+        out.append((scene, shapes.caption(scene, rng, language)))
     return out
+
+
+def row_name(split: str, language: str = "en", what: str = "") -> str:
+    """A results row: 'held_out', 'held_out (zh)', 'held_out (true renders)', 'held_out (zh,
+    true renders)'; English rows are named as before Chinese prompts existed."""
+    notes = [n for n in ("zh" if language == "zh" else "", what) if n]
+    return split + (f" ({', '.join(notes)})" if notes else "")
 
 
 def format_table(results: dict) -> str:
@@ -69,8 +88,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
                      batch_size: int = 32, seed: int = 0, settings=None,
                      num_stages: int | None = None, reference: bool = False,
                      true_lowres: bool = False, aug_levels: Sequence[float] | None = None,
-                     aug_stage: int = 1, out: str | None = None,
-                     progress: bool = True) -> dict:
+                     aug_stage: int = 1, out: str | None = None, progress: bool = True,
+                     language: str = "en", renders_only: bool = False) -> dict:
     """Samples and scores `num_prompts` prompts of each split.
 
     Args:
@@ -95,6 +114,13 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       out: if given, write each split's images as a grid PNG plus per-image scores JSONL there
         (with `true_lowres`, also '<split>_sr_true.png' / '.jsonl').
       progress: tqdm bar over batches.
+      language: prompts in 'en' (English), 'zh' (Chinese: rows '<split> (zh)', per_image and
+        `out` files '<split>_zh') or 'both': the same scenes prompted in each language and
+        sampled with the same seeds, side by side. Every prompt is checked against the text
+        encoder before any sampling (the bundled demo's reads no Chinese: one-line error).
+      renders_only: sample nothing; score only the true renders of the prompts' scenes at the
+        size of the last stage to run (rows '<split> (true renders)'): the detector's ceiling
+        in each language, with no text encoder involved.
 
     Returns:
       {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
@@ -104,6 +130,11 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     """
     if num_prompts < 1:
         raise ConfigError(f"--num_prompts ({num_prompts}) must be at least 1")
+    if language not in LANGUAGES:
+        raise ConfigError(f"--language={language!r} is not one of {', '.join(LANGUAGES)}")
+    languages = shapes.LANGUAGES if language == "both" else (language,)
+    if renders_only and (true_lowres or aug_levels):
+        raise ConfigError("--renders_only samples nothing: drop --true_lowres / --aug_levels")
     if batch_size < 1:
         raise ConfigError(f"--batch_size ({batch_size}) must be at least 1")
     n_stages = num_stages or len(cascade.stages)
@@ -124,11 +155,24 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     results, per_image, seconds, size = {}, {}, 0.0, None
     bar = None
     batches = -(-num_prompts // batch_size)
-    if progress:
+    prompt_sets = [(s_idx, split, lang, eval_prompts(split, num_prompts, seed, lang))
+                   for s_idx, split in enumerate(splits) for lang in languages]
+    if not renders_only:  # before any sampling: a prompt the encoder cannot read stops here
+        for _, _, lang, pairs in prompt_sets:
+            try:
+                cascade.check_prompts([c for _, c in pairs])
+            except ConfigError as e:
+                if lang == "en":
+                    raise
+                raise ConfigError(f"--language={language}: {e}; evaluate English prompts with "
+                                  "--language=en, or score the true renders alone with "
+                                  "--renders_only") from None
+    if progress and not renders_only:
         from tqdm import tqdm
 
         runs = 1 + true_lowres if not aug_levels else 1 + len(aug_levels)
-        bar = tqdm(total=batches * len(splits) * runs, unit="batch", dynamic_ncols=True)
+        bar = tqdm(total=batches * len(splits) * len(languages) * runs, unit="batch",
+                   dynamic_ncols=True)
 
     def run(prompts, lows, s_idx, label, start=0, stop=n_stages, run_settings=settings):
         """-> one sampled image per prompt (uint8; stage stop - 1's float output if stop <
@@ -160,52 +204,59 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
                 bar.update(1)
         return images
 
-    def sweep(prompts, s_idx, split) -> dict:  # {name: (images, scores)}, one per level
-        lows = np.stack(run(prompts, None, s_idx, f"{split} stages < {aug_stage}",
+    def sweep(prompts, s_idx, split, lang) -> dict:  # {name: (images, scores)}, per level
+        key = split + ("_zh" if lang == "zh" else "")
+        lows = np.stack(run(prompts, None, s_idx, f"{key} stages < {aug_stage}",
                             stop=aug_stage))
         out = {}
         for level in aug_levels:
             st = list(settings)
             st[aug_stage] = st[aug_stage].replace(aug_level=float(level))
-            images = run(prompts, lows, s_idx, f"{split} aug {level:g}", start=aug_stage,
+            images = run(prompts, lows, s_idx, f"{key} aug {level:g}", start=aug_stage,
                          run_settings=st)
             scores = _scored(images, prompts)
-            out[f"{split}_aug{level:g}"] = (images, scores)
-            results[f"{split} (aug {level:g})"] = detector.aggregate(scores)
+            out[f"{key}_aug{level:g}"] = (images, scores)
+            results[row_name(split, lang, f"aug {level:g}")] = detector.aggregate(scores)
         return out
 
-    for s_idx, split in enumerate(splits):
-        pairs = eval_prompts(split, num_prompts, seed)
+    for s_idx, split, lang, pairs in prompt_sets:  # both languages: the same sampling seeds
+        key = split + ("_zh" if lang == "zh" else "")  # per_image / out file names
         prompts = [c for _, c in pairs]
-        cascade.check_prompts(prompts)
-        if aug_levels:
-            written = sweep(prompts, s_idx, split)
+        if renders_only:
+            size = int(cascade.stages[n_stages - 1].unet_cfg.image_size)
+            renders = [shapes.render(scene, size) for scene, _ in pairs]
+            scores = _scored(renders, prompts)
+            per_image[key] = scores
+            results[row_name(split, lang, "true renders")] = detector.aggregate(scores)
+            written = {key: (renders, scores)}
+        elif aug_levels:
+            written = sweep(prompts, s_idx, split, lang)
             per_image.update({name: scs for name, (_, scs) in written.items()})
             images = next(iter(written.values()))[0]
             size = int(images[0].shape[0])
         else:
-            images = run(prompts, None, s_idx, split)
+            images = run(prompts, None, s_idx, key)
             size = int(images[0].shape[0])
             scores = _scored(images, prompts)
-            per_image[split] = scores
-            results[split] = detector.aggregate(scores)
-            written = {split: (images, scores)}
-        if reference:
+            per_image[key] = scores
+            results[row_name(split, lang)] = detector.aggregate(scores)
+            written = {key: (images, scores)}
+        if reference and not renders_only:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
-            results[f"{split} (true renders)"] = detector.evaluate(renders, prompts)
+            results[row_name(split, lang, "true renders")] = detector.evaluate(renders, prompts)
         if true_lowres:
             r = cascade.stages[0].unet_cfg.image_size
             lows = np.stack([shapes.render(scene, r) for scene, _ in pairs])
-            sr_images = run(prompts, lows, s_idx, f"{split} SR", start=1)
+            sr_images = run(prompts, lows, s_idx, f"{key} SR", start=1)
             sr_scores = _scored(sr_images, prompts)
-            per_image[f"{split}_sr_true"] = sr_scores
-            results[f"{split} (SR of true {r} px)"] = detector.aggregate(sr_scores)
+            per_image[f"{key}_sr_true"] = sr_scores
+            results[row_name(split, lang, f"SR of true {r} px")] = detector.aggregate(sr_scores)
             hw = (images[0].shape[1], images[0].shape[0])  # PIL: (width, height)
             upsampled = [np.asarray(Image.fromarray(low).resize(hw, Image.BILINEAR))
                          for low in lows]
-            results[f"{split} (true {r} px, bilinear)"] = detector.evaluate(upsampled,
-                                                                               prompts)
-            written[f"{split}_sr_true"] = (sr_images, sr_scores)
+            results[row_name(split, lang, f"true {r} px, bilinear")] = detector.evaluate(
+                upsampled, prompts)
+            written[f"{key}_sr_true"] = (sr_images, sr_scores)
         if out:
             from jaxt2i.images import labelled_grid
 

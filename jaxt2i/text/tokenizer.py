@@ -32,6 +32,27 @@ CLOSED_VOCABULARY_KEY = "jaxt2i_closed_vocabulary"  # config.json flag of a clos
 _MAX_UNKNOWN_WARNINGS = 10
 
 
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
+
+
+def demo_vocabulary_hint(prompt: str) -> str:
+    """What the bundled demo can draw and how to go further, with an example prompt in the
+    prompt's language (Chinese when it has Han characters): the tail of the one-line error for
+    text its closed vocabulary does not know."""
+    if _HAN.search(prompt):
+        return ("the bundled demo encoder knows only the shapes-world English vocabulary: the "
+                "demo draws coloured shapes on plain backgrounds from English prompts such as "
+                "'a red circle above a blue square' and cannot read Chinese yet (the shapes "
+                "world's Chinese captions, e.g. '一个红色的圆形在一个蓝色的正方形上面', need a "
+                "model trained on them); for other prompts sample a real model (--checkpoint="
+                "DIR), for Chinese one trained with a multilingual text encoder: mT5, umT5 or "
+                "ByT5 (see docs/text-encoder.md)")
+    return ("the bundled demo encoder knows only the shapes-world English vocabulary: the demo "
+            "draws coloured shapes on plain backgrounds, so write the prompt in plain English, "
+            "e.g. 'a red circle above a blue square' or 'two green triangles'; for other prompts "
+            "sample a real model (--checkpoint=DIR, see docs/text-encoder.md)")
+
+
 class UnknownTextError(ValueError):
     """A prompt has text a closed-vocabulary tokenizer cannot represent (one-line message)."""
 
@@ -124,10 +145,8 @@ class Tokenizer:
         first = prompts[rows[0]]
         more = f" (and {rows.size - 1} more prompt(s))" if rows.size > 1 else ""
         if self.closed_vocabulary:
-            raise UnknownTextError(
-                f"{self._describe_unknown(first)}{more}; the bundled demo encoder knows only the "
-                "shapes-world English vocabulary: write the prompt in plain English, e.g. "
-                "'a red circle above a blue square'")
+            raise UnknownTextError(f"{self._describe_unknown(first)}{more}; "
+                                   f"{demo_vocabulary_hint(first)}")
         if len(self._unknown_warned) >= _MAX_UNKNOWN_WARNINGS:
             return
         fresh = [prompts[i] for i in rows if prompts[i] not in self._unknown_warned]

@@ -52,11 +52,19 @@ def _source(trainer: Trainer, cfg):
         raise ConfigError(f"data.shapes_kinds={kinds!r} changes the shapes captions, so the text "
                           f"cache {cfg.text.cache!r} (built from the default mix) cannot serve "
                           f"them; unset text.cache")
+    language = cfg.data.get("caption_language", "en")
+    if language != "en" and source != "shapes":
+        raise ConfigError(f"data.caption_language={language!r} applies only to "
+                          f"data.source='shapes' (not {source!r}); unset it")
+    if language != "en" and cfg.text.cache:
+        raise ConfigError(f"data.caption_language={language!r} changes the shapes captions, so "
+                          f"the text cache {cfg.text.cache!r} (built from English captions) "
+                          f"cannot serve them; unset text.cache")
     if source == "shapes":
         from jaxt2i.data.shapes import ShapesSource
 
         return ShapesSource(trainer.unet_cfg.image_size, cfg.data.num_examples, cfg.data.split,
-                            cfg.data.seed, kinds=kinds or None)
+                            cfg.data.seed, kinds=kinds or None, language=language)
     return source
 
 
