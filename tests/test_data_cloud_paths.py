@@ -88,14 +88,24 @@ def test_gs_without_gcsfs_is_one_line_naming_it(tmp_path, monkeypatch):
         builders.shards_builder(str(tmp_path / "d"), "gs://bucket/laion")
     with pytest.raises(paths.MissingFilesystem, match="^'gs://b/p' needs gcsfs"):
         list(inputs.read_entries("gs://b/p", None, "txt", inputs.Report()))
+    # Outputs stay local in this version: a URL --data_dir is refused, naming the fix.
+    for make in (lambda d: builders.shards_builder(d, str(tmp_path)),
+                 lambda d: builders.image_text_builder(d, str(tmp_path)),
+                 lambda d: builders.shapes_builder(d, 16, 8)):
+        with pytest.raises(ValueError, match=r"^--data_dir='gs://b/tfds': datasets are written "
+                           r"to a local folder .*; pass a local --data_dir$"):
+            make("gs://b/tfds")
     if importlib.util.find_spec("gcsfs") is not None:
         return  # the commands below would find it
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for flag, expected in [("--input=gs://bucket/laion", f"error: {want}"),
-                           ("--root=gs://bucket/photos",
-                            "error: --root: 'gs://bucket/photos' needs gcsfs: pip install gcsfs")]:
+    for flags, expected in [
+            (["--input=gs://bucket/laion"], f"error: {want}"),
+            (["--root=gs://bucket/photos"],
+             "error: --root: 'gs://bucket/photos' needs gcsfs: pip install gcsfs"),
+            ([f"--root={tmp_path}", "--manifest=gs://bucket/captions.jsonl"],
+             "error: --manifest: 'gs://bucket/captions.jsonl' needs gcsfs: pip install gcsfs")]:
         r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
-                            f"--data_dir={tmp_path / 'd'}", flag], capture_output=True,
+                            f"--data_dir={tmp_path / 'd'}", *flags], capture_output=True,
                            text=True, timeout=300, env=env)
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected], r.stderr
     assert not (tmp_path / "d").exists()

@@ -43,6 +43,15 @@ REPORT_FILE = "build_report.json"
 INPUTS_FILE = "build_inputs.json"
 
 
+def check_data_dir(data_dir) -> None:
+    """Raises ValueError (one line) for a `data_dir` URL: builds are written to a local folder
+    (URLs are read as inputs only, so far)."""
+    if paths_lib.is_url(str(data_dir)):
+        raise ValueError(f"--data_dir={str(data_dir)!r}: datasets are written to a local folder "
+                         "for now (URLs are read as --input / --root / --manifest only); pass a "
+                         "local --data_dir")
+
+
 # --- the shapes world --------------------------------------------------------------------
 
 
@@ -105,6 +114,7 @@ def shapes_builder(data_dir: str, resolution: int, train_size: int, *, test_size
     Returns:
       The builder; config name 'r{resolution}_n{train_size}_s{seed}'.
     """
+    check_data_dir(data_dir)
     cfg = ShapesConfig(name=f"r{resolution}_n{train_size}_s{seed}", resolution=resolution,
                        train_size=train_size, test_size=test_size,
                        held_out_size=held_out_size, seed=seed)
@@ -234,6 +244,7 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
     Returns:
       The builder.
     """
+    check_data_dir(data_dir)
     if name is None:
         base = (paths_lib.basename(root) if paths_lib.is_url(root) else
                 os.path.basename(os.path.normpath(root))).lower() or "default"
@@ -434,6 +445,7 @@ def shards_builder(data_dir: str, input: str,  # pylint: disable=redefined-built
         line each); ImportError: parquet without pyarrow (naming the `[data]` extra), a URL
         without its filesystem (`paths.MissingFilesystem`: gs:// needs gcsfs).
     """
+    check_data_dir(data_dir)
     shards_lib.check_fields(source, options.get("caption_field", "auto"),
                             options.get("image_field", "auto"))
     paths = shards_lib.list_shards(input, source)

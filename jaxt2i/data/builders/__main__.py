@@ -15,7 +15,8 @@ Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name
 from __future__ import annotations
 
 from jaxt2i import paths as paths_lib
-from jaxt2i.data.builders import build, image_text_builder, shapes_builder, shards_builder
+from jaxt2i.data.builders import (build, check_data_dir, image_text_builder, shapes_builder,
+                                  shards_builder)
 
 _SHARD_FLAGS = ("source", "caption_field", "image_field", "max_aspect")
 _ROOT_FLAGS = ("manifest", "format")
@@ -67,11 +68,13 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     if F.root:  # before TFDS starts (and logs) anything
-        try:
-            found = paths_lib.isdir(F.root)
-        except (paths_lib.MissingFilesystem, ValueError) as e:  # gs:// without gcsfs
-            raise ConfigError(f"--root: {e}") from None
-        if not found:
+        for name in ("root", "manifest"):  # a URL's filesystem (gs:// needs gcsfs)
+            if paths_lib.is_url(F[name].value):
+                try:
+                    paths_lib.filesystem(F[name].value)
+                except (paths_lib.MissingFilesystem, ValueError) as e:
+                    raise ConfigError(f"--{name}: {e}") from None
+        if not paths_lib.isdir(F.root):
             raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
     for names, needs in ((_SHARD_FLAGS, "input"), (_ROOT_FLAGS, "root")):
         for name in names:
@@ -82,6 +85,7 @@ def main(argv) -> None:
         raise ConfigError(f"--max_aspect={F.max_aspect} must be at least 1 (5 skips strips "
                           "more than five times wider than high)")
     try:
+        check_data_dir(F.data_dir)
         if F.shapes:
             parts = F.shapes.split(":")
             if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
