@@ -25,7 +25,7 @@ _ROOT_FLAGS = ("manifest", "format")
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (a local folder).")
     flags.DEFINE_string("shapes", None, "Build the shapes world: RES:TRAIN[:TEST[:HELD_OUT[:SEED]]],"
                         " e.g. 64:10000.")
     flags.DEFINE_string("root", None, "Build a folder of images with captions (a path or a URL: "
