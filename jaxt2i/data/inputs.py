@@ -11,7 +11,8 @@ number) is skipped; empty or missing captions skip the image. Every case is coun
 `Report` with example paths.
 
 Captions come from a JSONL or CSV manifest, side-car `.txt` files next to the images, or a
-COCO-style captions JSON (`read_entries`).
+COCO-style captions JSON (`read_entries`). The folder, the manifest and the image paths in it
+may be URLs (`gs://bucket/images`, any fsspec protocol: `jaxt2i.paths`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jaxt2i import paths as paths_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _IMAGE_KEYS = ("image", "file_name", "file", "filename", "path", "image_path")
@@ -184,8 +187,8 @@ def read_entries(root: str, manifest: str | None, fmt: str,
 
     Args:
       root: folder of the images (relative manifest paths start here; default: the
-        manifest's folder).
-      manifest: JSONL / CSV / COCO JSON path, or None for side-car `.txt` files.
+        manifest's folder); a local path or a URL.
+      manifest: JSONL / CSV / COCO JSON path or URL, or None for side-car `.txt` files.
       fmt: 'auto', 'jsonl', 'csv', 'coco' or 'txt'.
       report: counts bad rows and captions.
 
@@ -199,19 +202,19 @@ def read_entries(root: str, manifest: str | None, fmt: str,
     if fmt not in ("jsonl", "csv", "coco", "txt"):
         raise ValueError(f"unknown format {requested!r}; use 'auto', 'jsonl', 'csv', "
                          f"'coco' or 'txt'")
-    if root and not os.path.isdir(root):
+    if root and not paths_lib.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} not found; pass an existing --root")
     if fmt == "txt":
         rows = _txt_rows(root)
     else:
-        if not manifest or not os.path.exists(manifest):
+        if not manifest or not paths_lib.exists(manifest):
             raise FileNotFoundError(f"manifest {manifest!r} not found; pass the path of "
                                     f"the {fmt} file")
-        base = root or os.path.dirname(manifest)
+        base = root or paths_lib.dirname(manifest)
         rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "coco": _coco_rows}[fmt](
             manifest, base, report)
     for path, raw_caps in rows:
-        caps = _clean_captions(raw_caps, os.path.relpath(path, root or "."), report)
+        caps = _clean_captions(raw_caps, paths_lib.relpath(path, root or "."), report)
         if caps:
             yield path, caps
 
@@ -224,25 +227,25 @@ def _guess_format(manifest: str | None) -> str:
         return "csv"
     if low.endswith(".jsonl"):
         return "jsonl"
-    with open(manifest, "rb") as f:
+    with paths_lib.open_binary(manifest) as f:
         head = f.read(4096).lstrip()
     return "coco" if head.startswith(b"{") and b'"images"' in head else "jsonl"
 
 
 def _txt_rows(root: str):
-    for dirpath, dirnames, files in os.walk(root):
+    for dirpath, dirnames, files in paths_lib.walk(root):
         dirnames.sort()
         names = set(files)
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
             if ext.lower() not in IMAGE_EXTENSIONS:
                 continue
-            txt = os.path.join(dirpath, stem + ".txt")
+            txt = paths_lib.join(dirpath, stem + ".txt")
             if stem + ".txt" in names:
-                with open(txt, "rb") as f:
-                    yield os.path.join(dirpath, name), [f.read()]
+                with paths_lib.open_binary(txt) as f:
+                    yield paths_lib.join(dirpath, name), [f.read()]
             else:
-                yield os.path.join(dirpath, name), [None]
+                yield paths_lib.join(dirpath, name), [None]
 
 
 def _pick(row: dict, keys) -> object:
@@ -257,7 +260,7 @@ def _as_list(value) -> list:
 
 
 def _jsonl_rows(manifest: str, base: str, report: Report):
-    with open(manifest, "rb") as f:
+    with paths_lib.open_binary(manifest) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -269,11 +272,12 @@ def _jsonl_rows(manifest: str, base: str, report: Report):
             except (ValueError, AttributeError, TypeError):
                 report.add("bad_manifest_line", f"{manifest}:{n}")
                 continue
-            yield os.path.join(base, image), _as_list(_pick(row, _CAPTION_KEYS))
+            yield paths_lib.join(base, image), _as_list(_pick(row, _CAPTION_KEYS))
 
 
 def _csv_rows(manifest: str, base: str, report: Report):
-    with open(manifest, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    with io.TextIOWrapper(paths_lib.open_binary(manifest), newline="", encoding="utf-8",
+                          errors="surrogateescape") as f:
         delim = "\t" if manifest.lower().endswith(".tsv") else ","
         reader = csv.DictReader(f, delimiter=delim)
         fields = {k.strip().lower(): k for k in reader.fieldnames or []}
@@ -286,11 +290,11 @@ def _csv_rows(manifest: str, base: str, report: Report):
             if not row.get(img_key):
                 report.add("bad_manifest_line", f"{manifest}:{n}")
                 continue
-            yield os.path.join(base, row[img_key]), [row.get(cap_key) if cap_key else None]
+            yield paths_lib.join(base, row[img_key]), [row.get(cap_key) if cap_key else None]
 
 
 def _coco_rows(manifest: str, base: str, report: Report):
-    with open(manifest, "rb") as f:
+    with paths_lib.open_binary(manifest) as f:
         try:
             coco = json.loads(f.read().decode("utf-8", "surrogateescape"))
         except ValueError as e:
@@ -317,5 +321,5 @@ def _coco_rows(manifest: str, base: str, report: Report):
             report.add("bad_manifest_line", f"{manifest}:image {where}")
             continue
         key = im.get("id")
-        yield (os.path.join(base, im["file_name"]),
+        yield (paths_lib.join(base, im["file_name"]),
                (caps.get(key) if isinstance(key, (int, str)) else None) or [None])

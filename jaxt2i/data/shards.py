@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import glob
 import json
 import os
 import posixpath
@@ -38,6 +37,7 @@ import tarfile
 import zlib
 from typing import Iterator
 
+from jaxt2i import paths as paths_lib
 from jaxt2i.data import inputs
 
 SOURCES = ("webdataset", "parquet")
@@ -95,26 +95,31 @@ def list_shards(pattern: str, source: str) -> list[str]:
 
     Args:
       pattern: a folder (its `*.tar` / `*.tar.gz` / `*.tgz`, or `*.parquet`, files), a glob
-        (`data/*.tar`), one file, or several of these joined by commas.
+        (`data/*.tar`), one file, or several of these joined by commas; each may be a URL
+        (`gs://bucket/shards`, `gs://bucket/shards/*.tar`, any fsspec protocol:
+        `jaxt2i.paths`).
       source: 'webdataset' or 'parquet'.
 
     Returns:
-      Sorted paths (each once).
+      Sorted paths (each once); URLs come back as URLs.
 
     Raises:
       ValueError: unknown `source`, or nothing matches (one line naming the input).
+      paths.MissingFilesystem: a URL whose filesystem (gcsfs for gs://) is not installed.
     """
     if source not in SOURCES:
         raise ValueError(f"--source={source!r} must be one of {', '.join(SOURCES)}")
     exts = (".tar", ".tar.gz", ".tgz") if source == "webdataset" else (".parquet",)
     found: list[str] = []
     for part in (p for p in pattern.split(",") if p):
-        if os.path.isdir(part):
+        if paths_lib.is_url(part):
+            found.extend(_list_url(part, exts))
+        elif os.path.isdir(part):
             found.extend(os.path.join(part, n) for n in os.listdir(part)
                          if n.lower().endswith(exts) and
                          os.path.isfile(os.path.join(part, n)))
-        elif glob.has_magic(part):
-            found.extend(p for p in glob.glob(part) if os.path.isfile(p))
+        elif paths_lib.has_magic(part):
+            found.extend(p for p in paths_lib.glob(part) if os.path.isfile(p))
         elif os.path.isfile(part):
             found.append(part)
     if not found:
@@ -125,9 +130,30 @@ def list_shards(pattern: str, source: str) -> list[str]:
     return sorted(set(found))
 
 
+def _list_url(url: str, exts: tuple[str, ...]) -> list[str]:
+    """`list_shards` of one URL: a folder's shard files, a glob's files, or the file."""
+    fs, path = paths_lib.filesystem(url)
+    if paths_lib.has_magic(path):
+        return [fs.unstrip_protocol(n) for n, info in fs.glob(path, detail=True).items()
+                if info.get("type") == "file"]
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return []
+    if info.get("type") == "directory":
+        return [fs.unstrip_protocol(e["name"]) for e in fs.ls(path, detail=True)
+                if e.get("type") == "file" and e["name"].lower().endswith(exts)]
+    return [fs.unstrip_protocol(path)]
+
+
 def shard_root(shards: list[str]) -> str:
-    """The folder that shard names in reports are relative to."""
-    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in shards])
+    """The folder that shard names in reports are relative to (a URL for URLs)."""
+    return paths_lib.common_dir(shards)
+
+
+def shard_name(path: str, root: str) -> str:
+    """A shard's name in reports: its path below `root`."""
+    return paths_lib.relpath(path, root) if root else path
 
 
 def upstream_stats(shard: str) -> dict[str, int]:
@@ -139,7 +165,7 @@ def upstream_stats(shard: str) -> dict[str, int]:
             base = base[:-len(ext)]
             break
     try:
-        with open(base + "_stats.json", "rb") as f:
+        with paths_lib.open_binary(base + "_stats.json") as f:
             stats = json.loads(f.read())
         status = stats.get("status_dict") or {}
         return {str(k): int(v) for k, v in status.items() if k != "success" and int(v) > 0}
@@ -155,7 +181,8 @@ def read_shard(path: str, source: str, *, caption_field: str = "auto",
     """Yields the samples of one shard, then a `ShardProblem` if the shard is damaged.
 
     Args:
-      path: a tar (webdataset) or parquet file.
+      path: a tar (webdataset) or parquet file; a URL is read through fsspec (seekable, so
+        a truncated tar is told from a whole one as for a local file).
       source: 'webdataset' or 'parquet'.
       caption_field: 'auto'; webdataset: a member field ('txt') or 'json:FIELD' (a field of
         the sample's JSON member); parquet: a column name.
@@ -223,14 +250,21 @@ def _is_text(field: str, caption_field: str) -> bool:
 
 
 def _read_tar(path, caption_field, image_field):
+    name = paths_lib.basename(path)
+    fileobj = None
     try:
-        tf = tarfile.open(path, "r:*")  # member by member (headers, then data on demand)
+        if paths_lib.is_url(path):  # tarfile leaves a file object it was given open
+            fileobj = paths_lib.open_binary(path)
+        # member by member (headers, then data on demand)
+        tf = tarfile.open(path if fileobj is None else None, "r:*", fileobj=fileobj)
     except tarfile.ReadError as e:  # its message lists every compression tried
-        yield ShardProblem("bad_shard", f"{os.path.basename(path)}: not a tar file "
+        _close(fileobj)
+        yield ShardProblem("bad_shard", f"{name}: not a tar file "
                            f"({_why(e).rsplit('; ', 1)[-1]})")
         return
     except (OSError, tarfile.TarError, EOFError) as e:
-        yield ShardProblem("bad_shard", f"{os.path.basename(path)}: {_why(e)}")
+        _close(fileobj)
+        yield ShardProblem("bad_shard", f"{name}: {_why(e)}")
         return
     key, fields, order = None, {}, []  # the sample being gathered
     try:
@@ -243,7 +277,7 @@ def _read_tar(path, caption_field, image_field):
                                   problem="truncated_member")
                     key = None
                 yield ShardProblem("truncated_tar" if "unexpected end" in str(e)
-                                   else "corrupt_tar", f"{os.path.basename(path)}: {_why(e)}")
+                                   else "corrupt_tar", f"{name}: {_why(e)}")
                 return
             tf.members.clear()  # `next()` keeps every header: a big shard would pile up
             if member is None:
@@ -253,7 +287,7 @@ def _read_tar(path, caption_field, image_field):
             split = _split_name(member.name)
             if split is None:  # no KEY.FIELD name: not part of any sample
                 yield ShardProblem("ignored_member",
-                                   f"{os.path.basename(path)}: {member.name}")
+                                   f"{name}: {member.name}")
                 continue
             mkey, field = split
             if key is not None and (mkey != key or field in fields):
@@ -271,7 +305,7 @@ def _read_tar(path, caption_field, image_field):
                 yield _sample(key, fields, order, caption_field, image_field,
                               problem="truncated_member")
                 yield ShardProblem("truncated_tar" if "unexpected end" in str(e)
-                                   else "corrupt_tar", f"{os.path.basename(path)}: {_why(e)} "
+                                   else "corrupt_tar", f"{name}: {_why(e)} "
                                    f"(in {member.name})")
                 return
         if key is not None:
@@ -286,12 +320,21 @@ def _read_tar(path, caption_field, image_field):
             end = repr(e).encode()
         if end != tarfile.NUL * tarfile.BLOCKSIZE:
             kind = "truncated_tar" if len(end) < tarfile.BLOCKSIZE else "corrupt_tar"
-            yield ShardProblem(kind, f"{os.path.basename(path)}: "
+            yield ShardProblem(kind, f"{name}: "
                                + ("ends without its end-of-archive marker" if kind ==
                                   "truncated_tar" else "unreadable member header")
                                + f" at byte {tf.offset}")
     finally:
         tf.close()
+        _close(fileobj)
+
+
+def _close(fileobj) -> None:
+    if fileobj is not None:
+        try:
+            fileobj.close()
+        except (OSError, ValueError):
+            pass
 
 
 def _why(e: BaseException) -> str:
@@ -348,19 +391,32 @@ def _as_list(value) -> list:
 
 def _read_parquet(path, caption_field, image_field):
     pq = pyarrow_parquet()
-    name = os.path.basename(path)
+    name = paths_lib.basename(path)
+    fileobj = None
     try:
-        pf = pq.ParquetFile(path)
+        if paths_lib.is_url(path):  # pyarrow reads (seeks in) the fsspec file
+            fileobj = paths_lib.open_binary(path)
+        pf = pq.ParquetFile(path if fileobj is None else fileobj)
         columns = list(pf.schema_arrow.names)
     except Exception as e:  # pylint: disable=broad-except  # pyarrow raises many types
+        _close(fileobj)
         yield ShardProblem("bad_shard", f"{name}: {_why(e)}")
         return
+    try:
+        yield from _parquet_rows(pf, path, name, columns, caption_field, image_field)
+    finally:
+        if hasattr(pf, "close"):
+            pf.close()
+        _close(fileobj)
+
+
+def _parquet_rows(pf, path, name, columns, caption_field, image_field):
     image_col = (next((c for c in AUTO_IMAGE_COLUMNS if c in columns), None)
                  if image_field == "auto" else (image_field if image_field in columns
                                                 else None))
     if image_col is None:
         hint = (" (img2dataset's per-shard metadata of a webdataset: use --source=webdataset)"
-                if os.path.exists(path[:-len(".parquet")] + ".tar") else "")
+                if paths_lib.exists(path[:-len(".parquet")] + ".tar") else "")
         yield ShardProblem("bad_shard", f"{name}: no image column "
                            f"{image_field if image_field != 'auto' else ''}".rstrip()
                            + f" among {columns}; name it with --image_field{hint}")
@@ -382,9 +438,6 @@ def _read_parquet(path, caption_field, image_field):
                 row += 1
     except Exception as e:  # pylint: disable=broad-except
         yield ShardProblem("bad_shard", f"{name}: stopped after row {row}: {_why(e)}")
-    finally:
-        if hasattr(pf, "close"):
-            pf.close()
 
 
 def _row_sample(rec: dict, row: int, stem: str, image_col: str, caption_col: str):

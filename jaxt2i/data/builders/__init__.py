@@ -35,11 +35,21 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from jaxt2i import paths as paths_lib
 from jaxt2i.data import inputs, shapes
 from jaxt2i.data import shards as shards_lib
 
 REPORT_FILE = "build_report.json"
 INPUTS_FILE = "build_inputs.json"
+
+
+def check_data_dir(data_dir) -> None:
+    """Raises ValueError (one line) for a `data_dir` URL: builds are written to a local folder
+    (URLs are read as inputs only, so far)."""
+    if paths_lib.is_url(str(data_dir)):
+        raise ValueError(f"--data_dir={str(data_dir)!r}: datasets are written to a local folder "
+                         "for now (URLs are read as --input / --root / --manifest only); pass a "
+                         "local --data_dir")
 
 
 # --- the shapes world --------------------------------------------------------------------
@@ -104,6 +114,7 @@ def shapes_builder(data_dir: str, resolution: int, train_size: int, *, test_size
     Returns:
       The builder; config name 'r{resolution}_n{train_size}_s{seed}'.
     """
+    check_data_dir(data_dir)
     cfg = ShapesConfig(name=f"r{resolution}_n{train_size}_s{seed}", resolution=resolution,
                        train_size=train_size, test_size=test_size,
                        held_out_size=held_out_size, seed=seed)
@@ -188,7 +199,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         def work(entry):
             path, caps = entry
             try:
-                with open(path, "rb") as f:
+                with paths_lib.open_binary(path) as f:
                     data = f.read()
             except OSError:
                 return entry, None, (0, 0), ["missing_image"]
@@ -197,7 +208,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
 
         with futures.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool:
             for (path, caps), data, (w, h), events in pool.map(work, entries):
-                rel = os.path.relpath(path, cfg.root) if cfg.root else path
+                rel = paths_lib.relpath(path, cfg.root) if cfg.root else path
                 clean = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 if clean != rel:  # keys and stored paths must be valid UTF-8
                     rel = clean
@@ -223,8 +234,9 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
 
     Args:
       data_dir: TFDS data directory.
-      root: folder of the images.
-      manifest: JSONL / CSV / COCO JSON path, or None for side-car `.txt` captions.
+      root: folder of the images: a local path or a URL (`gs://bucket/images`, any fsspec
+        protocol: `jaxt2i.paths`).
+      manifest: JSONL / CSV / COCO JSON path (or URL), or None for side-car `.txt` captions.
       name: config name (lowercase letters, digits, '_'); default from the folder name.
       **options: other `ImageTextConfig` fields (format, min_size, small_warn, max_size,
         val_fraction, num_threads).
@@ -232,8 +244,10 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
     Returns:
       The builder.
     """
+    check_data_dir(data_dir)
     if name is None:
-        base = os.path.basename(os.path.normpath(root)).lower() or "default"
+        base = (paths_lib.basename(root) if paths_lib.is_url(root) else
+                os.path.basename(os.path.normpath(root))).lower() or "default"
         name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
     cfg = ImageTextConfig(name=name, root=root, manifest=manifest, **options)
     return ImageText(config=cfg, data_dir=data_dir, file_format="array_record")
@@ -318,7 +332,7 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         report, root = self.report, shards_lib.shard_root(paths)
         for path in paths:
-            shard = os.path.relpath(path, root)
+            shard = shards_lib.shard_name(path, root)
             report.shard_counts(shard)  # listed even if nothing in it can be read
             if first:
                 for status, n in sorted(shards_lib.upstream_stats(path).items()):
@@ -416,7 +430,8 @@ def shards_builder(data_dir: str, input: str,  # pylint: disable=redefined-built
 
     Args:
       data_dir: TFDS data directory.
-      input: the shards: a folder, a glob, a file, or several joined by commas.
+      input: the shards: a folder, a glob, a file, or several joined by commas; local or
+        URLs (`gs://bucket/shards`, any fsspec protocol: `jaxt2i.paths`).
       source: 'webdataset' or 'parquet'.
       name: config name; default from the shards' folder name.
       **options: other `ShardsConfig` fields (caption_field, image_field, min_size,
@@ -427,13 +442,15 @@ def shards_builder(data_dir: str, input: str,  # pylint: disable=redefined-built
 
     Raises:
       ValueError: an unknown source, a field flag that does not fit it, or no shards (one
-        line each); ImportError: parquet without pyarrow (naming the `[data]` extra).
+        line each); ImportError: parquet without pyarrow (naming the `[data]` extra), a URL
+        without its filesystem (`paths.MissingFilesystem`: gs:// needs gcsfs).
     """
+    check_data_dir(data_dir)
     shards_lib.check_fields(source, options.get("caption_field", "auto"),
                             options.get("image_field", "auto"))
     paths = shards_lib.list_shards(input, source)
     if name is None:
-        base = os.path.basename(shards_lib.shard_root(paths)).lower() or "default"
+        base = paths_lib.basename(shards_lib.shard_root(paths)).lower() or "default"
         name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
     cfg = ShardsConfig(name=name, input=input, source=source, **options)
     return ImageTextShards(config=cfg, data_dir=data_dir, file_format="array_record")
@@ -444,9 +461,9 @@ def _input_files(builder) -> tuple[str, list[str]] | None:
     cfg = builder.builder_config
     if isinstance(builder, ImageText):
         paths = [cfg.manifest] if cfg.manifest else []
-        for dirpath, dirnames, names in os.walk(cfg.root):
+        for dirpath, dirnames, names in paths_lib.walk(cfg.root):
             dirnames.sort()
-            paths.extend(os.path.join(dirpath, x) for x in sorted(names))
+            paths.extend(paths_lib.join(dirpath, x) for x in sorted(names))
         return cfg.root, paths
     if isinstance(builder, ImageTextShards):
         try:
@@ -457,14 +474,16 @@ def _input_files(builder) -> tuple[str, list[str]] | None:
         for p in paths:
             stem = p[:-len(".parquet")] if p.endswith(".parquet") else p.rsplit(".tar", 1)[0]
             stats.append(stem + "_stats.json")  # its upstream counts are in the report
-        return shards_lib.shard_root(paths), paths + [p for p in stats if os.path.exists(p)]
+        return shards_lib.shard_root(paths), paths + [p for p in stats if paths_lib.exists(p)]
     return None
 
 
 def build_inputs(builder: tfds.core.DatasetBuilder) -> dict:
     """What a build was made from: the builder's options and, for a user's folder, a digest of
     every file under it (path, size, modification time) and of the manifest; for shards, of
-    every shard (and img2dataset's `_stats.json` beside it).
+    every shard (and img2dataset's `_stats.json` beside it). Inputs that are URLs are digested
+    by (path, size, the store's generation / ETag / modification time); local ones exactly as
+    before URLs were read, so earlier builds are not refused.
 
     Stored beside the data (`build_inputs.json`); a later build of the same name whose
     inputs differ is refused instead of returning the old data as new.
@@ -476,15 +495,24 @@ def build_inputs(builder: tfds.core.DatasetBuilder) -> dict:
     record: dict = {"builder": builder.name, "options": {}}
     for k, v in sorted(options.items()):
         if k in ("root", "manifest") and v:
-            v = os.path.abspath(v)
+            v = paths_lib.abspath(v)
         if k == "input" and v:
-            v = ",".join(os.path.abspath(p) for p in v.split(",") if p)
+            v = ",".join(paths_lib.abspath(p) for p in v.split(",") if p)
         record["options"][k] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
     files = _input_files(builder)
     if files is not None:
         base, paths = files
         h, n = hashlib.sha256(), 0
         for path in paths:
+            if paths_lib.is_url(path):
+                try:
+                    size, version = paths_lib.file_version(path)
+                except OSError:
+                    continue
+                n += 1
+                h.update(f"{paths_lib.relpath(path, base)}\0{size}\0{version}\n"
+                         .encode("utf-8", "surrogateescape"))
+                continue
             try:
                 st = os.stat(path)
             except OSError:

@@ -6,14 +6,17 @@ dir.
     python -m jaxt2i.data.builders --data_dir=DIR --input=SHARDS [--source=parquet]
     python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
 
+--root, --manifest and --input may be URLs (gs://bucket/dir, s3://..., any fsspec protocol;
+gs:// needs gcsfs); --data_dir is a local folder.
+
 Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name.
 """
 
 from __future__ import annotations
 
-import os
-
-from jaxt2i.data.builders import build, image_text_builder, shapes_builder, shards_builder
+from jaxt2i import paths as paths_lib
+from jaxt2i.data.builders import (build, check_data_dir, image_text_builder, shapes_builder,
+                                  shards_builder)
 
 _SHARD_FLAGS = ("source", "caption_field", "image_field", "max_aspect")
 _ROOT_FLAGS = ("manifest", "format")
@@ -22,15 +25,17 @@ _ROOT_FLAGS = ("manifest", "format")
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory (a local folder).")
     flags.DEFINE_string("shapes", None, "Build the shapes world: RES:TRAIN[:TEST[:HELD_OUT[:SEED]]],"
                         " e.g. 64:10000.")
-    flags.DEFINE_string("root", None, "Build a folder of images with captions.")
-    flags.DEFINE_string("manifest", None, "JSONL / CSV / COCO JSON captions of --root; none: "
-                        "side-car .txt files.")
+    flags.DEFINE_string("root", None, "Build a folder of images with captions (a path or a URL: "
+                        "gs://bucket/dir needs gcsfs).")
+    flags.DEFINE_string("manifest", None, "JSONL / CSV / COCO JSON captions of --root (a path or "
+                        "a URL); none: side-car .txt files.")
     flags.DEFINE_string("format", "auto", "Manifest format: auto, jsonl, csv, coco or txt.")
     flags.DEFINE_string("input", None, "Build tar or parquet shards (img2dataset's output): a "
-                        "folder, a glob (DIR/*.tar) or files joined by commas.")
+                        "folder, a glob (DIR/*.tar) or files joined by commas; paths or URLs "
+                        "(gs://bucket/dir needs gcsfs).")
     flags.DEFINE_enum("source", "webdataset", ["webdataset", "parquet"], "Layout of --input: "
                       "tar shards (webdataset) or parquet files with the image bytes.")
     flags.DEFINE_string("caption_field", "auto", "Caption of --input: auto, a member / column "
@@ -62,8 +67,15 @@ def main(argv) -> None:
     F = flags.FLAGS
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
-    if F.root and not os.path.isdir(F.root):  # before TFDS starts (and logs) anything
-        raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
+    if F.root:  # before TFDS starts (and logs) anything
+        for name in ("root", "manifest"):  # a URL's filesystem (gs:// needs gcsfs)
+            if paths_lib.is_url(F[name].value):
+                try:
+                    paths_lib.filesystem(F[name].value)
+                except (paths_lib.MissingFilesystem, ValueError) as e:
+                    raise ConfigError(f"--{name}: {e}") from None
+        if not paths_lib.isdir(F.root):
+            raise ConfigError(f"image folder {F.root!r} not found; pass an existing --root")
     for names, needs in ((_SHARD_FLAGS, "input"), (_ROOT_FLAGS, "root")):
         for name in names:
             if F[name].present and not F[needs].value:
@@ -73,6 +85,7 @@ def main(argv) -> None:
         raise ConfigError(f"--max_aspect={F.max_aspect} must be at least 1 (5 skips strips "
                           "more than five times wider than high)")
     try:
+        check_data_dir(F.data_dir)
         if F.shapes:
             parts = F.shapes.split(":")
             if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
@@ -97,6 +110,8 @@ def main(argv) -> None:
                 min_size=F.min_size, small_warn=F.small_warn, max_size=F.max_size,
                 val_fraction=F.val_fraction)
         report = build(builder, rebuild=F.rebuild)
+    except paths_lib.MissingFilesystem as e:  # gs:// without gcsfs: what to install
+        raise ConfigError(str(e)) from None
     except OSError as e:
         if disk_error(e) is not None:
             raise  # a full disk or an unwritable --data_dir: one line, exit 1 (run_app)
