@@ -149,3 +149,6 @@ def test_a_timed_out_job_keeps_what_it_reported():
     out = _run([sys.executable, "-c", "import time; time.sleep(60)"], None, 2, CHILD_TAG,
                lambda d: d)
     assert set(out) == {"error"}
+    crash = code.replace("time.sleep(60)", "raise SystemExit(3)")
+    out = _run([sys.executable, "-c", crash], None, 30, CHILD_TAG, lambda d: d)
+    assert out["rows"] == [1, 2] and out["error"].startswith("exit 3")

@@ -95,7 +95,9 @@ def _run(cmd, env, timeout, tag, pick) -> dict:
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(tag)]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-        return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+        error = {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+        # a job killed or failed part way keeps what it reported, like a timed-out one
+        return {**pick(json.loads(lines[-1][len(tag):])), **error} if lines else error
     out = pick(json.loads(lines[-1][len(tag):]))
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
