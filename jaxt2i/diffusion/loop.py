@@ -196,25 +196,25 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
                                  schedule.time_at_logsnr(point.logsnr))
             return denoise_at(x, point, time)
 
-        def advance(before):
+        def advance(before, noise):
             if hasattr(sampler, 'step'):
                 return sampler.step(before, denoise, s, t, noise)
             return sampler.update(before, denoise(before['x'], s), s, t, noise)  # old protocol
 
         def one_step(before):
-            new = advance(before)
+            new = advance(before, noise)
             if mask is None:
                 return new
             key = jax.random.fold_in(known_rng, i)
             new = keep_known(new, t, jax.random.fold_in(key, 0))
 
             def jump(r, new):  # RePaint: back to s with q(x_s | x_t), then the step again
-                k = jax.random.fold_in(key, 2 * r + 1)
+                k = jax.random.split(jax.random.fold_in(key, r + 1), 3)  # fresh noise each time
                 a_st = s.alpha / t.alpha
                 std = jnp.sqrt(jnp.maximum(s.sigma**2 - a_st**2 * t.sigma**2, 0.0))
-                x_s = a_st * new['x'] + std * jax.random.normal(k, shape, jnp.float32)
-                return keep_known(advance({**before, 'x': x_s}), t,
-                                  jax.random.fold_in(key, 2 * r + 2))
+                x_s = a_st * new['x'] + std * jax.random.normal(k[0], shape, jnp.float32)
+                again = advance({**before, 'x': x_s}, jax.random.normal(k[1], shape, jnp.float32))
+                return keep_known(again, t, k[2])
             return jax.lax.fori_loop(0, resample, jump, new) if resample else new
 
         if start is None:
