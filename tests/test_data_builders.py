@@ -84,9 +84,9 @@ def _caption_bytes(cap):
     return cap.encode("cp1252") if cap == "caf\xe9 cr\xe8me" else cap.encode()
 
 
-def test_jsonl_manifest(tmp_path):
-    root = str(tmp_path / "photos")
-    caps = _make_images(root)
+def _jsonl_manifest(root, caps):
+    """captions.jsonl for `_make_images`' files (raw caption bytes), plus a missing image and
+    a line that is not JSON."""
     with open(os.path.join(root, "captions.jsonl"), "wb") as f:
         for name, cap in caps.items():
             row = {"image": f"img/{name}"}
@@ -95,6 +95,12 @@ def test_jsonl_manifest(tmp_path):
             f.write(json.dumps(row, ensure_ascii=False).encode().replace(
                 b"@@", _caption_bytes(cap) if cap is not None else b"") + b"\n")
         f.write(b'{"image": "img/missing.png", "caption": "gone"}\n{not json\n')
+
+
+def test_jsonl_manifest(tmp_path):
+    root = str(tmp_path / "photos")
+    caps = _make_images(root)
+    _jsonl_manifest(root, caps)
     b = builders.image_text_builder(str(tmp_path / "tfds"), root,
                                     os.path.join(root, "captions.jsonl"), min_size=8,
                                     small_warn=16, num_threads=2)

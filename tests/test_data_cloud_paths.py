@@ -17,7 +17,7 @@ import pytest
 from jaxt2i import paths
 from jaxt2i.data import builders, inputs, pipeline, shards
 
-from test_data_builders import _caption_bytes, _make_images
+from test_data_builders import _caption_bytes, _jsonl_manifest, _make_images
 from test_data_builders_shards import EXPECTED_SKIPS, _make_img2dataset, _tar
 
 
@@ -201,17 +201,6 @@ def test_parquet_shard_from_a_memory_url(memory):
     bad = list(shards.read_shard(found[1], "parquet"))
     assert len(bad) == 1 and bad[0].kind == "bad_shard" and bad[0].detail.startswith(
         "00001.parquet: ")
-
-
-def _jsonl_manifest(root, caps):
-    with open(os.path.join(root, "captions.jsonl"), "wb") as f:
-        for name, cap in caps.items():
-            row = {"image": f"img/{name}"}
-            if cap is not None:
-                row["caption"] = "@@"
-            f.write(json.dumps(row, ensure_ascii=False).encode().replace(
-                b"@@", _caption_bytes(cap) if cap is not None else b"") + b"\n")
-        f.write(b'{"image": "img/missing.png", "caption": "gone"}\n{not json\n')
 
 
 def test_image_folder_from_file_and_memory_urls_build_as_from_disk(tmp_path, memory):
