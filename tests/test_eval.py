@@ -56,14 +56,18 @@ def test_detector_tolerates_noise_and_colour_shift():
     assert detector.aggregate(scores)["whole"] >= 0.95
 
 
+# a large red circle above a small blue square, on white
+RED_CIRCLE_ABOVE_BLUE_SQUARE = {
+    "kind": "relation", "background": "white",
+    "relation": {"subject": 0, "relation": "above", "object": 1},
+    "objects": [{"shape": "circle", "colour": "red", "size": "large", "x": 0.5, "y": 0.25,
+                 "r": 0.16},
+                {"shape": "square", "colour": "blue", "size": "small", "x": 0.5, "y": 0.75,
+                 "r": 0.1}]}
+
+
 def test_score_catches_wrong_attributes():
-    scene = {"kind": "relation", "background": "white",
-             "relation": {"subject": 0, "relation": "above", "object": 1},
-             "objects": [{"shape": "circle", "colour": "red", "size": "large", "x": 0.5,
-                          "y": 0.25, "r": 0.16},
-                         {"shape": "square", "colour": "blue", "size": "small", "x": 0.5,
-                          "y": 0.75, "r": 0.1}]}
-    img = shapes.render(scene, 64)
+    img = shapes.render(RED_CIRCLE_ABOVE_BLUE_SQUARE, 64)
     good = detector.score(img, "a large red circle above a small blue square")
     assert good == {"colour": True, "shape": True, "size": True, "count": True,
                     "relation": True, "background": None, "whole": True,
@@ -218,13 +222,7 @@ def test_true_lowres_separates_a_lossy_sr_stage_from_the_base_resolution(tmp_pat
 
 
 def test_score_reads_chinese_prompts():
-    scene = {"kind": "relation", "background": "white",
-             "relation": {"subject": 0, "relation": "above", "object": 1},
-             "objects": [{"shape": "circle", "colour": "red", "size": "large", "x": 0.5,
-                          "y": 0.25, "r": 0.16},
-                         {"shape": "square", "colour": "blue", "size": "small", "x": 0.5,
-                          "y": 0.75, "r": 0.1}]}
-    img = shapes.render(scene, 64)
+    img = shapes.render(RED_CIRCLE_ABOVE_BLUE_SQUARE, 64)
     for zh, en in [("一个红色的圆形在一个蓝色的正方形上面", "a red circle above a blue square"),
                    ("一个蓝色的小正方形上面有一个红色的大圆形", "a large red circle above a small "
                                                              "blue square"),
