@@ -152,3 +152,39 @@ def test_a_timed_out_job_keeps_what_it_reported():
     crash = code.replace("time.sleep(60)", "raise SystemExit(3)")
     out = _run([sys.executable, "-c", crash], None, 30, CHILD_TAG, lambda d: d)
     assert out["rows"] == [1, 2] and out["error"].startswith("exit 3")
+
+
+
+def test_quality_job_runs_the_chosen_samplers(monkeypatch):
+    """`--quality_samplers/--quality_steps` pick the rows (the 25-step reference always runs);
+    Heun's evaluations are counted from its grid: 3 steps on the demo's cosine schedule are
+    Euler from sigma_e 22026, Heun, then the last (Euler) step: 4 calls, not 2n - 1 = 5."""
+    from jaxt2i.eval import evaluate
+
+    seen = []
+
+    def fake(cascade, *, splits, num_prompts, settings, num_stages, progress):
+        seen.append((settings[0].sampler, settings[0].steps, num_prompts, num_stages))
+        return {"results": {s: {"whole": 0.5} for s in splits}, "seconds": 1.0,
+                "image_size": 32}
+
+    monkeypatch.setattr(evaluate, "evaluate_cascade", fake)
+    reports = []
+    out = jobs.job_quality(False, num_prompts=3, stages=1, report=reports.append,
+                           samplers=("heun", "ddim"), steps_list=(3, 5))
+    assert seen == [("dpmpp_2m", 25, 3, 1), ("heun", 3, 3, 1), ("ddim", 3, 3, 1),
+                    ("heun", 5, 3, 1), ("ddim", 5, 3, 1)]
+    assert [(r["name"], r["nfe"]) for r in out["rows"]] == [
+        ("dpmpp_2m_25", 25), ("heun_3", 4), ("ddim_3", 3), ("heun_5", 8), ("ddim_5", 5)]
+    assert reports[0]["partial"] == "1 of 5 runs" and len(reports) == 5
+
+
+def test_quality_flags_reach_the_child_process(monkeypatch):
+    from jaxt2i.bench import runner
+
+    cmds = []
+    monkeypatch.setattr(runner, "_run", lambda cmd, *a: cmds.append(cmd) or {})
+    runner.run_child("quality", {"cascade_steps": 4, "memory_batch": None, "quality_prompts": 2,
+                                 "quick": False, "quality_samplers": ("heun", "euler"),
+                                 "quality_steps": (10, 15)}, 60)
+    assert "--quality_samplers=heun,euler" in cmds[0] and "--quality_steps=10,15" in cmds[0]

@@ -174,8 +174,14 @@ def test_heun_matches_diffusers(num_steps, spacing, grid):
         _np_model(0.9, 0.3))
     sched = diffusion.get_schedule('discrete_linear',
                                    spacing='trailing' if spacing == 'linspace' else spacing)
-    ours = _ours(_jax_model(0.9, 0.3), sched, 'heun', num_steps, spacing=grid)
+    heun = diffusion.get_sampler('heun', heun_sigma_max=float('inf'))  # diffusers' has no limit
+    ours = _ours(_jax_model(0.9, 0.3), sched, heun, num_steps, spacing=grid)
     _assert_close(ours, ref)
+    if num_steps == 10:  # the default's first step (from sigma_e 157 > 80) is Euler: it differs
+        default = _ours(_jax_model(0.9, 0.3), sched, 'heun', num_steps, spacing=grid)
+        assert np.abs(default[0] - ours[0]).max() > 1e-3
+        euler = _ours(_jax_model(0.9, 0.3), sched, 'euler', num_steps, spacing=grid)
+        np.testing.assert_allclose(default[0], euler[0], rtol=1e-6, atol=1e-6)
 
 
 def _gauss_eps(a, s, t):
@@ -463,6 +469,25 @@ def test_samplers_recover_gaussian_data(schedule, sampler, steps, kwargs):
     assert np.abs(np.corrcoef(x.T) - np.eye(4)).max() < 0.04
 
 
+def test_heun_first_step_from_the_cosine_top_is_euler():
+    """The continuous cosine schedule starts at sigma_e = e^10 = 22026 and a uniform-time grid
+    of 12 steps goes next to sigma_e 7.6: Heun over that ratio (the model's x0 changes from the
+    data mean to the posterior mean) overshoots by thousands; Euler above EDM's sigma_max does not."""
+    sched = GAUSS_SCHEDULES['cosine']
+
+    def run(**kw):
+        return np.asarray(jax.jit(lambda rng: diffusion.sample(
+            _gaussian_denoiser(sched, 'v'), (16384, 4), rng, schedule=sched,
+            sampler=diffusion.get_sampler('heun', **kw), num_steps=12, prediction='v'))(
+                jax.random.key(2)))
+
+    x = run()
+    assert abs(x.mean() - MU) < 0.01, x.mean()
+    assert 0.95 < x.var() / S**2 < 1.05, x.var() / S**2
+    unlimited = run(heun_sigma_max=float('inf'))
+    assert unlimited.var() / S**2 > 10, unlimited.var() / S**2
+
+
 def test_third_order_sde_converges():
     """The corrected D2 coefficient: 3M SDE's variance error shrinks with the steps (with
     diffusers' coefficient it was still 11% / 22% at 100 steps on cos10 / discrete_linear)."""
@@ -492,9 +517,14 @@ def test_heun_evaluates_the_denoiser_twice_per_step_but_once_at_the_last():
         traced[(sampler, num_steps)] = len(calls)
         return len(ran)
 
-    assert run('heun', 5) == 9 and run('heun', 40) == 79  # 2n - 1 evaluations
+    # 2n - 1 evaluations, less the first step's second one: from sigma_e 22026 > 80 it is Euler
+    assert run('heun', 5) == 8 and run('heun', 40) == 78
     assert run('euler', 5) == 5 and run('dpmpp_3m_sde', 5) == 5
     assert run('heun', 1) == 1
+    for n in (1, 5, 40):
+        assert diffusion.denoiser_evaluations('cosine', 'heun', n) == run('heun', n)
+    # karras from 22026 (rho 7): the steps from 22026, 10154, 4250, 1572, 493 and 123 are Euler
+    assert diffusion.denoiser_evaluations('cosine', 'heun', 10, 'karras') == 10 + 3
     assert traced[('heun', 5)] == traced[('heun', 40)] == traced[('heun', 1)] == 2
     assert traced[('euler', 5)] == traced[('dpmpp_3m_sde', 5)] == 1
 

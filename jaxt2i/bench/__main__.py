@@ -45,7 +45,9 @@ def main(argv) -> None:
     opts = {"quick": FLAGS.quick, "tiny": FLAGS.tiny, "cascade_steps": FLAGS.cascade_steps,
             "memory_batch": FLAGS.memory_batch or None, "quality_prompts": FLAGS.quality_prompts
             or None, "memory_devices": FLAGS.memory_devices,
-            "quality_stages": FLAGS.quality_stages or None, "dtype": FLAGS.dtype or None}
+            "quality_stages": FLAGS.quality_stages or None, "dtype": FLAGS.dtype or None,
+            "quality_samplers": tuple(FLAGS.quality_samplers or ()) or None,
+            "quality_steps": tuple(int(v) for v in FLAGS.quality_steps or ()) or None}
     if FLAGS.job:  # a child process started by run_child
         print(CHILD_TAG + json.dumps(run_job(FLAGS.job, FLAGS.quick, opts)), flush=True)
         return
@@ -76,6 +78,10 @@ def _define_flags() -> None:
                          "with --quick).")
     flags.DEFINE_integer("quality_stages", 0, "Demo stages sampled by `quality` (0: all; 1: the "
                          "base stage, ten times cheaper).")
+    flags.DEFINE_list("quality_samplers", [], "Samplers compared by `quality` (default: "
+                      "dpmpp_2m, dpmpp_3m, heun, euler, ddim); DPM-Solver++(2M) at 25 steps "
+                      "always runs as the reference.")
+    flags.DEFINE_list("quality_steps", [], "Step counts of `quality` (default: 10,15).")
     flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke "
                       "runs; the figures mean nothing).")
     flags.DEFINE_string("json", None, "Also write every result to this JSON file.")

@@ -430,21 +430,24 @@ QUALITY_STEPS = (10, 15)
 
 
 def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None = None,
-                report=None) -> dict:
-    """Shapes-evaluator scores of the demo cascade: each of `QUALITY_SAMPLERS` at each of
-    `QUALITY_STEPS` steps (quick: DPM-Solver++ 2M / 3M at 10) against DPM-Solver++(2M) at 25
-    steps, the same prompts and seeds for all; `nfe` counts denoiser calls (Heun's n steps make
-    2n - 1)."""
+                report=None, samplers=None, steps_list=None) -> dict:
+    """Shapes-evaluator scores of the demo cascade: each of `samplers` (default
+    `QUALITY_SAMPLERS`; quick: DPM-Solver++ 2M / 3M) at each of `steps_list` steps (default
+    `QUALITY_STEPS`; quick: 10) against DPM-Solver++(2M) at 25 steps, the same prompts and
+    seeds for all; `nfe` counts the base stage's denoiser calls (`denoiser_evaluations`)."""
     from jaxt2i.assets import demo_cascade_dir
     from jaxt2i.cascade import load_cascade
+    from jaxt2i.diffusion import denoiser_evaluations
     from jaxt2i.eval.evaluate import evaluate_cascade
 
     cascade = load_cascade([demo_cascade_dir()])
     n = num_prompts or (8 if quick else 200)
     k = stages or len(cascade.stages)
-    runs = [("dpmpp_2m", 25)] + [(s, steps) for steps in ((10,) if quick else QUALITY_STEPS)
-                                 for s in (("dpmpp_2m", "dpmpp_3m") if quick
-                                           else QUALITY_SAMPLERS)]
+    samplers = samplers or (("dpmpp_2m", "dpmpp_3m") if quick else QUALITY_SAMPLERS)
+    runs = [("dpmpp_2m", 25)] + [(s, steps) for steps in (steps_list or ((10,) if quick
+                                                                         else QUALITY_STEPS))
+                                 for s in samplers]
+    base = cascade.stages[0]
     rows = []
     out = {"num_prompts_per_split": n, "stages": k, "rows": rows}
     for sampler, steps in runs:
@@ -452,7 +455,8 @@ def job_quality(quick: bool, num_prompts: int | None = None, stages: int | None 
         r = evaluate_cascade(cascade, splits=("held_out", "test"), num_prompts=n,
                              settings=settings, num_stages=k, progress=False)
         rows.append({"name": f"{sampler}_{steps}", "sampler": sampler, "steps": steps,
-                     "nfe": 2 * steps - 1 if sampler == "heun" else steps,
+                     "nfe": denoiser_evaluations(base.schedule, sampler, steps,
+                                                 settings[0].spacing),
                      "results": r["results"], "seconds": r["seconds"]})
         out.update(image_size=r["image_size"], peak_rss_mb=round(peak_rss_mb(), 1))
         if report is not None:  # what is done survives a timeout
@@ -469,5 +473,6 @@ JOBS = {
     "cascade": lambda q, o: job_cascade(q, o.get("cascade_steps", 4), o.get("tiny", False)),
     "memory_paper": lambda q, o: job_memory_paper(q, o.get("memory_batch"), o.get("tiny", False)),
     "quality": lambda q, o: job_quality(q, o.get("quality_prompts"), o.get("quality_stages"),
-                                        o.get("report")),
+                                        o.get("report"), o.get("quality_samplers"),
+                                        o.get("quality_steps")),
 }

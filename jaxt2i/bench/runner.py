@@ -68,7 +68,9 @@ def run_child(job: str, opts: dict, timeout: int) -> dict:
     cmd = [sys.executable, "-m", "jaxt2i.bench", f"--job={job}",
            f"--cascade_steps={opts['cascade_steps']}", f"--memory_batch={opts['memory_batch'] or 0}",
            f"--quality_prompts={opts['quality_prompts'] or 0}",
-           f"--quality_stages={opts.get('quality_stages') or 0}"]
+           f"--quality_stages={opts.get('quality_stages') or 0}",
+           f"--quality_samplers={','.join(opts.get('quality_samplers') or ())}",
+           f"--quality_steps={','.join(map(str, opts.get('quality_steps') or ()))}"]
     cmd += (["--quick"] if opts["quick"] else []) + (["--tiny"] if opts.get("tiny") else [])
     return _run(cmd, env, timeout, CHILD_TAG, lambda d: d)
 

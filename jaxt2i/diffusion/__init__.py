@@ -7,7 +7,7 @@ Everything here is independent of the U-Net: it takes a denoiser
 from jaxt2i.diffusion.guidance import (THRESHOLDINGS, Thresholding, as_thresholding,
                                        cfg_combine, concat_cond, drop_condition,
                                        dynamic_threshold, guided_denoise, static_threshold)
-from jaxt2i.diffusion.loop import sample
+from jaxt2i.diffusion.loop import denoiser_evaluations, sample
 from jaxt2i.diffusion.losses import (OBJECTIVES, WEIGHTINGS, convert, diffusion_loss,
                                      from_x0_eps, loss_weight, to_x0_eps, weighted_mse)
 from jaxt2i.diffusion.noising import add_noise, noise_augment, q_sample
@@ -22,7 +22,7 @@ __all__ = [
     'DiscreteSchedule', 'EDM', 'GRID_SPACINGS', 'LinearSchedule', 'OBJECTIVES', 'Point',
     'SAMPLER_NAMES', 'SCHEDULE_NAMES', 'Sampler', 'THRESHOLDINGS', 'Thresholding', 'WEIGHTINGS',
     'add_noise', 'as_sampler', 'as_schedule', 'as_thresholding', 'cfg_combine', 'clean_point',
-    'concat_cond', 'convert', 'diffusion_loss', 'drop_condition', 'dynamic_threshold',
+    'concat_cond', 'convert', 'denoiser_evaluations', 'diffusion_loss', 'drop_condition', 'dynamic_threshold',
     'from_x0_eps', 'get_sampler', 'get_schedule', 'grid_point', 'guided_denoise', 'loss_weight',
     'noise_augment', 'q_sample', 'sample', 'static_threshold', 'to_x0_eps', 'weighted_mse',
 ]

@@ -18,6 +18,7 @@ as a traced argument, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -55,6 +56,25 @@ def start_index(strength, num_steps: int):
     return (num_steps - run).astype(jnp.int32)
 
 
+def denoiser_evaluations(schedule, sampler, num_steps: int, spacing: str = 'default',
+                         churn: float = 0.0) -> int:
+    """Denoiser calls of an n-step run without editing: n, and for Heun one more per step
+    that is second order (not the last step, nor one starting above `heun_sigma_max`)."""
+    schedule = schedules_lib.as_schedule(schedule)
+    sampler = samplers_lib.as_sampler(sampler)
+    if not (isinstance(sampler, samplers_lib.EDM) and sampler.order == 2):
+        return num_steps
+    churn = churn or sampler.churn
+    calls = num_steps
+    for i in range(num_steps - 1):
+        logsnr = float(schedules_lib.grid_point(schedule, spacing, i, num_steps)[0].logsnr)
+        sigma_e = math.exp(-0.5 * logsnr)
+        on = churn > 0 and sampler.churn_tmin <= sigma_e <= sampler.churn_tmax
+        hat = sigma_e * (1.0 + min(churn / num_steps, math.sqrt(2.0) - 1.0)) if on else sigma_e
+        calls += hat <= sampler.heun_sigma_max
+    return calls
+
+
 def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
            num_steps: int = 50, cond=None, uncond=None, guidance_scale=1.0,
            prediction: str = 'eps', thresholding='none', x_init: Optional[jax.Array] = None,
@@ -74,7 +94,8 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
         sampler: 'ddpm' | 'ddim' | 'dpmpp_2m' | 'dpmpp_2m_sde' | 'dpmpp_3m' | 'dpmpp_3m_sde' |
             'euler' | 'heun' or a sampler object, e.g. DDIM(eta=1.0) (static).
         num_steps: number of sampler steps (static); one denoiser evaluation each, two for
-            'heun' (except its last step).
+            'heun' (except its last step and steps above its `heun_sigma_max`;
+            `denoiser_evaluations` counts them).
         cond: conditioning pytree of [B, ...] leaves, passed to denoise_fn (None allowed).
         uncond: unconditional pytree with the structure of cond (leaves may have batch 1). When
             given, classifier-free guidance runs cond and uncond as one batched call of size 2B.
