@@ -38,7 +38,8 @@ def main(argv) -> None:
                            progress=sys.stderr.isatty() or F.progress,
                            text_encoder=F.text_encoder, negative_prompts=F.negative_prompt or (),
                            init_images=F.init_image or (), masks=F.mask or (),
-                           strength=F.strength)
+                           strength=F.strength, start_stage=F.start_stage,
+                           lowres=F.lowres or ())
     print(f"wrote {len(record['images'])} images, grid.png and sample.json to {F.out}", flush=True)
 
 
@@ -63,6 +64,11 @@ def _define_flags() -> None:
     flags.DEFINE_string("strength", None, "Image-to-image: how much of the reverse process "
                         "runs from the noised --init_image, in (0, 1] (1 = from noise); one "
                         "value for all stages or a comma list.")
+    flags.DEFINE_integer("start_stage", 0, "Start at this super-resolution stage (1 = the "
+                         "first SR stage) from --lowres images instead of the stages before.")
+    flags.DEFINE_multi_string("lowres", None, "With --start_stage=K: low-res image files that "
+                              "stand in for stage K-1's output, one for all images or one per "
+                              "image (resized to that stage's size).")
     define_stage_flags()
     define_text_encoder_flag()
 

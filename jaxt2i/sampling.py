@@ -22,7 +22,8 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
                   dtype: str | None = None, overrides: dict | None = None, progress: bool = True,
                   text_encoder: str | None = None, negative_prompts: Sequence[str] = (),
                   init_images: Sequence[str] = (), masks: Sequence[str] = (),
-                  strength: str | None = None) -> dict:
+                  strength: str | None = None, start_stage: int = 0,
+                  lowres: Sequence[str] = ()) -> dict:
     """Loads the cascade, samples `num_images` per prompt and writes PNGs, grid and JSON.
 
     Args:
@@ -44,6 +45,10 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
       masks: image files like `init_images`; white = generate, black = keep the init image.
       strength: image-to-image strength in (0, 1], one for all stages or a comma list per
         stage ('0.6,1'); 1 = from noise.
+      start_stage: the first stage to run; with k > 0 the `lowres` images stand in for stage
+        k - 1's output (super-resolve, or with `init_images` edit, given low-res images).
+      lowres: image files for start_stage > 0, one for all images or one per image, resized
+        to stage start_stage - 1's size.
 
     Returns:
       the record written to out/sample.json.
@@ -77,6 +82,17 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
                               f"{len(prompts)} prompts; give one for all or one per prompt")
         negatives = ([n_ for n_ in negative_prompts for _ in range(num_images)]
                      if len(negative_prompts) > 1 else negative_prompts * len(batch))
+    given = {}
+    if start_stage or lowres:
+        if not 0 < start_stage < n:
+            raise ConfigError(f"--start_stage={start_stage} must be between 1 and {n - 1} (the "
+                              f"{n} stage(s) run) to start at a super-resolution stage")
+        if not lowres:
+            raise ConfigError(f"--start_stage={start_stage} needs --lowres PATH: the images "
+                              f"that stand in for stage {start_stage - 1}'s output")
+        given = {"start_stage": start_stage, "lowres": read_images(
+            lowres, len(batch), cascade.stages[start_stage - 1].unet_cfg.image_size,
+            what="--lowres")}
     strengths = None
     if strength not in (None, ""):
         strengths = per_stage_floats("--strength", strength, n)
@@ -94,7 +110,7 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
         edit["strength"] = strengths
     try:
         images = cascade.sample(batch, seed, settings=settings, num_stages=n, progress=progress,
-                                negative_prompts=negatives, **edit)
+                                negative_prompts=negatives, **edit, **given)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
     os.makedirs(out, exist_ok=True)
@@ -111,7 +127,8 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
         "steps_trained": [s.step for s in cascade.stages[:n]], "stages": n, "dtype": dtype or None,
         "settings": [dict(vars(s)) for s in settings], "images": files, "grid": "grid.png",
         "negative_prompts": list(negative_prompts or []), "init_images": list(init_images),
-        "masks": list(masks), "strength": strengths,
+        "masks": list(masks), "strength": strengths, "start_stage": start_stage,
+        "lowres": list(lowres),
         "image_size": int(images.shape[1]),
     }
     with open(os.path.join(out, "sample.json"), "w") as f:

@@ -128,7 +128,8 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             phi : 1 - phi with the plain guided one, as diffusers' `rescale_noise_cfg`.
         guidance_interval: (lo, hi): guidance applies only while the normalized time
             (`normalized_time`, 1 = pure noise) is in [lo, hi] (Kynkaanniemi et al. 2024);
-            elsewhere the conditional prediction alone is used (w = 1).
+            elsewhere the conditional prediction alone is used (w = 1), and only the
+            conditional half is evaluated (a `lax.cond`: half the work outside).
 
     Returns:
         x_0 [B, ...] float32, or (x_0, trajectory) if return_trajectory.
@@ -180,12 +181,15 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
     def denoise_at(x_s, s: schedules_lib.Point, t_s):
         model_t = jnp.broadcast_to(schedule.model_t(t_s), (shape[0],))  # [B]
         if use_cfg:
-            w = guidance_scale
-            if not full_interval:
+            def guided(_):
+                return guidance_lib.guided_denoise(denoise_fn, x_s, model_t, cond, uncond,
+                                                   guidance_scale, rescale=guidance_rescale)
+            if full_interval:
+                pred = guided(None)
+            else:  # outside the interval only the conditional half runs (B, not 2B, images)
                 tn = normalized_time(schedule, t_s)
-                w = jnp.where((tn >= lo) & (tn <= hi), guidance_scale, 1.0)
-            pred = guidance_lib.guided_denoise(denoise_fn, x_s, model_t, cond, uncond, w,
-                                               rescale=guidance_rescale)
+                pred = jax.lax.cond((tn >= lo) & (tn <= hi), guided, lambda _: denoise_fn(
+                    x_s, model_t, cond).astype(jnp.float32), None)
         else:
             pred = denoise_fn(x_s, model_t, cond).astype(jnp.float32)
         x0, eps = losses.to_x0_eps(pred, prediction, x_s, s.alpha, s.sigma)
