@@ -173,9 +173,13 @@ class CLIPConfig:
         kw.update(overrides)
         return cls(**kw)
 
-    def to_hf(self) -> dict:
+    def to_hf(self, bos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
         """The matching Hugging Face `config.json` (CLIPModel, or the one tower with its
-        projection when the other is None)."""
+        projection when the other is None).
+
+        The start and padding ids are the tokenizer's business (the model never reads them);
+        `save_clip` passes its tokenizer's, otherwise they are left out (None).
+        """
         text = vision = None
         if self.text is not None:
             t = self.text
@@ -183,6 +187,7 @@ class CLIPConfig:
                         num_hidden_layers=t.layers, num_attention_heads=t.heads,
                         max_position_embeddings=t.max_length, hidden_act=t.activation,
                         layer_norm_eps=t.layer_norm_eps, eos_token_id=t.eos_token_id,
+                        bos_token_id=bos_token_id, pad_token_id=pad_token_id,
                         projection_dim=self.projection_dim)
         if self.vision is not None:
             v = self.vision
