@@ -134,7 +134,8 @@ def test_matches_transformers_float32(act, vocab, tok_dir, tmp_path):
     with torch.no_grad():
         t_ids, t_mask = _torch_ids(ids, mask)
         ref_text = model.text_model(input_ids=t_ids, attention_mask=t_mask)
-        ref_text_embeds = model.get_text_features(input_ids=t_ids, attention_mask=t_mask).pooler_output
+        ref_text_embeds = model.get_text_features(input_ids=t_ids,
+                                                  attention_mask=t_mask).pooler_output
         ref_vision = model.vision_model(pixel_values=px_t)
         ref_image_embeds = model.get_image_features(pixel_values=px_t).pooler_output
         ref = model(input_ids=t_ids, attention_mask=t_mask, pixel_values=px_t)
@@ -276,7 +277,8 @@ def _rewrite(path, fn):
 def test_bad_inputs_give_clear_errors(vocab, tok_dir, tmp_path):
     model = _hf_clip(vocab)
     clip = load_clip(str(_save(model, tok_dir, tmp_path / "ok")))
-    with pytest.raises(ValueError, match=r"\[B, 36, 36, 3\].*got \(2, 32, 32, 3\).*preprocess_images"):
+    with pytest.raises(ValueError,
+                       match=r"\[B, 36, 36, 3\].*got \(2, 32, 32, 3\).*preprocess_images"):
         clip.encode_image(np.zeros((2, 32, 32, 3), np.float32), preprocess=False)
     with pytest.raises(ValueError, match="text length 20 exceeds the 16 positions"):
         clip.encode_text_ids(np.zeros((1, 20), np.int32), np.ones((1, 20), bool))
@@ -284,7 +286,8 @@ def test_bad_inputs_give_clear_errors(vocab, tok_dir, tmp_path):
     name = "vision_model.encoder.layers.1.mlp.fc1.weight"
     d = _save(model, tok_dir, tmp_path / "shape")
     _rewrite(d / "model.safetensors", lambda t: {**t, name: t[name][:, :-1].copy()})
-    with pytest.raises(ValueError, match=rf"tensor {name} has shape \[56, 39\], expected \[56, 40\]"):
+    with pytest.raises(ValueError,
+                       match=rf"tensor {name} has shape \[56, 39\], expected \[56, 40\]"):
         load_clip(str(d))
     d = _save(model, tok_dir, tmp_path / "missing")
     _rewrite(d / "model.safetensors", lambda t: {k: v for k, v in t.items() if k != name})
@@ -398,3 +401,31 @@ def test_docs_snippet_runs(vocab, tok_dir, tmp_path):
     exec(compile(code, "docs/text-encoder.md", "exec"), scope)
     assert scope["out"]["logits_per_image"].shape == (4, 2)
     assert scope["text"].states.shape == (2, TEXT_LENGTH, 32)
+
+
+def test_runs_sharded_under_the_project_rules():
+    """fsdp x tensor on the 4 simulated CPU devices: same outputs as unsharded."""
+    from flax import linen as nn
+
+    from jaxt2i.parallel.mesh import make_mesh
+    from jaxt2i.parallel.sharding import DEFAULT_RULES, logical_shardings
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (simulated) devices")
+    cfg = get_clip_config("tiny")
+    mesh = make_mesh({"fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    boxed = jax.jit(lambda k: init_clip(cfg, k))(jax.random.key(1))
+    shardings = logical_shardings(boxed, mesh)
+    params = jax.device_put(nn.unbox(boxed), shardings)
+    spec = shardings["text_model"]["layers_0"]["self_attn"]["q_proj"]["kernel"].spec
+    assert tuple(spec) == ("fsdp", "tensor", None)  # embed -> fsdp, heads -> tensor
+    ids = np.array([[126, 5, 9, 127, 127, 127], [126, 127, 127, 127, 127, 127]] * 2)
+    mask = np.arange(6) <= np.array([[3], [1], [3], [1]])
+    px = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    model = CLIPModel(cfg)
+    run = jax.jit(lambda p, i, m, x: model.apply({"params": p}, i, m, x))
+    ref = run(nn.unbox(boxed), ids, mask, px)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        out = run(params, ids, mask, px)
+    for k in ref:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ import json
 import os
 from typing import Any, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -299,8 +300,6 @@ def load_clip(path: str, dtype: str = "float32", *, param_dtype: str | None = No
 def init_clip_model(config: CLIPConfig, tokenizer: Tokenizer | None = None,
                     seed: int = 0) -> CLIP:
     """A randomly initialised `CLIP` of `config` (tests, training from scratch)."""
-    import flax.linen as nn
-
     params = nn.unbox(jax.jit(lambda k: init_clip(config, k))(jax.random.key(seed)))
     return CLIP(config, params, tokenizer)
 
