@@ -282,6 +282,10 @@ def test_bad_inputs_give_clear_errors(vocab, tok_dir, tmp_path):
         clip.encode_image(np.zeros((2, 32, 32, 3), np.float32), preprocess=False)
     with pytest.raises(ValueError, match="text length 20 exceeds the 16 positions"):
         clip.encode_text_ids(np.zeros((1, 20), np.int32), np.ones((1, 20), bool))
+    with pytest.raises(ValueError, match="max_length 77 does not fit.*16 positions"):
+        load_clip(str(tmp_path / "ok"), max_length=77)
+    with pytest.raises(FileNotFoundError, match="CLIP .* is not a directory"):
+        load_clip(str(tmp_path / "nowhere"))
 
     name = "vision_model.encoder.layers.1.mlp.fc1.weight"
     d = _save(model, tok_dir, tmp_path / "shape")

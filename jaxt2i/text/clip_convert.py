@@ -27,7 +27,8 @@ from jaxt2i.text import convert
 from jaxt2i.text.clip import CLIPConfig, CLIPModel, init_clip, preprocess_images
 from jaxt2i.text.convert import Entry
 from jaxt2i.text.t5 import resolve_dtype
-from jaxt2i.text.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer, resolve_model_dir
+from jaxt2i.text.tokenizer import (TOKENIZER_FILES, Tokenizer, is_hub_id, load_tokenizer,
+                                   resolve_model_dir)
 
 _ident = lambda a: a  # noqa: E731
 # Buffers some checkpoints carry that are not parameters (recomputed here).
@@ -263,6 +264,11 @@ def load_clip(path: str, dtype: str = "float32", *, param_dtype: str | None = No
     Returns:
       A `CLIP`.
     """
+    if not os.path.isdir(path) and not is_hub_id(path):
+        raise FileNotFoundError(
+            f"CLIP {path!r} is not a directory; pass a local Hugging Face CLIP directory "
+            "(config.json + model.safetensors + tokenizer files) or a hub id such as "
+            "openai/clip-vit-large-patch14")
     model_dir = resolve_model_dir(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
     config = CLIPConfig.from_hf(_read_config(model_dir), dtype=dtype,
                                 param_dtype=param_dtype or dtype)
@@ -286,6 +292,10 @@ def load_clip(path: str, dtype: str = "float32", *, param_dtype: str | None = No
                         where=model_dir, skip_prefixes=skip)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     tok = None
+    if config.text is not None and max_length is not None and not (
+            2 <= max_length <= config.text.max_length):
+        raise ValueError(f"max_length {max_length} does not fit this CLIP: its text tower has "
+                         f"{config.text.max_length} positions; use 2 to {config.text.max_length}")
     if config.text is not None:
         tok_dir = tokenizer or model_dir
         if tokenizer is not None or set(os.listdir(model_dir)) & set(TOKENIZER_FILES):
