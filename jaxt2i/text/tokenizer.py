@@ -2,7 +2,8 @@
 
 The tokenizer itself is transformers' (`AutoTokenizer`), loaded from a local directory; the
 network is touched only when the user names a hub id. SentencePiece vocabularies (T5, mT5,
-umT5) come with their model file; ByT5's byte tokenizer needs none (`is_byte_level`). This wrapper pads / truncates every prompt
+umT5) come with their model file; ByT5's byte tokenizer needs none (`is_byte_level`); CLIP's BPE
+comes as vocab.json + merges.txt or tokenizer.json. This wrapper pads / truncates every prompt
 to the encoder's fixed text length and returns the mask, reporting truncation once. An empty
 prompt is valid: it is the unconditional prompt of classifier-free guidance (just `</s>`).
 
@@ -134,7 +135,8 @@ class Tokenizer:
         """Raises `UnknownTextError` (closed vocabulary) or warns for prompts with <unk> tokens.
 
         Args:
-          prompts: the B prompts; ids, mask: their [B, L] tokenization.
+          prompts: the B prompts; ids: their [B, L] tokenization; mask: [B, L] the positions
+            of the prompts' own text (padding and added special tokens excluded).
         """
         unk = self.hf.unk_token_id
         if unk is None:
@@ -185,10 +187,12 @@ class Tokenizer:
         if not prompts:
             raise ValueError("no prompts given")
         enc = self.hf(prompts, padding="max_length", truncation=True, max_length=self.max_length,
-                      add_special_tokens=True, return_tensors="np")
+                      add_special_tokens=True, return_special_tokens_mask=True,
+                      return_tensors="np")
         ids = enc["input_ids"].astype(np.int32)
         mask = enc["attention_mask"].astype(bool)
-        self.check_unknown(prompts, ids, mask)
+        # Only the prompt's own text can be unknown: CLIP's <unk> is its end-of-text token.
+        self.check_unknown(prompts, ids, mask & ~enc["special_tokens_mask"].astype(bool))
         if not self._warned and mask[:, -1].any():
             long = [(p, n) for p, n in zip(prompts, self.lengths(prompts)) if n > self.max_length]
             if long:
