@@ -154,11 +154,12 @@ def test_every_param_has_logical_axes():
             assert set(leaf.names) <= PARAM_AXES, leaf.names
 
 
-def test_remat_keeps_the_params():
+def test_remat_and_bfloat16_keep_the_params():
     plain = nn.unbox(param_shapes(SIZES["tiny-ii"]))
-    remat = nn.unbox(param_shapes(get_if_unet_config("tiny-ii", remat=True)))
-    assert jax.tree.structure(plain) == jax.tree.structure(remat)
-    assert jax.tree.map(lambda a: a.shape, plain) == jax.tree.map(lambda a: a.shape, remat)
+    for variant in (dict(remat=True), dict(dtype="bfloat16")):
+        other = nn.unbox(param_shapes(get_if_unet_config("tiny-ii", **variant)))
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), other) == jax.tree.map(
+            lambda a: (a.shape, a.dtype), plain), variant
 
 
 @pytest.mark.parametrize("name", list(SIZES))
@@ -224,13 +225,14 @@ def test_missing_files_and_variants(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         if_convert.load_if_unet(str(tmp_path))
     config = SIZES["tiny"]
-    if_convert.save_if_unet(config, zero_params(config), str(tmp_path), dtype=np.float16)
+    if_convert.save_if_unet(config, zero_params(config), str(tmp_path),
+                            param_dtype=np.float16)
     os.replace(tmp_path / if_convert.WEIGHTS_NAME,
                tmp_path / "diffusion_pytorch_model.fp16.safetensors")
     with pytest.raises(FileNotFoundError, match="pass variant="):
         if_convert.load_if_unet(str(tmp_path))
-    loaded, params = if_convert.load_if_unet(str(tmp_path), variant="fp16")
-    assert loaded == config
+    loaded, params = if_convert.load_if_unet(str(tmp_path), variant="fp16", dtype="bfloat16")
+    assert loaded == dataclasses.replace(config, dtype="bfloat16")
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
 
 

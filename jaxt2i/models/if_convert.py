@@ -176,7 +176,7 @@ def param_map(config: IFUNetConfig) -> tuple[Entry, ...]:
 
 
 def params_from_diffusers(tensors: Mapping[str, np.ndarray], config: IFUNetConfig,
-                          dtype: Any = np.float32) -> dict:
+                          param_dtype: Any = np.float32) -> dict:
     """diffusers state dict (numpy) -> nested Flax params, refusing any name or shape mismatch.
 
     Raises:
@@ -195,16 +195,16 @@ def params_from_diffusers(tensors: Mapping[str, np.ndarray], config: IFUNetConfi
     if bad:
         raise ValueError("IF U-Net checkpoint tensors have the wrong shape for its config.json: "
                          + "; ".join(_short(bad)))
-    flat = {e.path: np.ascontiguousarray(e.to_flax(np.asarray(tensors[e.hf_name]))).astype(dtype)
-            for e in entries}
+    flat = {e.path: np.ascontiguousarray(e.to_flax(np.asarray(tensors[e.hf_name])))
+            .astype(param_dtype) for e in entries}
     return traverse_util.unflatten_dict(flat)
 
 
 def params_to_diffusers(params: Mapping[str, Any], config: IFUNetConfig,
-                        dtype: Any = np.float32) -> dict[str, np.ndarray]:
+                        param_dtype: Any = np.float32) -> dict[str, np.ndarray]:
     """The inverse of ``params_from_diffusers``: Flax params -> diffusers names and layouts."""
     flat = traverse_util.flatten_dict(nn.unbox(dict(params)))
-    return {e.hf_name: np.ascontiguousarray(e.to_hf(np.asarray(flat[e.path], dtype=dtype)))
+    return {e.hf_name: np.ascontiguousarray(e.to_hf(np.asarray(flat[e.path], param_dtype)))
             for e in param_map(config)}
 
 
@@ -213,16 +213,17 @@ def _short(names: list[str], limit: int = 8) -> list[str]:
     return names if len(names) <= limit else names[:limit] + [f"... {len(names) - limit} more"]
 
 
-def load_if_unet(model_dir: str, dtype: Any = np.float32, variant: str | None = None,
+def load_if_unet(model_dir: str, param_dtype: Any = np.float32, variant: str | None = None,
                  **overrides: Any) -> tuple[IFUNetConfig, dict]:
     """Reads a diffusers IF ``unet/`` folder.
 
     Args:
       model_dir: folder with config.json and diffusion_pytorch_model[.variant].safetensors
         (or its sharded .index.json), e.g. a local copy of DeepFloyd/IF-I-XL-v1.0's unet/.
-      dtype: numpy dtype of the returned params (float32: the checkpoint's fp16 is upcast).
+      param_dtype: numpy dtype of the returned params (float32 upcasts fp16 checkpoints).
       variant: diffusers weight variant such as 'fp16' (reads diffusion_pytorch_model.fp16.*).
-      **overrides: non-diffusers IFUNetConfig fields, e.g. ``dtype='bfloat16'``.
+      **overrides: non-diffusers IFUNetConfig fields, e.g. ``dtype='bfloat16'`` (the compute
+        dtype) or ``remat=True``.
 
     Returns:
       (config, params) for ``IFUNet(config).apply({'params': params}, ...)``.
@@ -245,21 +246,21 @@ def load_if_unet(model_dir: str, dtype: Any = np.float32, variant: str | None = 
         hint = (f"; found {found}: pass variant= to read one of them"
                 if found and not variant else "")
         raise FileNotFoundError(f"{e}{hint}") from None
-    return config, params_from_diffusers(tensors, config, dtype)
+    return config, params_from_diffusers(tensors, config, param_dtype)
 
 
 def save_if_unet(config: IFUNetConfig, params: Mapping[str, Any], out_dir: str,
-                 dtype: Any = np.float32) -> None:
+                 param_dtype: Any = np.float32) -> None:
     """Writes a diffusers-loadable folder: config.json + diffusion_pytorch_model.safetensors.
 
     Args:
       config: the network's config.
       params: its Flax params (the inner 'params' tree; boxed or not).
       out_dir: created if needed.
-      dtype: numpy dtype of the written tensors (np.float16 halves the size).
+      param_dtype: numpy dtype of the written tensors (np.float16 halves the size).
     """
     os.makedirs(out_dir, exist_ok=True)
-    tensors = params_to_diffusers(params, config, dtype)
+    tensors = params_to_diffusers(params, config, param_dtype)
     write_safetensors(tensors, os.path.join(out_dir, WEIGHTS_NAME), metadata={"format": "pt"})
     tmp = os.path.join(out_dir, CONFIG_NAME + ".tmp")
     with open(tmp, "w") as f:
