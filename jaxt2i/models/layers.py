@@ -92,13 +92,17 @@ class GroupNorm(nn.Module):
     Statistics are float32 sums over height and width first (one pass over the map), then
     over the channels of each group; normalisation, the affine parameters and the
     scale-and-shift conditioning fold into one multiply-add per element. The number of
-    groups is ``gcd(cfg.norm_groups, channels)``.
+    groups is ``gcd(groups or cfg.norm_groups, channels)``.
 
     Attributes:
       cfg: the model's UNetConfig.
+      epsilon: added to the variance.
+      groups: number of groups; 0 takes ``cfg.norm_groups`` (a model with norms of several
+        group counts, such as DeepFloyd IF's 32-group text norm, passes its own).
     """
     cfg: Any
     epsilon: float = 1e-5
+    groups: int = 0
 
     @nn.compact
     def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None) -> Array:
@@ -108,7 +112,7 @@ class GroupNorm(nn.Module):
           [B, H, W, C] in x's dtype.
         """
         b, h, w, c = x.shape
-        groups = math.gcd(self.cfg.norm_groups, c)
+        groups = math.gcd(self.groups or self.cfg.norm_groups, c)
         gamma = self.param("scale", partitioned(_ones, ("norm",)), (c,), jnp.float32)
         beta = self.param("bias", partitioned(_zeros, ("norm",)), (c,), jnp.float32)
         xf = x.astype(jnp.float32)

@@ -88,10 +88,14 @@ _IGNORED_PREFIXES = ("decoder.", "lm_head.")
 _ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}  # tied copy of the embedding
 
 
-def _weight_files(model_dir: str) -> list[str]:
-    """The safetensors files of a HF model directory (single file or sharded index)."""
-    single = os.path.join(model_dir, SINGLE_FILE)
-    index = os.path.join(model_dir, INDEX_FILE)
+def _weight_files(model_dir: str, weights_name: str = SINGLE_FILE) -> list[str]:
+    """The safetensors files of a HF model directory (single file or sharded index).
+
+    ``weights_name`` is the single file's name; its index is that name + '.index.json'
+    (transformers: model.safetensors; diffusers: diffusion_pytorch_model.safetensors).
+    """
+    single = os.path.join(model_dir, weights_name)
+    index = single + ".index.json"
     if os.path.exists(index):
         with open(index) as f:
             weight_map = json.load(f)["weight_map"]
@@ -108,7 +112,8 @@ def _weight_files(model_dir: str) -> list[str]:
     hint = (" (only PyTorch .bin weights found: re-save them with "
             "`save_pretrained(..., safe_serialization=True)`)"
             if any(n.endswith(".bin") for n in others) else "")
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}{hint}")
+    raise FileNotFoundError(
+        f"no {weights_name} or {weights_name}.index.json in {model_dir}{hint}")
 
 
 _RAW_DTYPES = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
@@ -127,19 +132,21 @@ def _read_raw(path: str, name: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=_RAW_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
-def read_hf_tensors(model_dir: str, wanted: Iterable[str] | None = None) -> tuple[dict, list[str]]:
+def read_hf_tensors(model_dir: str, wanted: Iterable[str] | None = None,
+                    weights_name: str = SINGLE_FILE) -> tuple[dict, list[str]]:
     """Reads the encoder's tensors of a HF directory.
 
     Args:
       model_dir: directory with model.safetensors or a sharded index.
       wanted: names to read (others are listed but not read); None reads all.
+      weights_name: the single weights file's name (its sharded index adds '.index.json').
 
     Returns:
       (tensors by HF name, every tensor name present in the checkpoint).
     """
     wanted = None if wanted is None else set(wanted)
     tensors, names = {}, []
-    for path in _weight_files(model_dir):
+    for path in _weight_files(model_dir, weights_name):
         try:
             with safe_open(path, framework="np") as f:
                 for name in f.keys():
