@@ -3,15 +3,16 @@
 #
 #   launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS -- [train flags...]
 #   launch/local_multiprocess.sh 2 2 -- --config=configs/base.py:size=tiny --workdir=/tmp/run
+#   MODULE=jaxt2i.data.text_cache launch/local_multiprocess.sh 2 1 -- --encoder=T5 ...
 #
-# Every process runs `python -m jaxt2i.train` with the same flags plus the coordinator
+# Every process runs `python -m $MODULE` (default jaxt2i.train) with the same flags plus the coordinator
 # address (127.0.0.1, a free port), its process id and the process count; on CPU, each
 # process gets DEVICES_PER_PROCESS simulated devices and gloo collectives. The script waits
 # for all processes and exits non-zero if any failed (the others are stopped).
 set -euo pipefail
 
 if [ "$#" -lt 3 ] || [ "$3" != "--" ]; then
-  echo "usage: $0 NUM_PROCESSES DEVICES_PER_PROCESS -- [python -m jaxt2i.train flags]" >&2
+  echo "usage: [MODULE=jaxt2i.train] $0 NUM_PROCESSES DEVICES_PER_PROCESS -- [flags of python -m \$MODULE]" >&2
   exit 2
 fi
 nproc_=$1
@@ -29,7 +30,7 @@ trap cleanup INT TERM
 for ((i = 0; i < nproc_; i++)); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
   XLA_FLAGS="--xla_force_host_platform_device_count=${devices} ${XLA_FLAGS:-}" \
-    "$python" -m jaxt2i.train "$@" \
+    "$python" -m "${MODULE:-jaxt2i.train}" "$@" \
       --coordinator="127.0.0.1:${port}" --num_processes="${nproc_}" --process_id="${i}" \
       >"${logdir}/process_${i}.log" 2>&1 &
   pids+=("$!")

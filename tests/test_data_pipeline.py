@@ -123,6 +123,17 @@ def test_text_cache_in_the_pipeline(tmp_path):
     with pytest.raises(ValueError, match="text cache has 12"):
         pipeline.make_pipeline(_shapes(13), resolution=32, batch_size=4,
                                text_cache=str(tmp_path), process_index=0, process_count=1)
+    # The same number of examples with other captions: refused by example key, in one line.
+    other = shapes.ShapesSource(32, 12, "train", seed=5)
+    with pytest.raises(ValueError, match=r"does not match the dataset: example 0 is 'a") as e:
+        pipeline.make_pipeline(other, resolution=32, batch_size=4, text_cache=str(tmp_path),
+                               process_index=0, process_count=1)
+    assert "\n" not in str(e.value)
+    # A caption changed after the build, found when its example is read.
+    cache = text_cache.TextCache(str(tmp_path))
+    cache.check_caption(7, src.caption_at(7))
+    with pytest.raises(ValueError, match="example 7 is 'a blue"):
+        cache.check_caption(7, "a blue moon")
 
 
 def test_to_global_array_shards_the_batch():

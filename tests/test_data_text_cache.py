@@ -98,3 +98,105 @@ def test_cli_help_and_one_line_errors(tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, bad.stderr)
     assert not (tmp_path / "x").exists()
+
+
+def _build_together(captions, out, count, **kw):
+    """`count` processes (threads with a shared barrier) building one cache."""
+    import threading
+
+    barrier = threading.Barrier(count)
+    encoders = [FakeEncoder() for _ in range(count)]
+    results, errors = [None] * count, []
+
+    def run(p):
+        try:
+            results[p] = text_cache.build_text_cache(
+                encoders[p], captions, str(out), process_index=p, process_count=count,
+                barrier=lambda name: barrier.wait(timeout=60), log_every=0, **kw)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results, encoders
+
+
+def test_processes_share_the_build_and_match_one_process(tmp_path):
+    caps = [shapes.ShapesSource(8, 23, "train", 0).caption_at(i) for i in range(23)]
+    single = text_cache.build_text_cache(FakeEncoder(), caps, str(tmp_path / "one"),
+                                         shard_size=4, batch_size=4, log_every=0)
+    (i0, i1), (e0, e1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
+    assert i0 == i1 and i0["shards"] == single["shards"] and i0["build"]["processes"] == 2
+    assert (e0.calls, e1.calls) == (3, 3)  # shards 0, 2, 4 and 1, 3, 5 (one call each)
+    one, two = text_cache.TextCache(str(tmp_path / "one")), text_cache.TextCache(str(tmp_path / "two"))
+    for i in range(23):
+        for a, b in zip(one[i], two[i]):
+            np.testing.assert_array_equal(a, b)
+        assert two.key(i) == zlib.crc32(caps[i].encode())
+    # A killed build resumes: only the shards without files are encoded again.
+    for kind in ("emb", "mask"):
+        os.remove(str(tmp_path / "two" / i0["shards"][3][kind]))
+    (j0, _), (f0, f1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
+    assert (f0.calls, f1.calls) == (0, 1) and j0["shards"] == i0["shards"]
+
+
+def test_shards_follow_the_datasets_files(tmp_path):
+    caps = [f"caption {i}" for i in range(10)]
+    index = text_cache.build_text_cache(FakeEncoder(), caps, str(tmp_path), shard_sizes=[3, 5, 2],
+                                        log_every=0)
+    assert [(s["start"], s["count"]) for s in index["shards"]] == [(0, 3), (3, 5), (8, 2)]
+    assert index["aligned_shards"] and index["bytes"] == sum(
+        os.path.getsize(os.path.join(str(tmp_path), s[k])) for s in index["shards"]
+        for k in ("emb", "mask", "key"))
+    for captions, sizes, message in [  # a list's length is known before anything is encoded
+            (caps, [3, 5], "add up to 8 examples but there are 10"),
+            (iter(caps), [3, 5], "more captions than the shard_sizes cover"),
+            (iter(caps), [3, 5, 4], "add up to 12 examples but there are 10")]:
+        with pytest.raises(ValueError, match=message):
+            text_cache.build_text_cache(FakeEncoder(), captions, str(tmp_path / "x"),
+                                        shard_sizes=sizes, log_every=0)
+
+
+@pytest.mark.slow
+def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
+    """The command under `launch/local_multiprocess.sh` (2 processes, gloo on 127.0.0.1) over a
+    dataset built with 3 files: one cache shard per file, equal to a one-process build."""
+    from jaxt2i import assets
+    from jaxt2i.data import builders
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
+                        f"--data_dir={tmp_path / 'tfds'}", "--shapes=16:30:3:3",
+                        "--num_shards=3"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    dataset = r.stdout.strip().splitlines()[-1].removeprefix("dataset: ")
+    lengths = text_cache.dataset_shard_lengths(builders.load_source(dataset))
+    assert lengths is not None and len(lengths) == 3 and sum(lengths) == 30
+    flags = [f"--encoder={assets.text_encoder_dir()}", f"--dataset_dir={dataset}",
+             "--batch_size=4"]
+    r = subprocess.run(["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", "1",
+                        "--", *flags, f"--out_dir={tmp_path / 'two'}"], cwd=root,
+                       env=dict(env, MODULE="jaxt2i.data.text_cache",
+                                LOG_DIR=str(tmp_path / "logs")),
+                       capture_output=True, text=True, timeout=600)
+    logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
+    assert r.returncode == 0, r.stderr[-2000:] + logs[0][-2000:] + logs[1][-2000:]
+    assert "wrote 30 captions" in logs[0] and "wrote 30 captions" not in logs[1]
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache", *flags,
+                        f"--out_dir={tmp_path / 'one'}"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one, two = text_cache.TextCache(str(tmp_path / "one")), text_cache.TextCache(str(tmp_path / "two"))
+    assert [s["count"] for s in two.index["shards"]] == lengths
+    assert two.index["build"]["processes"] == 2 and one.index["shards"] == two.index["shards"]
+    for i in range(30):
+        for a, b in zip(one[i], two[i]):
+            np.testing.assert_array_equal(a, b)

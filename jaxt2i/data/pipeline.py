@@ -143,6 +143,7 @@ class _Preprocess(grain.transforms.RandomMap):
         if self.lowres:
             out["lowres"] = to_float(downsample(img, self.lowres))
         if self.text_cache is not None:
+            self.text_cache.check_caption(index, caption)  # the cache is this dataset's
             out["text_emb"], out["text_mask"] = self.text_cache[index]
         return out
 
@@ -298,6 +299,9 @@ def make_pipeline(source: Any, *, resolution: int, batch_size: int, seed: int = 
         if random_caption:
             raise ValueError("random_caption=True cannot use a text cache (it holds the first "
                              "caption only); pass random_caption=False")
+        n = len(source)  # a few examples now, every example as it is read
+        for i in sorted({0, 1, n // 2, n - 1} & set(range(n))):
+            text_cache.check_caption(i, _text(source[i].get("caption", "")))
     local_batch = batch_size // pc
     # Equal shards (dropping at most pc - 1 examples) keep processes in step to the end.
     per_process = len(source) // pc

@@ -537,13 +537,16 @@ def _inputs_difference(old: dict, new: dict) -> str | None:
     return None
 
 
-def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False) -> inputs.Report:
+def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
+          num_shards: int | None = None) -> inputs.Report:
     """Generates a dataset (if not already built from the same inputs) and returns its report.
 
     Args:
       builder: from `shapes_builder`, `image_text_builder` or `shards_builder`.
       rebuild: replace an existing build of the same name whose inputs differ (by default
         that is refused with a ValueError naming the difference).
+      num_shards: files per split (default: TFDS's choice, by size); a layout choice, not an
+        input: an existing build is kept whatever its file count.
 
     Returns:
       The `Report` (empty for shapes); also logged and written to
@@ -585,8 +588,14 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False) -> inputs
         downloads = os.path.join(str(builder.data_dir_root), "downloads")
         had_downloads = os.path.exists(downloads)
         try:
-            builder.download_and_prepare()
+            if num_shards is not None and num_shards < 1:
+                raise ValueError(f"num_shards ({num_shards}) must be at least 1")
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                num_shards=num_shards))
         except AssertionError as e:  # TFDS refuses to write an empty split
+            if "number_of_shards" in str(e):  # more files than a split has examples
+                raise ValueError(f"num_shards ({num_shards}) is more than a split has examples"
+                                 f": {str(e).strip().splitlines()[-1]}") from None
             if "No examples" not in str(e):
                 raise
             summary = getattr(builder, "report", inputs.Report()).summary()

@@ -45,6 +45,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("max_aspect", 5.0, "Skip --input images more than this many times "
                        "wider than high, or the reverse.")
     flags.DEFINE_string("name", None, "Config name (default: the folder's name).")
+    flags.DEFINE_integer("num_shards", None, "Files per split (default: TFDS picks by size).")
     flags.DEFINE_integer("min_size", 0, "Skip smaller images (px).")
     flags.DEFINE_integer("small_warn", 0, "Count images below this size (px).")
     flags.DEFINE_integer("max_size", None, "Downscale larger images (px).")
@@ -109,7 +110,7 @@ def main(argv) -> None:
                 F.data_dir, F.root, F.manifest, name=F.name, format=F.format,
                 min_size=F.min_size, small_warn=F.small_warn, max_size=F.max_size,
                 val_fraction=F.val_fraction)
-        report = build(builder, rebuild=F.rebuild)
+        report = build(builder, rebuild=F.rebuild, num_shards=F.num_shards)
     except paths_lib.MissingFilesystem as e:  # gs:// without gcsfs: what to install
         raise ConfigError(str(e)) from None
     except OSError as e:

@@ -7,7 +7,12 @@ as many tokens as its longest caption needs; `TextCache` pads back to the encode
 length with zeros (masked out) when read. Example i of the dataset is entry i of the cache.
 
 A rerun skips shards already written for the same captions (file names carry a checksum),
-so an interrupted build resumes.
+so an interrupted build resumes. Beside each shard, `key_*.npy` holds the CRC-32 of every
+caption, so training checks that the cache and the dataset agree example by example.
+
+Many processes build one cache together (`process_count` > 1, e.g. under `jax.distributed`):
+process p encodes shards p, p + P, ...; after a barrier process 0 writes index.json. With a
+built TFDS dataset the cache's shards follow the dataset's own shard lengths.
 
 CLI (console script `jaxt2i-text-cache`):
      python -m jaxt2i.data.text_cache --encoder=DIR --out_dir=DIR --shapes=train:10000
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 import zlib
 from typing import Any, Iterable, Iterator
 
@@ -43,15 +49,40 @@ def _caption_stream(captions: Any) -> tuple[Iterator[str], int | None]:
             for c in captions), n
 
 
-def _chunks(it: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk = []
+def _chunks(it: Iterator[str], sizes: Iterator[int]) -> Iterator[list[str]]:
+    """Consecutive chunks of the captions, of the given sizes (the last may be short)."""
+    size, chunk = next(sizes), []
     for c in it:
+        if size == 0:
+            raise ValueError("there are more captions than the shard_sizes cover; the cache's "
+                             "shards must cover the dataset exactly")
         chunk.append(c)
         if len(chunk) == size:
             yield chunk
-            chunk = []
+            size, chunk = next(sizes, 0), []
     if chunk:
         yield chunk
+
+
+def caption_key(caption: str) -> int:
+    """The CRC-32 of a caption (UTF-8), the key `key_*.npy` stores per example."""
+    return zlib.crc32(caption.encode("utf-8", "replace")) & 0xFFFFFFFF
+
+
+def dataset_shard_lengths(source) -> list[int] | None:
+    """Examples per file of a TFDS data source's split (None for other sources)."""
+    info, split = getattr(source, "dataset_info", None), getattr(source, "split", None)
+    try:
+        lengths = [int(n) for n in info.splits[split].shard_lengths]
+    except Exception:  # noqa: BLE001 - not a TFDS source, or no shard lengths recorded
+        return None
+    return lengths or None
+
+
+def _barrier(name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _encode(encoder, captions: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,8 +105,10 @@ def _save(path: str, array: np.ndarray) -> None:
 
 
 def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 4096,
-                     batch_size: int = 64, log_every: int = 10) -> dict:
-    """Encodes every caption once and writes the cache.
+                     shard_sizes: Iterable[int] | None = None, batch_size: int = 64,
+                     log_every: int = 10, process_index: int = 0, process_count: int = 1,
+                     barrier=None) -> dict:
+    """Encodes every caption once and writes the cache (this process's share of it).
 
     Args:
       encoder: object with `encode(list[str]) -> (emb [B, L, D], mask [B, L])`,
@@ -83,51 +116,96 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
       captions: list of str, an iterable of str, or a random-access source whose records
         have a 'caption' (str or UTF-8 bytes), e.g. `ShapesSource` or a TFDS data source.
       out_dir: directory for the shards and index.json (created).
-      shard_size: examples per shard file.
+      shard_size: examples per shard file, unless `shard_sizes` is given.
+      shard_sizes: examples of each shard in order (e.g. `dataset_shard_lengths(source)`, so
+        cache shard k holds the examples of the dataset's file k); must cover every caption.
       batch_size: captions per `encode` call.
       log_every: print progress every this many shards (0: never).
+      process_index, process_count: this process's place among those building the cache
+        together; process p encodes shards k with k % process_count == p. Every process reads
+        all captions (for the shards' checksums) and must call this with the same arguments.
+      barrier: callable(name) that waits for every process (default, with process_count > 1:
+        `jax.experimental.multihost_utils.sync_global_devices`).
 
     Returns:
-      The index dict also written to `out_dir/index.json`.
+      The index dict also written (by process 0) to `out_dir/index.json`.
     """
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be "
                          f">= 1")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index ({process_index}) must be in [0, process_count="
+                         f"{process_count})")
+    sizes = [int(n) for n in shard_sizes] if shard_sizes is not None else None
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        raise ValueError(f"shard_sizes must be positive counts, got {sizes[:8]}")
     os.makedirs(out_dir, exist_ok=True)
     stream, total = _caption_stream(captions)
+    if sizes is not None and total is not None and sum(sizes) != total:
+        raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {total} "
+                         "captions; the cache's shards must cover the dataset exactly")
     length, dim = int(encoder.max_length), int(encoder.config.d_model)
-    shards, start = [], 0
-    for k, chunk in enumerate(_chunks(stream, shard_size)):
+    shards, start, encoded, written, t0 = [], 0, 0, 0, time.perf_counter()
+    chunks = _chunks(stream, iter(sizes) if sizes is not None else iter(lambda: shard_size, 0))
+    for k, chunk in enumerate(chunks):
         crc = zlib.crc32("\n".join(chunk).encode("utf-8", "replace")) & 0xFFFFFFFF
         name = f"{k:05d}_{crc:08x}"
-        emb_file, mask_file = f"emb_{name}.npy", f"mask_{name}.npy"
-        emb_path, mask_path = os.path.join(out_dir, emb_file), os.path.join(out_dir, mask_file)
-        if os.path.exists(emb_path) and os.path.exists(mask_path):
-            tokens = int(np.load(mask_path, mmap_mode="r").shape[1])  # written by a prior run
-        else:
+        files = {kind: f"{kind}_{name}.npy" for kind in ("emb", "mask", "key")}
+        paths = {kind: os.path.join(out_dir, f) for kind, f in files.items()}
+        mine = k % process_count == process_index
+        if mine and not (os.path.exists(paths["emb"]) and os.path.exists(paths["mask"])):
             emb, mask = _encode(encoder, chunk, batch_size)  # [n, L, D], [n, L]
             if emb.shape[1:] != (length, dim):
                 raise ValueError(f"encoder returned embeddings {emb.shape[1:]} but declares "
                                  f"(max_length, d_model) = {(length, dim)}")
             tokens = max(1, int(mask.any(0).nonzero()[0].max(initial=0)) + 1)
-            _save(emb_path, np.ascontiguousarray(emb[:, :tokens]))
-            _save(mask_path, np.ascontiguousarray(mask[:, :tokens]))
-        shards.append({"emb": emb_file, "mask": mask_file, "start": start,
-                       "count": len(chunk), "tokens": tokens, "crc32": crc})
+            _save(paths["emb"], np.ascontiguousarray(emb[:, :tokens]))
+            _save(paths["mask"], np.ascontiguousarray(mask[:, :tokens]))
+            encoded += len(chunk)
+            written += os.path.getsize(paths["emb"]) + os.path.getsize(paths["mask"])
+        if mine and not os.path.exists(paths["key"]):  # also for shards of older caches
+            _save(paths["key"], np.array([caption_key(c) for c in chunk], np.uint32))
+        shards.append({**files, "start": start, "count": len(chunk), "crc32": crc})
         start += len(chunk)
         if log_every and (k + 1) % log_every == 0:
-            print(f"text cache: {start}/{total or '?'} captions", flush=True)
-    index = {"num_examples": start, "max_length": length, "d_model": dim,
-             "dtype": "bfloat16", "storage": "uint16 bits of bfloat16, .npy",
-             "shard_size": shard_size, "shards": shards}
-    with open(os.path.join(out_dir, INDEX_FILE + ".tmp"), "w") as f:
-        json.dump(index, f, indent=1)
-    os.replace(os.path.join(out_dir, INDEX_FILE + ".tmp"), os.path.join(out_dir, INDEX_FILE))
-    keep = {s[k] for s in shards for k in ("emb", "mask")}
-    for name in os.listdir(out_dir):  # shards of other captions, left by an earlier build
-        if re.fullmatch(r"(emb|mask)_\d{5}_[0-9a-f]{8}\.npy", name) and name not in keep:
-            os.remove(os.path.join(out_dir, name))
-    return index
+            rate = encoded / max(time.perf_counter() - t0, 1e-9)
+            who = f"process {process_index}: " if process_count > 1 else ""
+            print(f"text cache: {who}{start}/{total or '?'} captions read, {encoded} encoded "
+                  f"({rate:.0f} captions/s, {written / 2**20:.1f} MiB written)", flush=True)
+    if sizes is not None and start != sum(sizes):
+        raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {start} "
+                         "captions; the cache's shards must cover the dataset exactly")
+    seconds = time.perf_counter() - t0
+    if process_count > 1:
+        (barrier or _barrier)("jaxt2i_text_cache_shards")
+    index_path = os.path.join(out_dir, INDEX_FILE)
+    if process_index == 0:
+        for s_ in shards:  # every shard's token count, whichever process wrote it
+            s_["tokens"] = int(np.load(os.path.join(out_dir, s_["mask"]), mmap_mode="r").shape[1])
+        size = sum(os.path.getsize(os.path.join(out_dir, s_[kind])) for s_ in shards
+                   for kind in ("emb", "mask", "key"))
+        index = {"num_examples": start, "max_length": length, "d_model": dim,
+                 "dtype": "bfloat16", "storage": "uint16 bits of bfloat16, .npy",
+                 "shard_size": shard_size if sizes is None else None,
+                 "aligned_shards": sizes is not None, "bytes": size,
+                 "build": {"processes": process_count, "seconds_process_0": round(seconds, 3),
+                           "captions_encoded_process_0": encoded},
+                 "shards": shards}
+        with open(index_path + ".tmp", "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(index_path + ".tmp", index_path)
+        keep = {s_[kind] for s_ in shards for kind in ("emb", "mask", "key")}
+        for fname in os.listdir(out_dir):  # shards of other captions, left by an earlier build
+            if re.fullmatch(r"(emb|mask|key)_\d{5}_[0-9a-f]{8}\.npy", fname) and fname not in keep:
+                os.remove(os.path.join(out_dir, fname))
+        if log_every:
+            print(f"text cache: {start} captions, {size / 2**20:.1f} MiB in {len(shards)} shards"
+                  f"; process 0 encoded {encoded} in {seconds:.1f} s "
+                  f"({encoded / max(seconds, 1e-9):.0f} captions/s)", flush=True)
+    if process_count > 1:
+        (barrier or _barrier)("jaxt2i_text_cache_index")
+    with open(index_path) as f:
+        return json.load(f)
 
 
 class TextCache:
@@ -149,13 +227,14 @@ class TextCache:
         self.d_model = int(self.index["d_model"])
         self._starts = np.array([s["start"] for s in self.index["shards"]], np.int64)
         self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._keys: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.index["num_examples"])
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_maps"] = {}
+        state["_maps"], state["_keys"] = {}, {}
         return state
 
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,6 +243,25 @@ class TextCache:
             self._maps[k] = (np.load(os.path.join(self.path, s["emb"]), mmap_mode="r"),
                              np.load(os.path.join(self.path, s["mask"]), mmap_mode="r"))
         return self._maps[k]
+
+    def key(self, i: int) -> int | None:
+        """The CRC-32 of example i's caption when cached (None for caches without keys)."""
+        k = int(np.searchsorted(self._starts, int(i), side="right")) - 1
+        s = self.index["shards"][k]
+        if "key" not in s:
+            return None
+        if k not in self._keys:
+            self._keys[k] = np.load(os.path.join(self.path, s["key"]), mmap_mode="r")
+        return int(self._keys[k][int(i) - int(self._starts[k])])
+
+    def check_caption(self, i: int, caption: str) -> None:
+        """Raises ValueError (one line) if example i of the cache is not `caption`'s."""
+        want = self.key(i)
+        if want is not None and want != caption_key(caption):
+            raise ValueError(f"text cache {self.path} does not match the dataset: example {i} "
+                             f"is {caption[:60]!r} there, but the cache was built from another "
+                             "caption; rebuild it with `python -m jaxt2i.data.text_cache` for "
+                             "this dataset")
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Example i -> (bfloat16 [L, D], bool [L]), zero-padded to the full length."""

@@ -3,12 +3,16 @@ captions once into a T5 embedding cache.
 
     python -m jaxt2i.data.text_cache --encoder=T5_DIR --shapes=train:10000 --out_dir=CACHE
 
-Parses the flags and calls `jaxt2i.data.text_cache.build_text_cache`.
+Several processes build one cache together with --coordinator/--num_processes/--process_id
+(as `python -m jaxt2i.train`; `MODULE=jaxt2i.data.text_cache launch/local_multiprocess.sh`
+starts them locally, a cluster launcher elsewhere). A cache of a built dataset (--dataset_dir)
+has one shard per dataset file. Parses the flags and calls
+`jaxt2i.data.text_cache.build_text_cache`.
 """
 
 from __future__ import annotations
 
-from jaxt2i.data.text_cache import build_text_cache
+from jaxt2i.data.text_cache import build_text_cache, dataset_shard_lengths
 
 
 def _source_from_flags(args):
@@ -34,7 +38,13 @@ def _define_flags() -> None:
     flags.DEFINE_string("dataset_dir", None, "A built TFDS dataset directory (name/config/ver).")
     flags.DEFINE_string("split", "train", "Split of --dataset_dir.")
     flags.DEFINE_integer("max_length", None, "Text length L (default: the encoder's).")
-    flags.DEFINE_integer("shard_size", 4096, "Captions per shard file.")
+    flags.DEFINE_integer("shard_size", 4096, "Captions per shard file (--shapes; a built "
+                         "dataset's cache follows the dataset's files unless --noaligned).")
+    flags.DEFINE_bool("aligned", True, "With --dataset_dir: one cache shard per dataset file.")
+    flags.DEFINE_string("coordinator", None, "host:port of process 0 when several processes "
+                        "build the cache together.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
+    flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator).")
     flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.")
     flags.mark_flags_as_required(["encoder", "out_dir"])
     flags.mark_flags_as_mutual_exclusive(["shapes", "dataset_dir"], required=True)
@@ -52,16 +62,25 @@ def main(argv) -> None:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
     try:
         source = _source_from_flags(F)
+        import jax
+
+        from jaxt2i.parallel import initialize_distributed
+
+        initialize_distributed(F.coordinator, F.num_processes, F.process_id)
         encoder = load_encoder(F.encoder, "bfloat16", max_length=F.max_length)
+        sizes = dataset_shard_lengths(source) if F.dataset_dir and F.aligned else None
         index = build_text_cache(encoder, source, F.out_dir, shard_size=F.shard_size,
-                                 batch_size=F.batch_size)
+                                 shard_sizes=sizes, batch_size=F.batch_size,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
     except OSError as e:
         if disk_error(e) is not None:
             raise  # a full disk or an unwritable --out_dir: one line, exit 1 (run_app)
         raise ConfigError(str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    print(f"wrote {index['num_examples']} captions to {F.out_dir}", flush=True)
+    if jax.process_index() == 0:
+        print(f"wrote {index['num_examples']} captions to {F.out_dir}", flush=True)
 
 
 def cli() -> None:
