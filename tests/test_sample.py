@@ -280,6 +280,14 @@ def test_demo_refuses_a_prompt_it_cannot_read(tmp_path):
                              "with a multilingual text encoder: mT5, umT5 or ByT5 (see "
                              "docs/text-encoder.md)")
     assert not list(tmp_path.rglob("*.png")) and not (out / "sample.json").exists()
+    # An English prompt outside the world: its letters are tokens, the word is not.
+    r = _cli("--prompt=a cat", f"--out={out}")
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("error: prompt 'a cat' has words the tokenizer does not know: "
+                               "'cat'; the bundled demo encoder knows only")
+    assert "e.g. 'a red circle above a blue square' or 'two green triangles'" in lines[0]
+    assert not list(tmp_path.rglob("*.png"))
 
 
 def test_eval_cli(cascade_dir, tmp_path):

@@ -76,14 +76,27 @@ def test_closed_vocabulary_refuses_unknown_characters(closed, prompt):
 
 
 def test_closed_vocabulary_accepts_known_text_and_shortens_long_prompts(closed):
-    ids, mask = closed(["a red circle above a blue square", "", "a green star"])
-    assert (ids[mask] != closed.hf.unk_token_id).all()  # unknown ASCII words are spelled out
+    ids, mask = closed(["a red circle above a blue square", "", "a blue square, above."])
+    assert (ids[mask] != closed.hf.unk_token_id).all()
     long = "a red circle " * 10 + "猫"
     with pytest.raises(UnknownTextError) as e:
         closed(["a red circle", long, "🐱"])
     msg = str(e.value)
     assert repr(long[:60] + "...") in msg and long not in msg and "'猫'" in msg
     assert "(and 1 more prompt(s))" in msg
+
+
+@pytest.mark.parametrize("prompt, words", [("a cat", "'cat'"),
+                                           ("a green star above a red circle", "'green', 'star'")])
+def test_closed_vocabulary_refuses_words_it_can_only_spell(closed, prompt, words):
+    """'cat' has no <unk> (its letters are tokens) but the demo never saw the word: refused."""
+    with pytest.raises(UnknownTextError) as e:
+        closed(["a red circle", prompt])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(
+        f"prompt {prompt!r} has words the tokenizer does not know: {words};")
+    assert "'a red circle above a blue square'" in msg and "--checkpoint=DIR" in msg
+    assert closed.unknown_words(prompt + ", a blue square.") == eval(f"[{words}]")
 
 
 def test_other_tokenizers_warn_naming_the_prompt_once(caplog):

@@ -87,8 +87,9 @@ class Tokenizer:
     Attributes:
       hf: the underlying transformers tokenizer.
       max_length: fixed text length L.
-      closed_vocabulary: text mapped to <unk> raises `UnknownTextError` (the bundled demo
-        encoder's tokenizer) instead of a warning.
+      closed_vocabulary: text mapped to <unk>, and words that are not one token of the
+        vocabulary, raise `UnknownTextError` (the bundled demo encoder's tokenizer) instead of a
+        warning.
     """
 
     def __init__(self, hf_tokenizer, max_length: int, closed_vocabulary: bool = False):
@@ -101,6 +102,7 @@ class Tokenizer:
         self.closed_vocabulary = bool(closed_vocabulary)
         self._warned = False
         self._unknown_warned: set[str] = set()  # prompts already named in a warning
+        self._known_words: dict[str, bool] = {}  # closed vocabulary: word -> one token
 
     def unknown_text(self, prompt: str) -> tuple[list[str], list[str]]:
         """(characters, words) of `prompt` that the tokenizer maps to <unk>, each once, in order.
@@ -142,6 +144,8 @@ class Tokenizer:
         if unk is None:
             return
         rows = np.flatnonzero(((ids == unk) & mask).any(axis=1))
+        if not rows.size and self.closed_vocabulary:
+            self._check_words(prompts)
         if not rows.size:
             return
         first = prompts[rows[0]]
@@ -160,6 +164,30 @@ class Tokenizer:
                 else "")
         log.warning("%s%s; the tokenizer encodes it as <unk>, so the model cannot tell such "
                     "text apart%s", self._describe_unknown(fresh[0]), more, last)
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of `prompt` (runs of letters and digits) that are not one token of the
+        vocabulary, each once, in order: a closed vocabulary can spell 'cat' out of pieces, but
+        the model never saw the word."""
+        out = []
+        for w in dict.fromkeys(re.findall(r"\w+", prompt)):
+            if w not in self._known_words:
+                self._known_words[w] = len(self.hf.tokenize(w)) == 1
+            if not self._known_words[w]:
+                out.append(w)
+        return out
+
+    def _check_words(self, prompts: Sequence[str]) -> None:
+        """Raises `UnknownTextError` for the first prompt with a word outside the vocabulary."""
+        bad = [(p, w) for p in prompts for w in [self.unknown_words(p)] if w]
+        if bad:
+            (first, words), more = bad[0], len(bad) - 1
+            shown = ", ".join(repr(_short(w, 20)) for w in words[:6]) + (
+                ", ..." if len(words) > 6 else "")
+            raise UnknownTextError(
+                f"prompt {_short(first)!r} has words the tokenizer does not know: {shown}"
+                f"{f' (and {more} more prompt(s))' if more else ''}; "
+                f"{demo_vocabulary_hint(first)}")
 
     def lengths(self, prompts: Sequence[str]) -> list[int]:
         """Untruncated token counts (including </s>) of each prompt: what `max_length` bounds.
