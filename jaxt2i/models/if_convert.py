@@ -18,15 +18,14 @@ import functools
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
 from jaxt2i.models.if_unet import ACTIVATIONS, IFUNetConfig, param_shapes
-from jaxt2i.text.convert import read_hf_tensors, write_safetensors
+from jaxt2i.text.convert import Entry, read_hf_tensors, write_safetensors
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -124,16 +123,6 @@ def config_to_diffusers(config: IFUNetConfig) -> dict[str, Any]:
         out[name] = list(value) if isinstance(value, tuple) else value
     out["encoder_hid_dim_type"] = "text_proj" if config.encoder_hid_dim else None
     return out
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One parameter: diffusers name, Flax path, diffusers shape and the two layout maps."""
-    hf_name: str
-    path: tuple[str, ...]
-    hf_shape: tuple[int, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
 
 
 # Flax names 'resnets_2' for what torch holds in ModuleLists as 'resnets.2'.
