@@ -310,3 +310,44 @@ def test_tiny_prior_learns_a_text_to_image_embedding_map():
     cos = np.sum(np.asarray(got) * np.asarray(prior_lib.unit_norm(test["image_embed"])), -1)
     print(f"sampled cosine mean {cos.mean():.3f} min {cos.min():.3f}")
     assert cos.mean() > 0.85 and cos.min() > 0.6, cos
+
+
+def test_docs_snippet_runs():
+    """The Python example of docs/unclip.md, on the tiny CLIP (random, with a stand-in
+    tokenizer), the tiny prior and U-Net, and 4 sampler steps. Random inits take 'rbg' keys
+    (XLA:CPU compiles them several times faster than threefry; the values do not matter)."""
+    import pathlib
+    import re
+
+    from jaxt2i.text.clip import get_clip_config, init_clip
+    from jaxt2i.text.clip_convert import CLIP
+
+    def tokenizer(prompts, length=16):  # start, one id per word, end-of-text, padding
+        ids = np.zeros((len(prompts), length), np.int32)
+        for i, p in enumerate(prompts):
+            words = [1 + sum(map(ord, w)) % 120 for w in p.split()][:length - 2]
+            ids[i, :len(words) + 2] = [126, *words, 127]
+        return ids, ids > 0
+
+    def tiny_clip():  # random params of the right shapes, no init program to compile
+        config = get_clip_config("tiny")
+        rng = np.random.default_rng(0)
+        shapes = nn.unbox(jax.eval_shape(lambda: init_clip(config, jax.random.key(0))))
+        params = jax.tree.map(lambda x: jnp.asarray(
+            0.05 * rng.standard_normal(x.shape), x.dtype), shapes)
+        return CLIP(config, params, tokenizer)
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "unclip.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    for old, new in [('load_clip("/models/clip-vit-h-14")', "tiny_clip()"),
+                     ('"demo"', '"tiny"'), ("steps=64", "steps=4"),
+                     ("(2, 256, 256, 3)", "(2, 32, 32, 3)"),
+                     ("jax.random.key(0)", "jax.random.key(0, impl='rbg')"),
+                     ("jax.random.key(3)", "jax.random.key(3, impl='rbg')")]:
+        assert old in code, old
+        code = code.replace(old, new)
+    scope = {"tiny_clip": tiny_clip}
+    exec(compile(code, "docs/unclip.md", "exec"), scope)
+    assert scope["z"].shape == (2, 16) and np.isfinite(scope["loss"])
+    np.testing.assert_allclose(np.linalg.norm(scope["z"], axis=-1), 1.0, rtol=1e-5)
+    assert scope["eps"].shape == (2, 16, 16, 3)
