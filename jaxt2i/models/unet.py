@@ -15,6 +15,12 @@ Residual blocks are conditioned by scale-and-shift from one embedding: noise lev
 attention-pooled text (+ augmentation level for SR stages). SR stages resize the low-res
 image to the output size and concatenate it to x_t.
 
+unCLIP's decoder (DALL·E 2, Ramesh et al. 2022, arXiv 2204.06125, sec. 2, after GLIDE) is
+this U-Net with ``image_embed_dim`` set: the CLIP image embedding is projected and added to
+the conditioning embedding, and projected into ``image_embed_tokens`` extra context tokens
+concatenated to the text tokens that the 'cross' / 'concat' attention layers read. Off by
+default, so every other config, param tree and config.json is unchanged.
+
 Named sizes live in ``SIZES`` and are picked with ``get_unet_config(name, **overrides)``.
 """
 
@@ -87,6 +93,13 @@ class UNetConfig:
       objective: what the output predicts: 'eps', 'v' or 'x0'.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
       remat: rematerialise every residual / attention block in the backward pass.
+      image_embed_dim: width of a CLIP image embedding the model is conditioned on (the unCLIP
+        decoder); 0 = none. Its LayerNorm makes the conditioning independent of the
+        embedding's length, and an all-zero embedding (the classifier-free null, see
+        `drop_decoder_conditions`) gives a learned constant through the norm's and the
+        projections' biases.
+      image_embed_tokens: extra context tokens projected from the image embedding (4 in the
+        paper); 0 = the embedding only enters the conditioning embedding.
     """
     image_size: int = 64
     channels: int = 3
@@ -110,6 +123,8 @@ class UNetConfig:
     objective: str = "eps"
     dtype: str = "float32"
     remat: bool = False
+    image_embed_dim: int = 0
+    image_embed_tokens: int = 4
 
     def __post_init__(self):
         levels = len(self.channel_mults)
@@ -139,6 +154,9 @@ class UNetConfig:
                 _fail(name, getattr(self, name), "a positive int")
         if self.base_channels % 2:
             _fail("base_channels", self.base_channels, "even (it sizes the sinusoidal features)")
+        if self.image_embed_dim < 0 or self.image_embed_tokens < 0:
+            _fail("image_embed_dim/image_embed_tokens",
+                  (self.image_embed_dim, self.image_embed_tokens), ">= 0")
         if self.num_heads < 0 or self.emb_channels < 0 or self.crop_size < 0:
             _fail("num_heads/emb_channels/crop_size",
                   (self.num_heads, self.emb_channels, self.crop_size), ">= 0")
@@ -192,9 +210,15 @@ class UNetConfig:
         return any(k in ("self", "concat") for kinds in self.attention for k in kinds.split("+"))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict of every field (tuples become lists)."""
+        """JSON-friendly dict of every field (tuples become lists).
+
+        Fields added after the first format (`_LATER_FIELDS`) are left out while they hold
+        their default, so the config.json of a model without them is byte-identical to the
+        one older jaxt2i wrote (and older readers still read it).
+        """
         return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+                for k, v in dataclasses.asdict(self).items()
+                if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "UNetConfig":
@@ -205,6 +229,10 @@ class UNetConfig:
         """
         _check_fields(d)
         return cls(**dict(d))
+
+
+# Later fields and their defaults (written by to_dict only when set).
+_LATER_FIELDS = {"image_embed_dim": 0, "image_embed_tokens": 4}
 
 
 def _check_fields(d: Mapping[str, Any]) -> None:
@@ -224,7 +252,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x_t: Array, noise_level: Array, text_emb: Array, text_mask: Array,
-                 lowres: Array | None = None, aug_level: Array | None = None) -> Array:
+                 lowres: Array | None = None, aug_level: Array | None = None,
+                 image_embed: Array | None = None) -> Array:
         """Predicts eps, v or x0 (``config.objective``) for a noisy image.
 
         Args:
@@ -236,6 +265,8 @@ class UNet(nn.Module):
             an all-zero row is allowed (a learned null token is always attended).
           lowres: SR stages only: [B, h, w, C] low-resolution image in [-1, 1] (noise-augmented).
           aug_level: SR stages only: [B] augmentation level in [0, 1] (zeros if None).
+          image_embed: models with ``config.image_embed_dim`` only (required there):
+            [B, image_embed_dim] CLIP image embedding; all zeros is the null condition.
 
         Returns:
           [B, H, W, C] float32 prediction.
@@ -260,6 +291,16 @@ class UNet(nn.Module):
         emb = layers.LevelEmbedding(cfg, name="noise_embed")(noise_level)  # [B, E]
         tokens, mask = self._text_tokens(text_emb, text_mask)  # [B, 1+L, E], [B, 1+L]
         emb = emb + layers.AttentionPool(cfg, name="text_pool")(tokens, mask)
+        if cfg.image_embed_dim:  # unCLIP decoder: CLIP image embedding -> emb and tokens
+            image_emb, image_tokens = self._image_embed(image_embed, b)
+            emb = emb + image_emb
+            if image_tokens is not None:
+                tokens = jnp.concatenate([tokens, image_tokens], axis=1)  # [B, 1+L+T, E]
+                mask = jnp.concatenate(
+                    [mask, jnp.ones(image_tokens.shape[:2], bool)], axis=1)
+        elif image_embed is not None:
+            raise ValueError("image_embed given to a U-Net without image conditioning "
+                             "(config.image_embed_dim == 0)")
         if cfg.is_sr:
             aug = jnp.zeros((b,), jnp.float32) if aug_level is None else aug_level
             aug = jnp.broadcast_to(jnp.asarray(aug, jnp.float32), (b,))
@@ -310,6 +351,29 @@ class UNet(nn.Module):
     def _resize(self, lowres: Array, shape: tuple[int, ...]) -> Array:
         """Resizes the low-res image to x_t's [B, H, W, C] (float32)."""
         return resize_lowres(lowres, shape[1:3], self.config.lowres_resize)
+
+    def _image_embed(self, image_embed: Array | None, b: int) -> tuple[Array, Array | None]:
+        """Projects the CLIP image embedding to the conditioning embedding and to tokens.
+
+        Returns:
+          emb [B, E] and tokens [B, image_embed_tokens, E] (None when there are none).
+        """
+        cfg = self.config
+        if image_embed is None:
+            raise ValueError(f"this U-Net is conditioned on a CLIP image embedding "
+                             f"(image_embed_dim={cfg.image_embed_dim}): pass image_embed "
+                             "(zeros for the unconditional half of guidance)")
+        if image_embed.shape != (b, cfg.image_embed_dim):
+            raise ValueError(f"image_embed has shape {tuple(image_embed.shape)}, this U-Net "
+                             f"expects ({b}, {cfg.image_embed_dim})")
+        z = layers.layer_norm(cfg, name="image_norm")(jnp.asarray(image_embed, jnp.float32))
+        emb = layers.dense(cfg, cfg.emb_dim, ("text_embed", "embed"), name="image_proj")(z)
+        if not cfg.image_embed_tokens:
+            return emb, None
+        tokens = layers.dense(cfg, cfg.image_embed_tokens * cfg.emb_dim, ("text_embed", "embed"),
+                              name="image_tokens")(z)
+        tokens = tokens.reshape(b, cfg.image_embed_tokens, cfg.emb_dim)
+        return emb, layers.constrain(tokens, layers.TOKEN_AXES)
 
     def _text_tokens(self, text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
         """Normalises and projects text tokens, prepending a learned always-valid null token.
@@ -430,6 +494,8 @@ def example_inputs(config: UNetConfig, batch_size: int = 1, text_len: int = 8,
         low = size * config.lowres_size // config.image_size
         inputs["lowres"] = jnp.zeros((batch_size, low, low, config.channels), jnp.float32)
         inputs["aug_level"] = jnp.zeros((batch_size,), jnp.float32)
+    if config.image_embed_dim:
+        inputs["image_embed"] = jnp.zeros((batch_size, config.image_embed_dim), jnp.float32)
     return inputs
 
 
@@ -508,3 +574,44 @@ def get_unet_config(name: str, **overrides: Any) -> UNetConfig:
         raise ValueError(f'unknown U-Net size {name!r}; choose one of: {", ".join(SIZES)}')
     _check_fields(overrides)
     return dataclasses.replace(SIZES[name], **overrides)
+
+
+def drop_decoder_conditions(rng: Array, text_emb: Array, text_mask: Array, image_embed: Array,
+                            *, text_drop: float = 0.5, image_drop: float = 0.1,
+                            null_text: tuple[Array, Array] | None = None
+                            ) -> tuple[Array, Array, Array]:
+    """Classifier-free dropout of the unCLIP decoder's conditions, for its training step.
+
+    The paper (sec. 2) sets the CLIP image embedding to zero for 10% of the examples and drops
+    the caption for 50%; the two draws are independent, so 5% of the examples are fully
+    unconditional. A dropped image embedding becomes zeros (the U-Net's null, see
+    ``UNetConfig.image_embed_dim``). A dropped caption becomes ``null_text`` (e.g. the encoded
+    empty prompt, as the Imagen trainer drops text) or, by default, zeros with an all-False
+    mask, leaving only the U-Net's learned null token. Sampling with guidance must use the
+    same nulls for its unconditional half.
+
+    Args:
+      rng: PRNG key.
+      text_emb: [B, L, D] text-encoder outputs; text_mask: [B, L].
+      image_embed: [B, image_embed_dim] CLIP image embeddings.
+      text_drop: probability of dropping an example's caption (0.5 in the paper).
+      image_drop: probability of zeroing an example's image embedding (0.1 in the paper).
+      null_text: optional (emb [1 or B, L, D], mask [1 or B, L]) that replaces a caption.
+
+    Returns:
+      (text_emb, text_mask bool, image_embed) with the dropped examples replaced.
+    """
+    text_rng, image_rng = jax.random.split(rng)
+    b = image_embed.shape[0]
+    drop_text = jax.random.bernoulli(text_rng, text_drop, (b,))
+    drop_image = jax.random.bernoulli(image_rng, image_drop, (b,))
+    text_mask = jnp.asarray(text_mask).astype(bool)
+    if null_text is None:
+        null_emb, null_mask = jnp.zeros((), text_emb.dtype), jnp.zeros((), bool)
+    else:
+        null_emb, null_mask = (jnp.asarray(null_text[0], text_emb.dtype),
+                               jnp.asarray(null_text[1]).astype(bool))
+    text_emb = jnp.where(drop_text[:, None, None], null_emb, text_emb)
+    text_mask = jnp.where(drop_text[:, None], null_mask, text_mask)
+    image_embed = jnp.where(drop_image[:, None], jnp.zeros((), image_embed.dtype), image_embed)
+    return text_emb, text_mask, image_embed
