@@ -27,8 +27,9 @@ from test_data_builders_shards import (EXPECTED_EVENTS, EXPECTED_SKIPS, _env,  #
                                        _make_img2dataset, _make_parquet, _render, _tar)
 
 # Both of the DirectRunner's parallel modes work; the tests use each.
-PROCESSES = "--direct_num_workers=2 --direct_running_mode=multi_processing"
-THREADS = "--direct_num_workers=2 --direct_running_mode=multi_threading"
+# PROCESSES is the command line of docs/data.md's "Building with Apache Beam".
+PROCESSES = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing"
+THREADS = "--runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_threading"
 
 
 def _examples(dataset_dir, split="train"):
