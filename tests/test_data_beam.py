@@ -187,13 +187,19 @@ def test_cli_beam(tmp_path):
     with open(os.path.join(dataset, builders.REPORT_FILE)) as f:
         assert json.load(f) == want
     assert _examples(dataset) == _examples(str(tmp_path / "plain"))
-    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
-                        f"--data_dir={tmp_path / 'other'}", "--shapes=16:4", "--beam",
-                        "--beam_options=--runer=DataflowRunner"],
-                       capture_output=True, text=True, timeout=120, env=_env())
-    assert r.returncode == 2 and r.stderr.strip() == (
-        "error: --beam_options: --runer=DataflowRunner is not a Beam pipeline option (pass "
-        "Beam's own flags, e.g. --runner=DirectRunner --direct_num_workers=2)"), r.stderr
+    for options, expected in [
+            ("--runer=DataflowRunner", "error: --beam_options: --runer=DataflowRunner is not a "
+             "Beam pipeline option (pass Beam's own flags, e.g. --runner=DirectRunner "
+             "--direct_num_workers=2)"),
+            ("--runner=DataflowRunner --project=p --region=r --temp_location=gs://b/t",
+             "error: --beam_options: --runner=DataflowRunner writes from Google Cloud workers, "
+             "which cannot reach a local --data_dir")]:
+        r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
+                            f"--data_dir={tmp_path / 'other'}", "--shapes=16:4", "--beam",
+                            f"--beam_options={options}"],
+                           capture_output=True, text=True, timeout=120, env=_env())
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), r.stderr
     assert not (tmp_path / "other").exists()
 
 

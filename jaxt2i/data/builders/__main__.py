@@ -63,8 +63,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("beam_options", None, "With --beam: Beam's own pipeline options, as on "
                         "Beam's command lines, e.g. \"--runner=DirectRunner "
                         "--direct_num_workers=2 --direct_running_mode=multi_processing\" or "
-                        "\"--runner=DataflowRunner --project=P --region=R "
-                        "--temp_location=gs://B/tmp\" (default: the DirectRunner, one worker).")
+                        "\"--runner=FlinkRunner --flink_master=HOST:8081\" (default: the "
+                        "DirectRunner, one worker; DataflowRunner needs a gs:// --data_dir, "
+                        "not supported yet).")
     flags.DEFINE_boolean("rebuild", False, "Replace an earlier build of the same name whose "
                          "inputs or options differ (refused by default).")
     flags.mark_flag_as_required("data_dir")

@@ -59,8 +59,8 @@ def pipeline_options(flags) -> options_lib.PipelineOptions:
 
     Raises:
       ValueError: (one line) a flag Beam does not know (a typo such as `--runer` would
-        otherwise be dropped with a warning and the build run on the DirectRunner), or a
-        word that is not a flag.
+        otherwise be dropped with a warning and the build run on the DirectRunner), a word
+        that is not a flag, or the DataflowRunner (outputs are local folders so far).
     """
     args = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
     unknown = _unknown_flags(args)
@@ -68,7 +68,16 @@ def pipeline_options(flags) -> options_lib.PipelineOptions:
         raise ValueError(f"--beam_options: {' '.join(unknown)} is not a Beam pipeline option "
                          "(pass Beam's own flags, e.g. --runner=DirectRunner "
                          "--direct_num_workers=2)")
-    return options_lib.PipelineOptions(args)
+    options = options_lib.PipelineOptions(args)
+    runner = str(options.view_as(options_lib.StandardOptions).runner or "")
+    if "dataflow" in runner.lower():
+        # Its workers would write the files to their own disks, and the build would fail
+        # only at the end, after paying for the cluster.
+        raise ValueError(f"--beam_options: --runner={runner} writes from Google Cloud workers, "
+                         "which cannot reach a local --data_dir, and --data_dir is a local "
+                         "folder so far; run it with SparkRunner / FlinkRunner on machines that "
+                         "share a filesystem, or on this machine")
+    return options
 
 
 def _unknown_flags(args: list[str]) -> list[str]:
