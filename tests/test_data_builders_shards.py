@@ -335,13 +335,12 @@ def test_plain_webdataset_caption_from_a_json_field(tmp_path):
                                           _render(120 + n)[0])
 
 
-def test_img2dataset_parquet_layout(tmp_path):
+def _make_parquet(root):
     """img2dataset's --output_format=parquet (image bytes in a `jpg` column, failed rows
-    without one), a Hugging Face-style parquet, and a corrupt file."""
+    without one), a Hugging Face-style parquet, and a corrupt file, in the folder `root`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    root = tmp_path / "pq"
     root.mkdir()
     rows = []
     for i in range(12):
@@ -362,6 +361,13 @@ def test_img2dataset_parquet_layout(tmp_path):
                      "path": f"{i}.png"}, "text": _render(170 + i)[1]} for i in range(3)]
     pq.write_table(pa.Table.from_pylist(hf), str(root / "00001.parquet"))
     (root / "00002.parquet").write_bytes(b"PAR1 this is not parquet")
+
+
+def test_img2dataset_parquet_layout(tmp_path):
+    """img2dataset's --output_format=parquet (image bytes in a `jpg` column, failed rows
+    without one), a Hugging Face-style parquet, and a corrupt file."""
+    root = tmp_path / "pq"
+    _make_parquet(root)
     out, dataset, report = _build_command(tmp_path / "tfds", f"--input={root}",
                                           "--source=parquet")
     assert "read 15 samples from 3 shards: 11 written + 4 skipped (all accounted for)" in out
@@ -398,3 +404,30 @@ def test_cli_mistakes_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match=r"pip install 'jaxt2i\[data\]'"):
         builders.shards_builder(str(tmp_path / "d"), str(tmp_path), "parquet")
+
+
+def test_beam_without_apache_beam_is_one_line(tmp_path, monkeypatch):
+    """--beam where apache-beam is not installed (this venv: it lives in a venv of its own)
+    stops before anything is written, in one line naming the extra (in a venv that has it,
+    its import is blocked to see the same); --beam_options without --beam is one line too."""
+    blocked = ("import sys; sys.modules['apache_beam'] = None; "
+               "from jaxt2i.data.builders.__main__ import cli; cli()")
+    for args in (["--shapes=16:4", "--beam"],
+                 [f"--input={tmp_path}", "--beam", "--beam_options=--direct_num_workers=2"]):
+        r = subprocess.run([sys.executable, "-c", blocked, f"--data_dir={tmp_path / 'd'}",
+                            *args], capture_output=True, text=True, timeout=120, env=_env())
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (args, r.stderr)
+        assert lines[0] == f"error: {builders.BEAM_MISSING}", lines
+        assert "pip install 'jaxt2i[beam]'" in lines[0]
+    assert not (tmp_path / "d").exists()
+    monkeypatch.setitem(sys.modules, "apache_beam", None)
+    with pytest.raises(ImportError, match=r"pip install 'jaxt2i\[beam\]'"):
+        builders.build(builders.shapes_builder(str(tmp_path / "d"), 16, 4), beam_options="")
+    assert not (tmp_path / "d").exists()
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
+                        f"--data_dir={tmp_path / 'd'}", "--shapes=16:4",
+                        "--beam_options=--direct_num_workers=2"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --beam_options applies with --beam only; add --beam or drop it"), r.stderr

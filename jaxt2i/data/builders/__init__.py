@@ -8,20 +8,26 @@ Pillow by the pipeline.
 
 User data comes as a folder of images with captions from a JSONL or CSV manifest, from
 side-car `.txt` files, or from a COCO-style captions JSON (read by `inputs`); sharded data
-from tar or parquet shards (read by `shards`, one machine, no Beam). Bad inputs never stop a
-build: each is converted or skipped and counted in a `Report` with example paths, logged at
-the end and written beside the data as `build_report.json`.
+from tar or parquet shards (read by `shards`). Bad inputs never stop a build: each is
+converted or skipped and counted in a `Report` with example paths, logged at the end and
+written beside the data as `build_report.json`.
+
+Builds run on this machine, or with Apache Beam (`build(..., beam_options=...)`, the CLI's
+`--beam`: `jaxt2i.data.builders.beam`), which reads shards / image chunks / scene chunks on
+its workers and gives the same examples and the same report.
 
 CLI (console script `jaxt2i-build-data`):
      python -m jaxt2i.data.builders --data_dir=DIR --root=IMAGES [--manifest=FILE]
      python -m jaxt2i.data.builders --data_dir=DIR --input=SHARDS [--source=parquet]
      python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
+     ... --beam [--beam_options="--runner=DirectRunner --direct_num_workers=2"]
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -94,11 +100,23 @@ class ShapesWorld(tfds.core.GeneratorBasedBuilder):
         src = shapes.ShapesSource(self.builder_config.resolution, size, split,
                                   self.builder_config.seed)
         for i in range(size):
-            ex = src[i]
-            buf = io.BytesIO()
-            Image.fromarray(ex["image"]).save(buf, "PNG", compress_level=3)
-            yield i, {"image": buf.getvalue(), "caption": ex["caption"],
-                      "scene": ex["scene"], "index": i}
+            yield _shapes_example(src, i)
+
+    def _beam_split_generators(self, dl_manager, pipeline):
+        """`_split_generators` of a Beam build (`build(..., beam_options=...)`)."""
+        del dl_manager
+        from jaxt2i.data.builders import beam as beam_lib
+
+        return beam_lib.shapes_splits(self, pipeline)
+
+
+def _shapes_example(src: shapes.ShapesSource, i: int):
+    """(key, example) of scene `i` of a shapes source (one machine or a Beam worker)."""
+    ex = src[i]
+    buf = io.BytesIO()
+    Image.fromarray(ex["image"]).save(buf, "PNG", compress_level=3)
+    return i, {"image": buf.getvalue(), "caption": ex["caption"], "scene": ex["scene"],
+               "index": i}
 
 
 def shapes_builder(data_dir: str, resolution: int, train_size: int, *, test_size: int = 0,
@@ -186,8 +204,7 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
         frac = self.builder_config.val_fraction
         if frac <= 0:
             return {"train": self._generate_examples(entries)}
-        is_val = [zlib.crc32(e[0].encode("utf-8", "surrogateescape")) % 10000 < frac * 10000
-                  for e in entries]
+        is_val = [_is_validation(e[0], frac, "surrogateescape") for e in entries]
         return {"train": self._generate_examples([e for e, v in zip(entries, is_val) if not v]),
                 "validation": self._generate_examples([e for e, v in zip(entries, is_val)
                                                        if v])}
@@ -195,23 +212,11 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, entries):
         cfg = self.builder_config
         seen = set()
-
-        def work(entry):
-            path, caps = entry
-            try:
-                with paths_lib.open_binary(path) as f:
-                    data = f.read()
-            except OSError:
-                return entry, None, (0, 0), ["missing_image"]
-            return (entry, *inputs.load_image(data, min_size=cfg.min_size,
-                                              max_size=cfg.max_size))
-
         with futures.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool:
-            for (path, caps), data, (w, h), events in pool.map(work, entries):
-                rel = paths_lib.relpath(path, cfg.root) if cfg.root else path
-                clean = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                if clean != rel:  # keys and stored paths must be valid UTF-8
-                    rel = clean
+            for (path, caps), data, (w, h), events in pool.map(
+                    functools.partial(_load_entry, cfg=cfg), entries):
+                rel, renamed = _entry_key(path, cfg.root)
+                if renamed:  # keys and stored paths must be valid UTF-8
                     self.report.add("non_utf8_path", rel)
                 for ev in events:
                     self.report.add(ev, rel)
@@ -224,8 +229,48 @@ class ImageText(tfds.core.GeneratorBasedBuilder):
                 if cfg.small_warn and min(w, h) < cfg.small_warn:
                     self.report.add("small", rel)
                 self.report.add("ok")
-                yield rel, {"image": data, "caption": caps[0], "captions": "\n".join(caps),
-                            "path": rel, "width": w, "height": h}
+                yield rel, _text_example(rel, data, caps, w, h)
+
+    def _beam_split_generators(self, dl_manager, pipeline):
+        """`_split_generators` of a Beam build (`build(..., beam_options=...)`)."""
+        del dl_manager
+        from jaxt2i.data.builders import beam as beam_lib
+
+        cfg = self.builder_config
+        report = inputs.Report()  # what reading the manifest found (on this machine)
+        entries = list(inputs.read_entries(cfg.root, cfg.manifest, cfg.format, report))
+        return beam_lib.image_text_splits(self, pipeline, entries, report)
+
+
+def _text_example(path: str, data: bytes, caps: list[str], width: int, height: int) -> dict:
+    """The stored features of an image with its captions (a folder's or a shard's)."""
+    return {"image": data, "caption": caps[0], "captions": "\n".join(caps), "path": path,
+            "width": width, "height": height}
+
+
+def _load_entry(entry, cfg: ImageTextConfig):
+    """(entry, image bytes or None, (width, height), [report kinds]) of one (path, captions)
+    entry of a folder build: the file read and `inputs.load_image`d."""
+    path, _ = entry
+    try:
+        with paths_lib.open_binary(path) as f:
+            data = f.read()
+    except OSError:
+        return entry, None, (0, 0), ["missing_image"]
+    return (entry, *inputs.load_image(data, min_size=cfg.min_size, max_size=cfg.max_size))
+
+
+def _entry_key(path: str, root: str) -> tuple[str, bool]:
+    """(the example key / stored path of an image: its path below `root`, valid UTF-8;
+    whether undecodable bytes in it were replaced)."""
+    rel = paths_lib.relpath(path, root) if root else path
+    clean = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return clean, clean != rel
+
+
+def _is_validation(text: str, frac: float, errors: str = "strict") -> bool:
+    """Whether an example (by its path / key) belongs to the validation split."""
+    return zlib.crc32(text.encode("utf-8", errors)) % 10000 < frac * 10000
 
 
 def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
@@ -287,7 +332,8 @@ class ShardsConfig(tfds.core.BuilderConfig):
 
 
 class ImageTextShards(tfds.core.GeneratorBasedBuilder):
-    """Images with captions from tar (webdataset) or parquet shards, on one machine.
+    """Images with captions from tar (webdataset) or parquet shards (on one machine, or a
+    shard per Beam work item).
 
     The same features as `ImageText`; `path` is 'SHARD:KEY'. Every sample read is written or
     skipped for a counted reason, per shard (`shards.ShardReport`); damaged shards are
@@ -319,7 +365,7 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
             return {"train": self._generate_examples(paths, None, True, True)}
 
         def is_val(key):
-            return zlib.crc32(key.encode("utf-8")) % 10000 < frac * 10000
+            return _is_validation(key, frac)
 
         # Each split reads every shard and keeps its own keys; shard problems are counted
         # once, in the first.
@@ -328,58 +374,34 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
 
     def _samples(self, paths, select, first):
         """(shard name, Sample, [caption], [events], outcome) of the samples `select`
-        keeps, in order; captions are cleaned here (the report is not shared with threads)."""
+        keeps, in order (`_shard_entries`; the report is not shared with threads)."""
         cfg = self.builder_config
         report, root = self.report, shards_lib.shard_root(paths)
         for path in paths:
             shard = shards_lib.shard_name(path, root)
             report.shard_counts(shard)  # listed even if nothing in it can be read
-            if first:
-                for status, n in sorted(shards_lib.upstream_stats(path).items()):
-                    report.event(shard, f"img2dataset_{status}", shard, n)
-            for item in shards_lib.read_shard(path, cfg.source, caption_field=cfg.caption_field,
-                                              image_field=cfg.image_field):
-                if isinstance(item, shards_lib.ShardProblem):
-                    if first:
-                        report.event(shard, item.kind, item.detail)
+            for entry in _shard_entries(path, shard, cfg, first):
+                if entry[0] == "shard":
+                    _, kind, detail, n = entry
+                    report.event(shard, kind, detail, n)
                     continue
+                _, item, caps, events, outcome = entry
                 if select is not None and not select(item.key):
                     continue
                 report.count_read(shard)
                 where = f"{shard}:{item.key}"
                 for ev in item.events:
                     report.event(shard, ev, where)
-                if item.problem:
-                    yield shard, item, None, [], item.problem
-                    continue
-                log = _KindLog()
-                caps = inputs._clean_captions(  # pylint: disable=protected-access
-                    item.captions, where, log)
-                if not caps:
-                    yield shard, item, None, log.kinds[:-1], log.kinds[-1]
-                    continue
-                yield shard, item, caps, log.kinds, None
+                yield shard, item, caps, events, outcome
 
     def _generate_examples(self, paths, select, first: bool, last: bool):
         """The examples of one split (`select`: its keys, None: all); `first` counts shard
         problems, `last` logs the balance of the whole build."""
         cfg, report = self.builder_config, self.report
         seen = set()
-
-        def work(entry):
-            shard, item, caps, events, outcome = entry
-            if outcome is not None:
-                return entry, None, (0, 0)
-            data, size, more = inputs.load_image(item.image, min_size=cfg.min_size,
-                                                 max_size=cfg.max_size,
-                                                 max_aspect=cfg.max_aspect)
-            if data is None:
-                return (shard, item, caps, events + more[:-1], more[-1]), None, size
-            return (shard, item, caps, events + more, None), data, size
-
         entries = self._samples(paths, select, first)
         for (shard, item, caps, events, outcome), data, (w, h) in _ordered_map(
-                work, entries, max(1, cfg.num_threads)):
+                functools.partial(_decode_sample, cfg=cfg), entries, max(1, cfg.num_threads)):
             where = f"{shard}:{item.key}"
             for ev in events:
                 report.event(shard, ev, where)
@@ -392,11 +414,58 @@ class ImageTextShards(tfds.core.GeneratorBasedBuilder):
             if cfg.small_warn and min(w, h) < cfg.small_warn:
                 report.event(shard, "small", where)
             report.outcome(shard, "ok")
-            yield item.key, {"image": data, "caption": caps[0], "captions": "\n".join(caps),
-                             "path": where, "width": w, "height": h}
+            yield item.key, _text_example(where, data, caps, w, h)
         if last:
             line = report.balance_line()
             (logging.info if report.balanced else logging.error)("%s", line)
+
+    def _beam_split_generators(self, dl_manager, pipeline):
+        """`_split_generators` of a Beam build (`build(..., beam_options=...)`)."""
+        del dl_manager
+        from jaxt2i.data.builders import beam as beam_lib
+
+        return beam_lib.shards_splits(self, pipeline)
+
+
+def _shard_entries(path: str, shard: str, cfg: ShardsConfig, first: bool):
+    """What reading one shard gives, in order: ('shard', kind, example, n) for what concerns
+    the shard itself (img2dataset's own failures, damage; only when `first`, as a build with a
+    validation split reads every shard twice), and ('sample', Sample, [caption], [events],
+    outcome) per sample: its captions cleaned, `outcome` why it is skipped (None: usable so
+    far). Shared by the single-machine and the Beam build."""
+    if first:
+        for status, n in sorted(shards_lib.upstream_stats(path).items()):
+            yield "shard", f"img2dataset_{status}", shard, n
+    for item in shards_lib.read_shard(path, cfg.source, caption_field=cfg.caption_field,
+                                      image_field=cfg.image_field):
+        if isinstance(item, shards_lib.ShardProblem):
+            if first:
+                yield "shard", item.kind, item.detail, 1
+            continue
+        if item.problem:
+            yield "sample", item, None, [], item.problem
+            continue
+        log = _KindLog()
+        caps = inputs._clean_captions(  # pylint: disable=protected-access
+            item.captions, f"{shard}:{item.key}", log)
+        if not caps:
+            yield "sample", item, None, log.kinds[:-1], log.kinds[-1]
+            continue
+        yield "sample", item, caps, log.kinds, None
+
+
+def _decode_sample(entry, cfg: ShardsConfig):
+    """((shard, Sample, [caption], [events], outcome), image bytes or None, (width, height))
+    of a sample `_shard_entries` gave: its image `inputs.load_image`d, what that did added to
+    the events (and the reason it is skipped, if it is)."""
+    shard, item, caps, events, outcome = entry
+    if outcome is not None:
+        return entry, None, (0, 0)
+    data, size, more = inputs.load_image(item.image, min_size=cfg.min_size,
+                                         max_size=cfg.max_size, max_aspect=cfg.max_aspect)
+    if data is None:
+        return (shard, item, caps, events + more[:-1], more[-1]), None, size
+    return (shard, item, caps, events + more, None), data, size
 
 
 class _KindLog:
@@ -537,8 +606,37 @@ def _inputs_difference(old: dict, new: dict) -> str | None:
     return None
 
 
+BEAM_MISSING = ("--beam needs apache-beam, which is not installed: pip install 'jaxt2i[beam]' "
+                "(in a virtual environment of its own: apache-beam pins pillow<13 and "
+                "protobuf<7)")
+_BEAM_REPORT = "beam_report.json"  # beside the versions while a Beam build runs
+
+
+def beam_module():
+    """`jaxt2i.data.builders.beam` (imports apache-beam).
+
+    Raises:
+      ImportError: apache-beam is not installed (`BEAM_MISSING`, one line naming the
+        extra).
+    """
+    def no_bigquery_note(record):  # Beam's import warns that BigQuery's client is missing
+        return "apitools not found" not in str(record.msg)
+
+    root = logging.getLogger()
+    root.addFilter(no_bigquery_note)
+    try:
+        from jaxt2i.data.builders import beam as beam_lib
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] != "apache_beam":
+            raise
+        raise ImportError(BEAM_MISSING) from None
+    finally:
+        root.removeFilter(no_bigquery_note)
+    return beam_lib
+
+
 def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
-          num_shards: int | None = None) -> inputs.Report:
+          num_shards: int | None = None, beam_options=None) -> inputs.Report:
     """Generates a dataset (if not already built from the same inputs) and returns its report.
 
     Args:
@@ -547,6 +645,12 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
         that is refused with a ValueError naming the difference).
       num_shards: files per split (default: TFDS's choice, by size); a layout choice, not an
         input: an existing build is kept whatever its file count.
+      beam_options: None builds on this machine, without Beam. Otherwise build with Apache
+        Beam (`jaxt2i.data.builders.beam`) and these pipeline options: Beam's own flags, as a
+        string ('--runner=DirectRunner --direct_num_workers=2', split as a shell would) or a
+        list; '' is Beam's default, the DirectRunner on one worker. The examples and the
+        report are those of the single-machine build; like `num_shards`, this is not an
+        input: a build made either way is kept.
 
     Returns:
       The `Report` (empty for shapes); also logged and written to
@@ -559,6 +663,10 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
     """
     from jaxt2i.workdir import WorkdirLock
 
+    beam_lib = options = None
+    if beam_options is not None:  # before anything is locked or written
+        beam_lib = beam_module()
+        options = beam_lib.pipeline_options(beam_options)
     version_dir = builder.data_dir
     config_dir = os.path.dirname(version_dir)
     wanted = build_inputs(builder)
@@ -587,31 +695,82 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
                             "this build starts from the beginning", len(stale), config_dir)
         downloads = os.path.join(str(builder.data_dir_root), "downloads")
         had_downloads = os.path.exists(downloads)
+        beam_report = os.path.join(config_dir, _BEAM_REPORT)
+        config = tfds.download.DownloadConfig(num_shards=num_shards)
+        if beam_lib is not None:
+            _remove(beam_report, beam_report + ".tmp")  # a killed build's
+            # TFDS hands `_split_generators` the Beam pipeline when it takes one: the splits
+            # then share one read of the inputs.
+            # pylint: disable=protected-access
+            builder._split_generators = builder._beam_split_generators
+            builder._beam_report_path = beam_report
+            # pylint: enable=protected-access
+            config = tfds.download.DownloadConfig(num_shards=num_shards, beam_options=options)
         try:
             if num_shards is not None and num_shards < 1:
                 raise ValueError(f"num_shards ({num_shards}) must be at least 1")
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                num_shards=num_shards))
+            builder.download_and_prepare(download_config=config)
+            if beam_lib is not None:
+                _take_beam_report(builder, beam_report)
         except AssertionError as e:  # TFDS refuses to write an empty split
             if "number_of_shards" in str(e):  # more files than a split has examples
                 raise ValueError(f"num_shards ({num_shards}) is more than a split has examples"
                                  f": {str(e).strip().splitlines()[-1]}") from None
             if "No examples" not in str(e):
                 raise
-            summary = getattr(builder, "report", inputs.Report()).summary()
-            raise ValueError(f"no usable examples for {builder.name}/"
-                             f"{builder.builder_config.name}; input report: "
-                             f"{summary or 'no inputs found'}") from None
+            raise _no_examples(builder) from None
+        except Exception as e:  # pylint: disable=broad-except  # a runner raises its own types
+            # TFDS's BeamWriter refuses an empty split ('... is 0 for split train. This
+            # should be >0!'), wrapped in whatever the runner raises
+            if beam_lib is None or "should be >0" not in str(e):
+                raise
+            if not os.path.exists(beam_report) and hasattr(builder, "report"):
+                logging.warning("a split of %s has no usable examples; reading the inputs "
+                                "again for the report", builder.name)
+                beam_lib.report_only(builder, options)
+            _take_beam_report(builder, beam_report, required=False)
+            raise _no_examples(builder) from None
         finally:
             if not had_downloads:  # TFDS makes an empty downloads/extracted/ even offline
                 _remove_empty_tree(downloads)
+            _remove(beam_report, beam_report + ".tmp")
         report = getattr(builder, "report", inputs.Report())
+        if beam_lib is not None and isinstance(report, shards_lib.ShardReport):
+            line = report.balance_line()  # as the single-machine build logs it
+            (logging.info if report.balanced else logging.error)("%s", line)
         with open(os.path.join(version_dir, REPORT_FILE), "w") as f:
             json.dump(report.to_json(), f, indent=1, ensure_ascii=False)
         with open(os.path.join(version_dir, INPUTS_FILE), "w") as f:
             json.dump(wanted, f, indent=1, ensure_ascii=False)
     logging.info("built %s at %s:\n%s", builder.name, version_dir, report.summary())
     return report
+
+
+def _no_examples(builder) -> ValueError:
+    summary = getattr(builder, "report", inputs.Report()).summary()
+    return ValueError(f"no usable examples for {builder.name}/{builder.builder_config.name}; "
+                      f"input report: {summary or 'no inputs found'}")
+
+
+def _take_beam_report(builder, path: str, required: bool = True) -> None:
+    """Makes the report a Beam build wrote (merged from its workers) the builder's own."""
+    if not hasattr(builder, "report"):  # shapes: nothing to report
+        return
+    saved = _read_json(path)
+    if saved is None and required:  # never an empty report in its place
+        raise RuntimeError(f"the Beam pipeline of {builder.name}/{builder.builder_config.name} "
+                           f"finished without writing its report ({path}); the build is not "
+                           "kept")
+    if saved is not None:
+        builder._report = _report_of_json(saved)  # pylint: disable=protected-access
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _fresh(builder):
@@ -644,8 +803,12 @@ def _remove_empty_tree(path: str) -> None:
 
 
 def _saved_report(version_dir: str) -> inputs.Report:
+    return _report_of_json(_read_json(os.path.join(version_dir, REPORT_FILE)))
+
+
+def _report_of_json(saved: dict | None) -> inputs.Report:
+    """The `Report` (a `ShardReport` for shards) that `to_json` gave `saved`."""
     report = inputs.Report()
-    saved = _read_json(os.path.join(version_dir, REPORT_FILE))
     if saved and "read" in saved:  # a shard build's
         return shards_lib.ShardReport.from_json(saved)
     if saved:

@@ -6,6 +6,13 @@ dir.
     python -m jaxt2i.data.builders --data_dir=DIR --input=SHARDS [--source=parquet]
     python -m jaxt2i.data.builders --data_dir=DIR --shapes=64:10000
 
+Any of them with Apache Beam (apache-beam installed: `pip install 'jaxt2i[beam]'`, in a venv of
+its own); --beam_options are Beam's own pipeline options, passed through:
+
+    python -m jaxt2i.data.builders ... --beam \
+        --beam_options="--runner=DirectRunner --direct_num_workers=2 \
+                        --direct_running_mode=multi_processing"
+
 --root, --manifest and --input may be URLs (gs://bucket/dir, s3://..., any fsspec protocol;
 gs:// needs gcsfs); --data_dir is a local folder.
 
@@ -15,8 +22,8 @@ Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name
 from __future__ import annotations
 
 from jaxt2i import paths as paths_lib
-from jaxt2i.data.builders import (build, check_data_dir, image_text_builder, shapes_builder,
-                                  shards_builder)
+from jaxt2i.data.builders import (beam_module, build, check_data_dir, image_text_builder,
+                                  shapes_builder, shards_builder)
 
 _SHARD_FLAGS = ("source", "caption_field", "image_field", "max_aspect")
 _ROOT_FLAGS = ("manifest", "format")
@@ -51,6 +58,14 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_size", None, "Downscale larger images (px).")
     flags.DEFINE_float("val_fraction", 0.0, "Fraction of --root's / --input's examples in a "
                        "validation split.")
+    flags.DEFINE_boolean("beam", False, "Build with Apache Beam (needs apache-beam: pip install "
+                         "'jaxt2i[beam]'); the same examples and report as without.")
+    flags.DEFINE_string("beam_options", None, "With --beam: Beam's own pipeline options, as on "
+                        "Beam's command lines, e.g. \"--runner=DirectRunner "
+                        "--direct_num_workers=2 --direct_running_mode=multi_processing\" or "
+                        "\"--runner=FlinkRunner --flink_master=HOST:8081\" (default: the "
+                        "DirectRunner, one worker; DataflowRunner needs a gs:// --data_dir, "
+                        "not supported yet).")
     flags.DEFINE_boolean("rebuild", False, "Replace an earlier build of the same name whose "
                          "inputs or options differ (refused by default).")
     flags.mark_flag_as_required("data_dir")
@@ -82,11 +97,20 @@ def main(argv) -> None:
             if F[name].present and not F[needs].value:
                 raise ConfigError(f"--{name} applies to --{needs} only; drop it or pass "
                                   f"--{needs}")
+    if F.beam_options is not None and not F.beam:
+        raise ConfigError("--beam_options applies with --beam only; add --beam or drop it")
     if F.input and not F.max_aspect >= 1:
         raise ConfigError(f"--max_aspect={F.max_aspect} must be at least 1 (5 skips strips "
                           "more than five times wider than high)")
     try:
         check_data_dir(F.data_dir)
+        beam_options = None
+        if F.beam:  # apache-beam, and its options, before anything is read or written
+            beam_options = F.beam_options or ""
+            try:
+                beam_module().pipeline_options(beam_options)
+            except ImportError as e:  # not installed: names the extra
+                raise ConfigError(str(e)) from None
         if F.shapes:
             parts = F.shapes.split(":")
             if not 2 <= len(parts) <= 5 or not all(x.isdigit() for x in parts):
@@ -110,7 +134,8 @@ def main(argv) -> None:
                 F.data_dir, F.root, F.manifest, name=F.name, format=F.format,
                 min_size=F.min_size, small_warn=F.small_warn, max_size=F.max_size,
                 val_fraction=F.val_fraction)
-        report = build(builder, rebuild=F.rebuild, num_shards=F.num_shards)
+        report = build(builder, rebuild=F.rebuild, num_shards=F.num_shards,
+                       beam_options=beam_options)
     except paths_lib.MissingFilesystem as e:  # gs:// without gcsfs: what to install
         raise ConfigError(str(e)) from None
     except OSError as e:
