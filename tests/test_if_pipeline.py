@@ -86,7 +86,8 @@ def pipelines(tmp_path_factory):
     unet_ii = dataclasses.replace(SIZES["tiny-ii"], sample_size=SIZE_II)
     torch.manual_seed(0)
     t5 = transformers.T5EncoderModel(transformers.T5Config(
-        vocab_size=-(-len(tokenizer) // 8) * 8, d_model=unet_i.text_dim, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        vocab_size=-(-len(tokenizer) // 8) * 8, d_model=unet_i.text_dim, d_kv=8, d_ff=64,
+        num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", relative_attention_num_buckets=16,
         relative_attention_max_distance=20, dropout_rate=0.0, decoder_start_token_id=0)).eval()
     common = dict(safety_checker=None, feature_extractor=None, watermarker=None,
@@ -385,6 +386,11 @@ def _one_error_line(r, needle):
 
 
 def test_bad_inputs_are_one_error_line_and_leave_nothing(pipelines, tmp_path):
+    """The command's error line (exit 2) for a missing unet/; the library's one-line errors
+    for an unsupported value and a non-empty --out; nothing is left behind."""
+    from jaxt2i.config import ConfigError
+    from jaxt2i.pipelines import deepfloyd_if
+
     src = pipelines["src_i"]
     out = tmp_path / "out"
     no_unet = tmp_path / "no-unet"
@@ -397,15 +403,22 @@ def test_bad_inputs_are_one_error_line_and_leave_nothing(pipelines, tmp_path):
     shutil.copytree(src, bad, ignore=shutil.ignore_patterns("*.safetensors"))
     path = bad / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
-    print(_one_error_line(_run("jaxt2i.convert", "--from=diffusers", bad, f"--out={out}",
-                               check=False), "prediction_type='v_prediction' is not supported"))
+    with pytest.raises(ConfigError, match=r"scheduler_config.json: prediction_type="
+                       r"'v_prediction' is not supported by jaxt2i's IF stages"):
+        deepfloyd_if.from_diffusers([str(bad)], str(out), log=lambda m: None)
     assert not out.exists() and not list(tmp_path.glob("out.partial-*"))
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    print(_one_error_line(_run("jaxt2i.convert", "--from=diffusers", src, f"--out={out}",
-                               check=False), "exists and is not empty"))
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        deepfloyd_if.from_diffusers([str(src)], str(out), log=lambda m: None)
     assert os.listdir(out) == ["keep.txt"]
+    bad_t5 = tmp_path / "bad-t5"  # a failure after the writing began: the partial is removed
+    shutil.copytree(src, bad_t5)
+    (bad_t5 / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        deepfloyd_if.from_diffusers([str(bad_t5)], str(tmp_path / "new"), log=lambda m: None)
+    assert not list(tmp_path.glob("new*"))
 
 
 def test_unsupported_values_in_process(pipelines, tmp_path):

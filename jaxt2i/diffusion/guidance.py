@@ -71,7 +71,8 @@ def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, resca
     pred_cond, pred_uncond, kept = out[:batch], out[batch:], None
     if guided_channels is not None:
         kept = pred_cond[..., guided_channels:]
-        pred_cond, pred_uncond = pred_cond[..., :guided_channels], pred_uncond[..., :guided_channels]
+        pred_cond = pred_cond[..., :guided_channels]
+        pred_uncond = pred_uncond[..., :guided_channels]
     guided = cfg_combine(pred_cond, pred_uncond, guidance_scale)
     if not (isinstance(rescale, (int, float)) and rescale == 0):
         guided = rescale_guidance(guided, pred_cond, rescale)

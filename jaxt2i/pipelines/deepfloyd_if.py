@@ -389,7 +389,7 @@ def from_diffusers(sources: Sequence[str], out: str, *, text_encoder: str | None
             if (n in TOKENIZER_FILES or n.endswith((".model", ".json"))) and n not in taken \
                     and "safetensors" not in n and os.path.isfile(os.path.join(tok_dir, n)):
                 shutil.copyfile(os.path.join(tok_dir, n), os.path.join(tdir, n))
-        _check_tokenizer(tdir, hf_cfg)
+        _check_tokenizer(tdir, hf_cfg, tok_dir)
         record = {"kind": KIND, "stages": [_roman(k) for k in range(len(pipes))],
                   "text_encoder": TEXT_DIR,
                   "converted_from": {"format": "diffusers", "pipelines": [p.path for p in pipes],
@@ -398,16 +398,19 @@ def from_diffusers(sources: Sequence[str], out: str, *, text_encoder: str | None
     return record
 
 
-def _check_tokenizer(tdir: str, hf_cfg: dict) -> None:
+def _check_tokenizer(tdir: str, hf_cfg: dict, where: str) -> None:
+    """Loads the copied tokenizer (errors name `where`, the directory it came from)."""
     from jaxt2i.text.encoder import check_tokenizer_fits
     from jaxt2i.text.t5 import T5Config
     from jaxt2i.text.tokenizer import load_tokenizer
 
     try:
         tok = load_tokenizer(tdir, MAX_LENGTH)
-        check_tokenizer_fits(tok, T5Config.from_hf(hf_cfg), hf_cfg, tdir)
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"tokenizer: {str(e).splitlines()[0]}") from None
+        check_tokenizer_fits(tok, T5Config.from_hf(hf_cfg), hf_cfg, where)
+    except Exception as e:  # noqa: BLE001 - transformers raises KeyError etc. for a bad file
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"the tokenizer in {where} cannot be used ({type(e).__name__}: "
+                          f"{why}); copy the T5's own tokenizer files") from None
 
 
 # --------------------------------------------------------------------------- writing
