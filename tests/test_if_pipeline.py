@@ -443,3 +443,30 @@ def test_unsupported_values_in_process(pipelines, tmp_path):
     with pytest.raises(ConfigError, match="stage-II .* pass the stage-I pipeline too"):
         deepfloyd_if.from_diffusers([str(pipelines["src_ii"])], str(tmp_path / "o"),
                                     log=lambda m: None)
+
+
+def test_family_registry_reads_old_configs_and_refuses_unknown_families():
+    """A config without model_family is an Efficient U-Net (every config written before the
+    field); an 'if' model section parses into IFModelConfig; an unknown family, or an IF
+    section of the wrong shape, is one line."""
+    from jaxt2i.config import ConfigError
+    from jaxt2i.models.if_family import IFModelConfig
+    from jaxt2i.models.registry import get_family
+    from jaxt2i.stage import StageConfig
+
+    with open(os.path.join(ROOT, "jaxt2i", "assets", "demo_cascade", "sr", "config.json")) as f:
+        old = json.load(f)["config"]
+    assert "model_family" not in old
+    cfg = StageConfig.from_dict(old)
+    assert cfg.model_family == "efficient_unet" and "model_family" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match=r"^stage 'x': model_family='unet3d' is not a U-Net "
+                       "family this jaxt2i knows; allowed: efficient_unet, if$"):
+        StageConfig.from_dict(dict(old, model_family="unet3d"), where="stage 'x'")
+    unet = dataclasses.replace(SIZES["tiny-ii"], sample_size=SIZE_II)
+    model = IFModelConfig(unet=unet, image_size=SIZE_II, lowres_size=SIZE_I)
+    assert IFModelConfig.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+    assert get_family("if").count_params(model) > 0 and model.learned_variance
+    with pytest.raises(ConfigError, match="unreadable model config .*unet.in_channels"):
+        StageConfig.from_dict(dict({k: v for k, v in old.items() if k != "stage"},
+                                   model_family="if", model=dict(model.to_dict(), lowres_size=0)),
+                              where="stage 'x'")
