@@ -337,7 +337,7 @@ def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encode
     check_compatible(stages)
     if encoder is None:
         encoder = load_text_encoder(stages[0].config.text, override=text_encoder,
-                                    from_checkpoint=True)
+                                    from_checkpoint=True, base=stages[0].path)
     check_compatible(stages, encoder.config.d_model)
     for s in stages:
         s.load_params()

@@ -160,6 +160,8 @@ RANGES: dict[str, tuple] = {
     "sample.threshold_percentile": (50.0, 100.0, True, True,
                                     "the dynamic-thresholding percentile"),
     "sample.inpaint_resample": (0, 100, True, True, "RePaint jumps per step"),
+    "sample.threshold_max_value": (0.0, 100.0, True, True,
+                                   "dynamic thresholding's largest scale (0 = no limit)"),
 }
 
 

@@ -36,6 +36,10 @@ log = logging.getLogger("jaxt2i")
 # 2: `stage` removed (model.lowres_size > 0 is an SR stage); every section complete.
 # 3: diffusion.aug_order; stages written before it augment the low-res image, then resize it
 #    ('augment_first').
+# Later additions that need no new version: `model_family` (absent = 'efficient_unet', what
+# every older config is; an 'if' model section is refused by older readers, whose UNetConfig
+# knows none of its fields, so it cannot be misread), diffusion.timestep_spacing (absent =
+# 'trailing', the discrete schedules' default) and sample.threshold_max_value (absent = 0).
 FORMAT_VERSION = 3
 
 # Orders of an SR stage's low-res conditioning (`Stage.augment`): 'resize_first' upsamples the
@@ -47,6 +51,10 @@ AUG_ORDERS = ("resize_first", "augment_first")
 
 def upgrade(config: Mapping[str, Any], where: str = "stage config") -> dict:
     """A stage config of any format version -> the current one (a new dict; no I/O).
+
+    A config without `model_family` holds an Efficient U-Net ('efficient_unet'), as every
+    config written before the field did; the field is not added, so configs round-trip as
+    written.
 
     Raises ConfigError for a config written by a newer jaxt2i, or one whose `stage` field
     contradicts its model.
@@ -97,6 +105,9 @@ class StageSettings:
       inpaint_resample: inpainting: RePaint jumps back per step (0 = none).
       spacing: the step grid: 'default' (the schedule's) | 'karras' | 'logsnr'.
       churn: EDM's S_churn for 'euler' / 'heun' (0 = deterministic).
+      threshold_max_value: the largest scale s of dynamic thresholding (diffusers'
+        `sample_max_value`; DeepFloyd IF: 1.5, with threshold_percentile 95); 0 = no limit
+        (Imagen).
 
     Fields with defaults were added later: a saved config without them gets the default.
     """
@@ -113,6 +124,7 @@ class StageSettings:
     guidance_t_max: float = 1.0
     threshold_percentile: float = 99.5
     inpaint_resample: int = 0
+    threshold_max_value: float = 0.0
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # coerce (JSON, flags), then range-check
@@ -124,7 +136,7 @@ class StageSettings:
                                   f"{kind.__name__}") from None
         for name in ("steps", "guidance", "aug_level", "churn", "guidance_rescale",
                      "guidance_t_min", "guidance_t_max", "threshold_percentile",
-                     "inpaint_resample"):  # NaN / inf / out of range: one line
+                     "inpaint_resample", "threshold_max_value"):  # NaN / inf / range: one line
             check_range(f"sample.{name}", getattr(self, name), f"sample.{name}")
         if self.guidance_t_min > self.guidance_t_max:
             raise ConfigError(f"sample.guidance_t_min={self.guidance_t_min} is above "
@@ -216,18 +228,38 @@ class DiffusionSpec:
 
     Attributes:
       schedule: the noise schedule the stage was trained with (`jaxt2i.diffusion`).
-      aug_schedule: schedule of the low-res input's noise-conditioning augmentation (SR).
+      aug_schedule: schedule of the low-res input's noise-conditioning augmentation (SR); a
+        discrete one's timestep is the level times its num_train_timesteps.
       aug_order: 'resize_first' | 'augment_first' (`AUG_ORDERS`, `Stage.augment`).
+      timestep_spacing: the sampling timesteps of a discrete schedule (diffusers'
+        `timestep_spacing`: 'trailing' | 'leading' | 'linspace' | 'linspace_exclusive';
+        DeepFloyd IF's DDPMScheduler: 'leading').
     """
 
     schedule: str
     aug_schedule: str = "cosine"
     aug_order: str = "augment_first"
+    timestep_spacing: str = "trailing"
 
     def __post_init__(self):
+        from jaxt2i.diffusion import schedules
+
         if self.aug_order not in AUG_ORDERS:
             raise ConfigError(f"diffusion.aug_order={self.aug_order!r} is not allowed; allowed "
                               f"values: {', '.join(AUG_ORDERS)}")
+        if self.timestep_spacing not in schedules.SPACINGS:
+            raise ConfigError(f"diffusion.timestep_spacing={self.timestep_spacing!r} is not "
+                              f"allowed; allowed values: {', '.join(schedules.SPACINGS)}")
+
+    def make_schedule(self, name: str | None = None):
+        """The schedule object of `schedule` (or of `name`, e.g. `aug_schedule`); discrete
+        ones step with `timestep_spacing`."""
+        from jaxt2i import diffusion
+
+        name = name or self.schedule
+        if name.startswith("discrete_"):
+            return diffusion.get_schedule(name, spacing=self.timestep_spacing)
+        return diffusion.get_schedule(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,19 +267,21 @@ class StageConfig:
     """A stage's config, parsed once (from a training config or the JSON beside an export).
 
     Attributes:
-      model: the U-Net's `UNetConfig`.
+      model: the U-Net's config, of its family's type (`UNetConfig`, `IFModelConfig`).
       text: the text encoder it is conditioned on.
       diffusion: its schedules.
       sample: its default sampling settings.
       model_size: the named size it was made from (e.g. 'demo'), if any.
+      model_family: the U-Net family ('efficient_unet' | 'if', `jaxt2i.models.registry`).
       raw: the whole config as given (training, data, mesh sections included), for records.
     """
 
-    model: Any  # UNetConfig
+    model: Any  # the family's config: UNetConfig | IFModelConfig
     text: TextSpec
     diffusion: DiffusionSpec
     sample: StageSettings
     model_size: str | None = None
+    model_family: str = "efficient_unet"
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
@@ -267,7 +301,7 @@ class StageConfig:
         Raises ConfigError (one line naming `where` and the field) for a missing section or a
         bad value.
         """
-        from jaxt2i.models.unet import UNetConfig
+        from jaxt2i.models.registry import get_family
 
         if not isinstance(config, Mapping):
             raise ConfigError(f"{where} is not a JSON object")
@@ -278,7 +312,11 @@ class StageConfig:
                 raise ConfigError(f"{where} lacks its '{section}' section; export the stage "
                                   "again (python -m jaxt2i.checkpoint --workdir=RUN)")
         try:
-            model = UNetConfig.from_dict(dict(c["model"], **({"dtype": dtype} if dtype else {})))
+            family = get_family(c.get("model_family"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        try:
+            model = family.config_from_dict(c["model"], dtype)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{where}: unreadable model config "
                               f"({str(e).splitlines()[0]})") from None
@@ -287,7 +325,8 @@ class StageConfig:
             text = TextSpec(encoder=str(t["encoder"]), max_length=int(t["max_length"]),
                             dtype=str(dtype or t["dtype"]))
             diff = DiffusionSpec(schedule=str(d["schedule"]), aug_schedule=str(d["aug_schedule"]),
-                                 aug_order=str(d["aug_order"]))
+                                 aug_order=str(d["aug_order"]),
+                                 timestep_spacing=str(d.get("timestep_spacing", "trailing")))
             sample = StageSettings.from_config(c["sample"])
         except KeyError as e:
             raise ConfigError(f"{where} lacks the field {e.args[0]!r}; export the stage "
@@ -295,7 +334,7 @@ class StageConfig:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         return cls(model=model, text=text, diffusion=diff, sample=sample,
-                   model_size=c.get("model_size"), raw=raw)
+                   model_size=c.get("model_size"), model_family=family.name, raw=raw)
 
     def to_dict(self) -> dict:
         """The whole config in the current format (what exports write)."""
@@ -321,7 +360,7 @@ def resolve_export_dir(path: str) -> str:
 
 
 def load_text_encoder(text: TextSpec, *, override: str | None = None,
-                      from_checkpoint: bool = False):
+                      from_checkpoint: bool = False, base: str = ""):
     """The frozen text encoder a stage names ('bundled' = the package's shapes encoder).
 
     Args:
@@ -329,13 +368,18 @@ def load_text_encoder(text: TextSpec, *, override: str | None = None,
       override: a directory or hub id to load instead (the user's explicit choice).
       from_checkpoint: the spec comes from a checkpoint, which never makes jaxt2i download:
         a hub id there is refused unless `override` names it.
+      base: the stage's export directory: a relative `text.encoder` that names a directory
+        there (e.g. '../text_encoder', a converted cascade's own copy) is loaded from it.
     """
     from jaxt2i import assets
     from jaxt2i.text import load_encoder
 
     path = override or text.encoder
+    beside = os.path.join(base, path) if base and not override else ""
     if path == "bundled":
         path = assets.text_encoder_dir()
+    elif beside and not os.path.isabs(path) and os.path.isdir(beside):
+        path = beside  # the checkpoint's own encoder: no warning
     elif from_checkpoint and not override and not os.path.isdir(path):
         raise ConfigError(
             f"the stages' text encoder {path!r} (text.encoder in their config.json) is not "
@@ -357,7 +401,8 @@ class Stage:
 
     Attributes:
       config: the `StageConfig`.
-      model: the `UNet` module.
+      family: its U-Net family (`jaxt2i.models.registry`).
+      model: the network module (`UNet`, `IFUNet`, ...).
       schedule: the stage's diffusion schedule object.
       params: the U-Net's params (None until loaded or set).
       encoder: the frozen `TextEncoder` (shared by a cascade's stages; None if not attached).
@@ -367,12 +412,12 @@ class Stage:
 
     def __init__(self, config: StageConfig, params: Any = None, *, encoder: Any = None,
                  path: str = "", step: int | None = None):
-        from jaxt2i import diffusion
-        from jaxt2i.models.unet import UNet
+        from jaxt2i.models.registry import get_family
 
         self.config = config
-        self.model = UNet(config.model)
-        self.schedule = diffusion.get_schedule(config.diffusion.schedule)
+        self.family = get_family(config.model_family)
+        self.model = self.family.network(config.model)
+        self.schedule = config.diffusion.make_schedule()
         self.params = params
         self.encoder = encoder
         self.path = path
@@ -408,23 +453,27 @@ class Stage:
     # ----------------------------------------------------------------------- the model
     @property
     def unet_cfg(self):
-        """The U-Net's `UNetConfig` (= config.model)."""
+        """The U-Net's config (= config.model; its family's type)."""
         return self.config.model
 
     @property
     def is_sr(self) -> bool:
         return self.config.model.is_sr
 
-    def example_inputs(self, batch_size: int = 1, text_len: int | None = None) -> dict:
-        """Zero inputs of `UNet.__call__` at the training size (crop for crop-trained SR)."""
-        from jaxt2i.models.unet import example_inputs
+    @property
+    def learned_variance(self) -> bool:
+        """The network also predicts a variance (IF): `network_output` has 2C channels."""
+        return self.family.learned_variance(self.config.model)
 
+    def example_inputs(self, batch_size: int = 1, text_len: int | None = None) -> dict:
+        """Zero inputs of the network's `__call__` at the training size (crop for
+        crop-trained SR)."""
         text_len = text_len or (self.encoder.max_length if self.encoder is not None
                                 else self.config.text.max_length)
-        return example_inputs(self.config.model, batch_size, text_len)
+        return self.family.example_inputs(self.config.model, batch_size, text_len)
 
     def init_params(self, rng, text_len: int | None = None):
-        """Fresh (partitioning-boxed) params: `UNet.init` on `example_inputs`."""
+        """Fresh (partitioning-boxed) params: the network's `init` on `example_inputs`."""
         return self.model.init(rng, **self.example_inputs(1, text_len))["params"]
 
     def check_params(self, params) -> None:
@@ -432,10 +481,9 @@ class Stage:
         import flax.linen as nn
 
         from jaxt2i.checkpoint import flatten
-        from jaxt2i.models.unet import param_shapes
 
-        want = {k: tuple(v.shape) for k, v in
-                flatten(nn.unbox(param_shapes(self.config.model))["params"]).items()}
+        want = {k: tuple(v.shape) for k, v in flatten(nn.unbox(
+            self.family.param_shapes(self.config.model))["params"]).items()}
         got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
         for name in sorted(set(want) | set(got)):
             if want.get(name) != got.get(name):
@@ -457,10 +505,18 @@ class Stage:
             [B, h, w, C] and 'aug_level' [B].
 
         Returns:
-          [B, H, W, C], the prediction of `config.model.objective`.
+          [B, H, W, C], the prediction of `config.model.objective` (of a network with a learned
+          variance, the prediction's channels alone).
         """
-        return self.model.apply({"params": params}, x_t, t, cond["text_emb"], cond["text_mask"],
-                                lowres=cond.get("lowres"), aug_level=cond.get("aug_level"))
+        out = self.network_output(params, x_t, t, cond)
+        return out[..., :self.config.model.channels] if self.learned_variance else out
+
+    def network_output(self, params, x_t, t, cond: Mapping[str, Any]):
+        """The network's whole output (traceable), inputs as `denoise`: [B, H, W, C], or
+        [B, H, W, 2C] with a learned variance (`learned_variance`): the prediction, then the
+        variance interpolation v in [-1, 1] (IF; `jaxt2i.diffusion.DDPM` 'learned_range')."""
+        args, kwargs = self.family.network_inputs(self.config.model, x_t, t, cond)
+        return self.model.apply({"params": params}, *args, **kwargs)
 
     def denoiser(self, params):
         """`denoise` with `params` bound: (x_t, t, cond) -> prediction, as the samplers and
@@ -486,10 +542,8 @@ class Stage:
     def upsample(self, lowres, size: int | None = None):
         """The U-Net's resize of the low-res image: [B, h, w, C] -> [B, S, S, C] float32, S =
         `size` (default the stage's image_size)."""
-        from jaxt2i.models.unet import resize_lowres
-
         size = size or self.config.model.image_size
-        return resize_lowres(lowres, (size, size), self.config.model.lowres_resize)
+        return self.family.upsample(self.config.model, lowres, size)
 
     def augment(self, rng, lowres, *, level=None, max_level=None, size: int | None = None):
         """Noise-conditioning augmentation of an SR stage's low-res input, as training and
@@ -516,8 +570,9 @@ class Stage:
         if self.config.diffusion.aug_order == "resize_first":
             lowres = self.upsample(lowres, size)
         kwargs = {"level": level} if level is not None else {"max_level": max_level}
-        return diffusion.noise_augment(rng, lowres, schedule=self.config.diffusion.aug_schedule,
-                                       **kwargs)
+        return diffusion.noise_augment(
+            rng, lowres, schedule=self.config.diffusion.make_schedule(
+                self.config.diffusion.aug_schedule), **kwargs)
 
     # ------------------------------------------------------------------------ sampling
     def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings,
@@ -563,15 +618,21 @@ class Stage:
         if edit is not None:
             edits = edit.resized(c.image_size)
             edits["resample"] = settings.inpaint_resample if edits.get("mask") is not None else 0
+        sampler, denoiser = settings.sampler, self.denoiser(params)
+        if self.learned_variance:  # eps + v to the loop; DDPM steps with the learned variance
+            denoiser = lambda x_t, t, cond: self.network_output(params, x_t, t, cond)  # noqa: E731
+            if sampler == "ddpm":
+                sampler = diffusion.DDPM(variance="learned_range")
         return diffusion.sample(
-            self.denoiser(params), shape, rng, schedule=self.schedule, x_init=x_init,
-            sampler=settings.sampler, num_steps=settings.steps, cond=cond,
+            denoiser, shape, rng, schedule=self.schedule, x_init=x_init,
+            sampler=sampler, num_steps=settings.steps, cond=cond,
             uncond=None if settings.guidance == 1 else uncond, guidance_scale=settings.guidance,
             prediction=c.objective,
-            thresholding=diffusion.Thresholding(settings.thresholding,
-                                                percentile=settings.threshold_percentile),
+            thresholding=diffusion.Thresholding(
+                settings.thresholding, percentile=settings.threshold_percentile,
+                max_value=settings.threshold_max_value or None),
             spacing=settings.spacing, churn=settings.churn,
-            guidance_rescale=settings.guidance_rescale,
+            guidance_rescale=settings.guidance_rescale, learned_variance=self.learned_variance,
             guidance_interval=(settings.guidance_t_min, settings.guidance_t_max), **edits)
 
     def __repr__(self) -> str:

@@ -126,8 +126,12 @@ def test_noise_augment_levels():
     noise = (np.asarray(half) - np.asarray(x) / np.sqrt(2)) * np.sqrt(2)
     assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
     assert abs(np.corrcoef(noise.ravel(), np.asarray(x).ravel())[0, 1]) < 0.03
-    with pytest.raises(ValueError, match='continuous'):
-        diffusion.noise_augment(rng, x, schedule='discrete_linear')
+    # A discrete schedule's timestep is level * num_train_timesteps (DeepFloyd IF: 250 = 0.25).
+    sched = diffusion.get_schedule('discrete_squaredcos_cap_v2')
+    noised, _ = diffusion.noise_augment(rng, x, level=0.25, schedule=sched)
+    noise = jax.random.normal(jax.random.split(rng)[1], x.shape, x.dtype)
+    np.testing.assert_allclose(noised, diffusion.q_sample(x, jnp.full((256,), 250.0), noise, sched),
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('call,needle', [

@@ -21,6 +21,7 @@ OWN_FLAG = {
     "jaxt2i.export.__main__": "--guidance", "jaxt2i.data.builders.__main__": "--data_dir",
     "jaxt2i.data.text_cache.__main__": "--encoder", "jaxt2i.assets.__main__": "--out",
     "jaxt2i.bench.__main__": "--phases", "jaxt2i.aot.__main__": "--topology",
+    "jaxt2i.convert": "--variant",
 }
 
 

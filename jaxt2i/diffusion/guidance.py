@@ -45,7 +45,8 @@ def rescale_guidance(guided, pred_cond, phi):
     return phi * rescaled + (1.0 - phi) * guided
 
 
-def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, rescale=0.0):
+def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, rescale=0.0,
+                   guided_channels: Optional[int] = None):
     """Classifier-free guided prediction with one batched denoiser call.
 
     Args:
@@ -56,6 +57,9 @@ def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, resca
             Leaves that do not depend on the text (low-res image, aug level) repeat in uncond.
         guidance_scale: w, a float or traced scalar.
         rescale: guidance rescale phi (`rescale_guidance`); 0 = plain guidance.
+        guided_channels: None (every channel is guided), or k: only the first k channels of
+            the last axis are; the others are the conditional half's (DeepFloyd IF guides its
+            eps and keeps the conditional learned variance).
 
     Returns:
         Guided prediction [B, ...] (float32).
@@ -64,10 +68,15 @@ def guided_denoise(denoise_fn, x_t, model_t, cond, uncond, guidance_scale, resca
     out = denoise_fn(jnp.concatenate([x_t, x_t], axis=0),
                      jnp.concatenate([model_t, model_t], axis=0),
                      concat_cond(cond, uncond)).astype(jnp.float32)  # [2B, ...]
-    guided = cfg_combine(out[:batch], out[batch:], guidance_scale)
-    if isinstance(rescale, (int, float)) and rescale == 0:
-        return guided
-    return rescale_guidance(guided, out[:batch], rescale)
+    pred_cond, pred_uncond, kept = out[:batch], out[batch:], None
+    if guided_channels is not None:
+        kept = pred_cond[..., guided_channels:]
+        pred_cond = pred_cond[..., :guided_channels]
+        pred_uncond = pred_uncond[..., :guided_channels]
+    guided = cfg_combine(pred_cond, pred_uncond, guidance_scale)
+    if not (isinstance(rescale, (int, float)) and rescale == 0):
+        guided = rescale_guidance(guided, pred_cond, rescale)
+    return guided if kept is None else jnp.concatenate([guided, kept], axis=-1)
 
 
 def drop_condition(rng, cond, uncond, drop_prob: float):

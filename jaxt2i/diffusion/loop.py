@@ -80,7 +80,8 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
            prediction: str = 'eps', thresholding='none', x_init: Optional[jax.Array] = None,
            return_trajectory: bool = False, spacing: str = 'default', churn: float = 0.0,
            init: Optional[jax.Array] = None, strength=None, mask: Optional[jax.Array] = None,
-           resample: int = 0, guidance_rescale=0.0, guidance_interval=(0.0, 1.0)):
+           resample: int = 0, guidance_rescale=0.0, guidance_interval=(0.0, 1.0),
+           learned_variance: bool = False):
     """Generates samples by reverse diffusion from pure noise, or edits an image.
 
     Args:
@@ -130,6 +131,10 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
             (`normalized_time`, 1 = pure noise) is in [lo, hi] (Kynkaanniemi et al. 2024);
             elsewhere the conditional prediction alone is used (w = 1), and only the
             conditional half is evaluated (a `lax.cond`: half the work outside).
+        learned_variance: denoise_fn returns twice the channels of x (static): the prediction,
+            then a variance interpolation v in [-1, 1] (DeepFloyd IF), which guidance leaves as
+            the conditional half's and the sampler gets as `Denoised.variance`
+            (`DDPM(variance='learned_range')` uses it; the other samplers ignore it).
 
     Returns:
         x_0 [B, ...] float32, or (x_0, trajectory) if return_trajectory.
@@ -178,12 +183,16 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
         # the sampler's step noise is that of a plain run.
         known_rng = jax.random.fold_in(step_rng, num_steps + 1)
 
+    channels = shape[-1]
+
     def denoise_at(x_s, s: schedules_lib.Point, t_s):
         model_t = jnp.broadcast_to(schedule.model_t(t_s), (shape[0],))  # [B]
         if use_cfg:
             def guided(_):
-                return guidance_lib.guided_denoise(denoise_fn, x_s, model_t, cond, uncond,
-                                                   guidance_scale, rescale=guidance_rescale)
+                return guidance_lib.guided_denoise(
+                    denoise_fn, x_s, model_t, cond, uncond, guidance_scale,
+                    rescale=guidance_rescale,
+                    guided_channels=channels if learned_variance else None)
             if full_interval:
                 pred = guided(None)
             else:  # outside the interval only the conditional half runs (B, not 2B, images)
@@ -192,11 +201,14 @@ def sample(denoise_fn, shape: Sequence[int], rng, *, schedule, sampler='ddim',
                     x_s, model_t, cond).astype(jnp.float32), None)
         else:
             pred = denoise_fn(x_s, model_t, cond).astype(jnp.float32)
+        variance = None
+        if learned_variance:  # [B, ..., 2C]: the prediction, then v
+            pred, variance = pred[..., :channels], pred[..., channels:]
         x0, eps = losses.to_x0_eps(pred, prediction, x_s, s.alpha, s.sigma)
         if threshold.kind != 'none':
             x0 = threshold(x0)
             eps = (x_s - s.alpha * x0) / s.sigma
-        return samplers_lib.Denoised(x0, eps)
+        return samplers_lib.Denoised(x0, eps, variance)
 
     def keep_known(state, t: schedules_lib.Point, key):
         """Inpainting: the kept region becomes init noised to t (init itself when clean)."""

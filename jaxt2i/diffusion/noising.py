@@ -62,20 +62,20 @@ def noise_augment(rng, x_cond, *, level=None, max_level: float = 1.0, schedule='
         level: None in training (a level uniform in [0, max_level) per example), or the fixed
             sampling level: a scalar or [B] in [0, 1].
         max_level: upper bound of the random training level.
-        schedule: continuous schedule (object or name) whose time is the augmentation level.
+        schedule: schedule (object or name) whose time is the augmentation level: a continuous
+            one's t = level; a discrete one's timestep = level * num_train_timesteps
+            (DeepFloyd IF's noise_level 250 of 1000 is level 0.25).
 
     Returns:
         (augmented image [B, H, W, C], level [B] float32). Pass the level to the model; level 0 is
         (almost) no corruption, level 1 is pure noise.
     """
     schedule = schedules_lib.as_schedule(schedule)
-    if schedule.is_discrete:
-        raise ValueError('noise_augment needs a continuous schedule (cosine or linear), '
-                         f'got {type(schedule).__name__}')
     batch = x_cond.shape[0]
     level_rng, noise_rng = jax.random.split(rng)
     if level is None:
         level = jax.random.uniform(level_rng, (batch,), jnp.float32, 0.0, max_level)
     level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (batch,))  # [B]
     noise = jax.random.normal(noise_rng, x_cond.shape, x_cond.dtype)
-    return q_sample(x_cond, level, noise, schedule).astype(x_cond.dtype), level
+    t = level * schedule.num_train_timesteps if schedule.is_discrete else level
+    return q_sample(x_cond, t, noise, schedule).astype(x_cond.dtype), level

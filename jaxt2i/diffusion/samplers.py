@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,9 +47,12 @@ CHURN_SAMPLERS = ('euler', 'heun')
 
 
 class Denoised(NamedTuple):
-    """The model's clean-sample and noise predictions at the current point, shaped like x."""
+    """The model's clean-sample and noise predictions at the current point, shaped like x,
+    and, for a model with a learned variance (DeepFloyd IF), its variance interpolation v in
+    [-1, 1] (None otherwise)."""
     x0: jax.Array
     eps: jax.Array
+    variance: Optional[jax.Array] = None
 
 
 def _posterior(s: Point, t: Point):
@@ -83,18 +86,45 @@ class Sampler:
         return state['x']
 
 
+DDPM_VARIANCES = ('fixed_small', 'learned_range')
+# diffusers clamps the posterior variance to this before taking its log.
+_MIN_VARIANCE = 1e-20
+
+
 @dataclasses.dataclass(frozen=True)
 class DDPM(Sampler):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2 and eqs. (6)-(7)).
 
-    x_t ~ q(x_t | x_s, x_0 = x0_pred) with the 'fixed_small' (posterior) variance, matching
-    diffusers' DDPMScheduler.
+    x_t ~ q(x_t | x_s, x_0 = x0_pred), mean as the posterior's, with the variance
+      'fixed_small':   the posterior variance beta~ = sigma2_ts sigma_t^2 / sigma_s^2 (Ho et al.
+                       eq. 7; diffusers' DDPMScheduler 'fixed_small'), or
+      'learned_range': the model's interpolation v in [-1, 1] between beta~ and
+                       beta = sigma2_ts (1 - alpha_s^2 / alpha_t^2, the step's own beta) in the
+                       log domain, Nichol & Dhariwal 2021 eq. 15:
+                       log var = frac log beta + (1 - frac) log beta~, frac = (v + 1) / 2
+                       (beta~ clamped to 1e-20 first; DeepFloyd IF, diffusers' 'learned_range').
+    The last step, to the clean point, adds no noise.
     """
+
+    variance: str = 'fixed_small'
+
+    def __post_init__(self):
+        schedules_lib.check_choice('DDPM variance', self.variance, DDPM_VARIANCES)
 
     def mean_std(self, x, denoised: Denoised, s: Point, t: Point):
         """Mean and standard deviation of the step's Gaussian: x_t = mean + std * noise."""
         c_x, c_x0, var = _posterior(s, t)
-        return c_x * x + c_x0 * denoised.x0, jnp.sqrt(var)
+        mean = c_x * x + c_x0 * denoised.x0
+        if self.variance == 'fixed_small':
+            return mean, jnp.sqrt(var)
+        if denoised.variance is None:
+            raise ValueError("DDPM(variance='learned_range') needs a model that predicts its "
+                             'variance (Denoised.variance; sample(..., learned_variance=True))')
+        alpha_ts = s.alpha / t.alpha
+        beta = jnp.maximum(s.sigma**2 - alpha_ts**2 * t.sigma**2, _MIN_VARIANCE)
+        frac = (denoised.variance.astype(jnp.float32) + 1.0) / 2.0
+        log_var = frac * jnp.log(beta) + (1.0 - frac) * jnp.log(jnp.maximum(var, _MIN_VARIANCE))
+        return mean, jnp.where(t.sigma > 0, jnp.exp(0.5 * log_var), 0.0)
 
     def update(self, state, denoised: Denoised, s: Point, t: Point, noise):
         mean, std = self.mean_std(state['x'], denoised, s, t)

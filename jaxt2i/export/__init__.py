@@ -42,6 +42,10 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
     if fmt != "torch" and dtype != "float32":
         raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
     cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
+    if fmt == "torch" and any(s.config.model_family != "efficient_unet" for s in cascade.stages):
+        raise ConfigError("--format=torch writes Efficient U-Nets (TorchUNet); write DeepFloyd IF "
+                          "stages as diffusers pipelines with `python -m jaxt2i.convert "
+                          "--to=diffusers CASCADE --out=DIR`")
     settings = stage_settings(cascade, stages, overrides)
     n = len(settings)
     cascade = cascade.head(n)

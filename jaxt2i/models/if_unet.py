@@ -427,7 +427,8 @@ class AddedKVAttention(nn.Module):
         h = layers.GroupNorm(cfg, 1e-5, cfg.norm_num_groups, name="group_norm")(x)
         h = layers.constrain(h.reshape(b, hh * ww, c), layers.TOKEN_AXES)  # [B, N, C]
         if cfg.cross_attention_norm == "group_norm":  # statistics over tokens x group channels
-            text = layers.GroupNorm(cfg, 1e-5, CROSS_NORM_GROUPS, name="norm_cross")(
+            text = layers.GroupNorm(cfg, 1e-5, CROSS_NORM_GROUPS, centered=True,
+                                    name="norm_cross")(
                 text[:, :, None, :])[:, :, 0, :]
         q = proj(name="to_q")(h)  # [B, N, heads, hd]
         k, v = proj(name="add_k_proj")(text), proj(name="add_v_proj")(text)  # [B, L, heads, hd]

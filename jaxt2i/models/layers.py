@@ -99,10 +99,14 @@ class GroupNorm(nn.Module):
       epsilon: added to the variance.
       groups: number of groups; 0 takes ``cfg.norm_groups`` (a model with norms of several
         group counts, such as DeepFloyd IF's 32-group text norm, passes its own).
+      centered: the variance from x minus the group mean (a second pass) instead of
+        E[x^2] - E[x]^2, which cancels in float32 when a group is nearly constant (text padded
+        with many equal tokens: DeepFloyd IF's text norm).
     """
     cfg: Any
     epsilon: float = 1e-5
     groups: int = 0
+    centered: bool = False
 
     @nn.compact
     def __call__(self, x: Array, scale_shift: tuple[Array, Array] | None = None) -> Array:
@@ -120,7 +124,12 @@ class GroupNorm(nn.Module):
         s2 = jnp.sum(jnp.square(xf), axis=(1, 2)).reshape(b, groups, c // groups)
         n = h * w * (c // groups)
         mean = jnp.sum(s1, axis=-1, keepdims=True) / n  # [B, G, 1]
-        var = jnp.maximum(jnp.sum(s2, axis=-1, keepdims=True) / n - jnp.square(mean), 0.0)
+        if self.centered:
+            dev = xf - jnp.repeat(mean, c // groups, axis=-1).reshape(b, 1, 1, c)
+            var = jnp.sum(jnp.sum(jnp.square(dev), axis=(1, 2)).reshape(b, groups, -1),
+                          axis=-1, keepdims=True) / n
+        else:
+            var = jnp.maximum(jnp.sum(s2, axis=-1, keepdims=True) / n - jnp.square(mean), 0.0)
         inv = jax.lax.rsqrt(var + self.epsilon)
         a = (inv * gamma.reshape(groups, -1)).reshape(b, c)  # [B, C]
         shift = beta - (mean * inv).repeat(c // groups, axis=-1).reshape(b, c) * gamma

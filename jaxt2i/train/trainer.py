@@ -107,6 +107,9 @@ class Trainer:
         self.cfg = cfg
         self.abstract = abstract
         stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
+        if stage_cfg.model_family != "efficient_unet":
+            raise ConfigError(f"training a {stage_cfg.model_family!r} stage is not supported yet "
+                              "(only 'efficient_unet'); sample it with python -m jaxt2i.sample")
         self.unet_cfg = stage_cfg.model
         self.is_sr = self.unet_cfg.is_sr
         c = self.unet_cfg
