@@ -184,3 +184,30 @@ def test_shipped_demo_clip_retrieves_held_out_scenes():
     m = retrieval_accuracy(image @ text.T, captions)
     assert m["image_to_text"] >= MARGIN * m["chance"], m
     assert m["attribute"] >= MARGIN * m["attribute_chance"], m
+
+
+@pytest.mark.parametrize("size", ["tiny", "demo"])
+def test_config_variants(size):
+    import jax
+
+    from jaxt2i.config import from_json, load_config_file, to_json, validate
+    from jaxt2i.text.clip import count_params
+    from jaxt2i.text.clip_tokenizer import shapes_clip_tokenizer
+    from jaxt2i.train.contrastive import model_config
+
+    c = load_config_file(os.path.join(ROOT, "configs", f"clip.py:size={size}"))
+    validate(c)
+    assert c.kind == "clip" and from_json(to_json(c)).to_dict() == json.loads(to_json(c))
+    tok = shapes_clip_tokenizer()
+    m = model_config(c, tok)
+    assert m.text.vocab_size == len(tok) == 625 and m.text.eos_token_id == tok.eos_token_id
+    if size == "demo":  # the shipped model's size
+        assert count_params(m) == 1_334_145 and m.vision.patch_size == 8
+        assert c.train.batch_size % jax.device_count() == 0
+
+
+def test_unknown_size_is_one_line():
+    from jaxt2i.config import ConfigError, load_config_file
+
+    with pytest.raises(ConfigError, match="use tiny or demo"):
+        load_config_file(os.path.join(ROOT, "configs", "clip.py:size=huge"))
