@@ -200,9 +200,9 @@ def test_config_variants(size):
     assert c.kind == "clip" and from_json(to_json(c)).to_dict() == json.loads(to_json(c))
     tok = shapes_clip_tokenizer()
     m = model_config(c, tok)
-    assert m.text.vocab_size == len(tok) == 625 and m.text.eos_token_id == tok.eos_token_id
-    if size == "demo":  # the shipped model's size
-        assert count_params(m) == 1_334_145 and m.vision.patch_size == 8
+    assert m.text.vocab_size == len(tok) == 635 and m.text.eos_token_id == tok.eos_token_id
+    if size == "demo":  # the shipped model's size, with 10 more token rows (its tokenizer: 625)
+        assert count_params(m) == 1_335_425 and m.vision.patch_size == 8
         assert c.train.batch_size % jax.device_count() == 0
 
 
@@ -211,3 +211,16 @@ def test_unknown_size_is_one_line():
 
     with pytest.raises(ConfigError, match="use tiny or demo"):
         load_config_file(os.path.join(ROOT, "configs", "clip.py:size=huge"))
+
+
+def test_shapes_tokenizer_is_a_pure_function():
+    """Every process builds the same tokenizer (a resumed run tokenizes as its first run did),
+    each shapes word one token."""
+    import hashlib
+
+    from jaxt2i.text.clip_tokenizer import shapes_clip_tokenizer, shapes_corpus
+
+    tok = shapes_clip_tokenizer()
+    vocab = json.dumps(tok.get_vocab(), sort_keys=True).encode()
+    assert hashlib.md5(vocab).hexdigest() == "ce48e0d8b740f152adb88cd347735254"
+    assert all(len(tok.tokenize(w)) == 1 for w in shapes_corpus())

@@ -2,48 +2,48 @@
 
 CLIP's tokenizer is byte-level BPE with words ending in '</w>', a start and an end-of-text
 token last in the vocabulary (OpenAI's layout). A CLIP trained here on the shapes world needs
-no 49k-token vocabulary: BPE trained on its captions makes every word of the world one token,
+no 49k-token vocabulary: merges that join each word of the world into one token suffice,
 and the byte alphabet keeps any other text readable (as pieces). The result is a
 transformers `CLIPTokenizer`, so `save_clip` writes it and transformers and `load_clip` read it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Iterable, Sequence
 
-# Enough merges for every shapes-world word to become one token (training stops earlier when
-# no pair is left to merge).
-DEFAULT_MERGES_LIMIT = 1000
+def build_clip_tokenizer(words: Iterable[str], out_dir: str | None = None):
+    """A CLIP BPE tokenizer in which each of `words` is one token.
 
-
-def build_clip_tokenizer(corpus: Iterable[str], vocab_size: int = DEFAULT_MERGES_LIMIT,
-                         out_dir: str | None = None):
-    """Trains a CLIP BPE tokenizer on `corpus`.
+    The merges are written, not trained: for each word (sorted) the left-to-right chain that
+    joins its bytes into one token (`tokenizers`' BPE trainer breaks ties between equally
+    frequent pairs differently from one process to the next, and a resumed run must tokenize
+    as the run it resumes). Any other text falls back to byte pieces.
 
     Args:
-      corpus: caption strings.
-      vocab_size: the BPE trainer's target size (the byte alphabet counts towards it).
+      words: lowercase words (what CLIP's pre-tokeniser splits captions into).
       out_dir: if given, the tokenizer is saved there (`save_pretrained`).
 
     Returns:
       A transformers `CLIPTokenizer`: 256 byte symbols, their 256 '</w>' forms, the merged
       tokens, then <|startoftext|> and <|endoftext|> (the largest id, also the pad token).
     """
-    import tokenizers
     import transformers
-    from tokenizers import Regex, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import pre_tokenizers
 
-    bpe = tokenizers.Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
-    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([  # CLIP's word pattern, then bytes
-        pre_tokenizers.Split(Regex(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"),
-                             behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, end_of_word_suffix="</w>", show_progress=False))
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
+    byte_map = {b: c for b, c in zip(range(256), _bytes_to_unicode())}
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted(set(words)):
+        symbols = [byte_map[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        # The pieces the merges so far leave, joined left to right by new (lower-priority)
+        # merges: words already one token keep their merges, so they stay one token.
+        pieces = _apply_merges(symbols, ranks)
+        left = pieces[0]
+        for right in pieces[1:]:
+            ranks[(left, right)] = len(merges)
+            merges.append((left, right))
+            left += right
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}
     for t in alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]:
@@ -56,11 +56,35 @@ def build_clip_tokenizer(corpus: Iterable[str], vocab_size: int = DEFAULT_MERGES
     return tok
 
 
+def _apply_merges(symbols: list[str], ranks: dict) -> list[str]:
+    """BPE: repeatedly join the leftmost adjacent pair of the lowest merge rank."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = zip(symbols, symbols[1:])
+        rank, i = min((ranks.get(p, len(ranks)), i) for i, p in enumerate(pairs))
+        if rank == len(ranks):
+            break
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2 / CLIP's printable stand-ins for the 256 byte values, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + list(
+        range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
 def shapes_corpus() -> Sequence[str]:
     """The shapes world's words (`shapes.vocabulary`: every word its caption templates use).
 
-    BPE over the word list makes each of them one token; word frequencies would change only
-    the order of the merges, not the tokens.
+    Each becomes one token of the tokenizer.
     """
     from jaxt2i.data import shapes
 
