@@ -305,10 +305,6 @@ def _train_locked(cfg, workdir: str, devices) -> dict:
                 t_last, n_since = time.perf_counter(), 0
             if "stop" in actions or "save" in actions:
                 ckpt.save(it, state, data.get_state(), config_dict, force="stop" in actions)
-                # Wait before the next step donates the state's buffers: on CPU the async
-                # save's "host copy" can alias them, and resumed runs then diverged (seen here:
-                # Adam moments of the saved step overwritten by the next update's).
-                ckpt.wait()
                 saved_at = it
             if "stop" in actions:
                 break
