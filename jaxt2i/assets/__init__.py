@@ -1,4 +1,5 @@
-"""Files shipped inside the package: the demo's text encoder + tokenizer, and the demo cascade.
+"""Files shipped inside the package: the demo's text encoder + tokenizer, the demo cascade, and
+the demo CLIP (trained on the shapes world with `configs/clip.py:size=demo`, docs/unclip.md).
 
 The text encoder is a small T5 (`shapes` size) with random, frozen weights and a closed-vocabulary
 tokenizer: for the shapes world the U-Net only needs distinct, stable embeddings per word, which a
@@ -12,6 +13,7 @@ import os
 _HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_ENCODER = "text_encoder"
 DEMO_CASCADE = "demo_cascade"
+DEMO_CLIP = "demo_clip"
 TEXT_MAX_LENGTH = 32
 TEXT_SEED = 20260
 
@@ -34,6 +36,18 @@ def demo_cascade_dir() -> str:
     if not os.path.exists(os.path.join(path, "cascade.json")):
         raise ConfigError("the bundled demo cascade is not installed yet (no "
                           f"{os.path.join(path, 'cascade.json')}); pass --checkpoint=DIR")
+    return path
+
+
+def demo_clip_dir() -> str:
+    """Directory of the bundled shapes-world CLIP (Hugging Face layout: `load_clip` and
+    transformers' `CLIPModel` read it; retrieval.json holds its measured accuracy)."""
+    path = os.path.join(_HERE, DEMO_CLIP)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"the bundled demo CLIP is missing from {path}; reinstall jaxt2i or train one with "
+            "`python -m jaxt2i.train --config=configs/clip.py:size=demo --workdir=DIR` "
+            "(its DIR/export)")
     return path
 
 

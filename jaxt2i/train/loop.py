@@ -151,7 +151,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     """Trains one stage until `cfg.train.num_steps` updates (resuming from `workdir`).
 
     Args:
-      cfg: a stage config (configs/base.py or configs/sr.py).
+      cfg: a stage config (configs/base.py or configs/sr.py), or a CLIP config
+        (configs/clip.py, `kind='clip'`: `jaxt2i.train.contrastive.train_clip`).
       workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, export/.
       encoder: an already loaded text encoder (tests); default: the config's.
       devices: devices of the mesh (default: all devices of all processes).
@@ -160,6 +161,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     Returns:
       Summary dict: final step, last loss, losses per step, stop reason.
     """
+    if cfg.get("kind") == "clip":  # configs/clip.py: contrastive CLIP training
+        from jaxt2i.train.contrastive import train_clip
+
+        return train_clip(cfg, workdir, devices=devices, progress=progress)
     validate(cfg)  # bad values are refused before the workdir is touched
     lock = None
     if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
