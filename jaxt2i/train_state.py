@@ -39,6 +39,38 @@ class TrainState:
     total_skipped: jax.Array
 
 
+def state_layout(init_params, tx, mesh, rules):
+    """Shardings of the train state built from `init_params(key)` (boxed, with logical axis
+    names) and `tx`, without allocating it.
+
+    Parameters (and EMA) shard by the logical `rules`; optimizer leaves shaped like their
+    parameter (Adam moments) share its sharding, the others (Adafactor's factored statistics,
+    counters) are small and replicated; step counters are replicated.
+
+    Returns:
+      (TrainState of NamedShardings, TrainState of sharded `jax.ShapeDtypeStruct`s, number of
+      parameters).
+    """
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxt2i.parallel import logical_shardings
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.random.key(0)
+    param_sh = logical_shardings(jax.eval_shape(init_params, key), mesh, rules)
+    abstract = jax.eval_shape(lambda k: create_train_state(nn.unbox(init_params(k)), tx), key)
+    opt_sh = optax.tree_map_params(
+        tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else replicated,
+        abstract.opt_state, param_sh, abstract.params,
+        transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=replicated, params=param_sh, ema_params=param_sh,
+                           opt_state=opt_sh, skipped=replicated, total_skipped=replicated)
+    placed = jax.tree_util.tree_map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    return shardings, placed, sum(int(a.size) for a in jax.tree_util.tree_leaves(abstract.params))
+
+
 def learning_rate_schedule(cfg) -> optax.Schedule:
     """Linear warmup to `cfg.lr`, then constant / cosine / linear decay to `cfg.lr * cfg.end_lr_factor`."""
     if cfg.schedule not in SCHEDULES:

@@ -31,10 +31,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxt2i.checkpoint import Checkpointer, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.monitor import MetricWriter, StopSignal
-from jaxt2i.parallel import logical_shardings, make_mesh
+from jaxt2i.parallel import make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.text.clip import CLIPConfig, CLIPModel, init_clip, preprocess_images
-from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
+from jaxt2i.train_state import (TrainState, apply_gradients, create_train_state, make_optimizer,
+                                 state_layout)
 from jaxt2i.workdir import WorkdirLock, check_writable
 
 log = logging.getLogger("jaxt2i")
@@ -122,22 +123,8 @@ class ContrastiveTrainer:
         return init_clip(self.model_cfg, rng)
 
     def _build_state_shardings(self) -> None:
-        boxed = jax.eval_shape(self._init_params, jax.random.key(0))
-        param_sh = logical_shardings(boxed, self.mesh, self.rules)
-        abstract = jax.eval_shape(lambda k: create_train_state(
-            nn.unbox(self._init_params(k)), self.tx), jax.random.key(0))
-        opt_sh = optax.tree_map_params(  # Adam moments shard like their param
-            self.tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else self.replicated,
-            abstract.opt_state, param_sh, abstract.params,
-            transform_non_params=lambda _: self.replicated)
-        self.state_shardings = TrainState(
-            step=self.replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,
-            skipped=self.replicated, total_skipped=self.replicated)
-        self.abstract_state = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, self.state_shardings)
-        self.num_params = sum(int(np.prod(a.shape))
-                              for a in jax.tree_util.tree_leaves(abstract.params))
+        self.state_shardings, self.abstract_state, self.num_params = state_layout(
+            self._init_params, self.tx, self.mesh, self.rules)
 
     def init_state(self, seed: int) -> TrainState:
         """A fresh state, created sharded (never whole on one device)."""

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxt2i import diffusion
@@ -27,7 +26,8 @@ from jaxt2i.parallel import logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
 from jaxt2i.text.encoder import abstract_encoder
-from jaxt2i.train_state import TrainState, apply_gradients, create_train_state, make_optimizer
+from jaxt2i.train_state import (TrainState, apply_gradients, create_train_state, make_optimizer,
+                                 state_layout)
 
 log = logging.getLogger("jaxt2i")
 
@@ -157,22 +157,8 @@ class Trainer:
         return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
 
     def _build_state_shardings(self) -> None:
-        boxed = jax.eval_shape(self._init_params, jax.random.key(0))
-        param_sh = logical_shardings(boxed, self.mesh, self.rules)
-        abstract = jax.eval_shape(self._init_state, jax.random.key(0))
-        # Optimizer leaves shaped like their parameter (Adam moments) share its sharding;
-        # others (Adafactor's factored row/column statistics, counters) are small: replicate.
-        opt_sh = optax.tree_map_params(
-            self.tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else self.replicated,
-            abstract.opt_state, param_sh, abstract.params,
-            transform_non_params=lambda _: self.replicated)
-        self.state_shardings = TrainState(
-            step=self.replicated, params=param_sh, ema_params=param_sh, opt_state=opt_sh,
-            skipped=self.replicated, total_skipped=self.replicated)
-        self.abstract_state = jax.tree_util.tree_map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract, self.state_shardings)
-        self.num_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(abstract.params))
+        self.state_shardings, self.abstract_state, self.num_params = state_layout(
+            self._init_params, self.tx, self.mesh, self.rules)
 
     def _place_text_encoder(self) -> None:
         enc = self.encoder
