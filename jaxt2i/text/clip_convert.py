@@ -180,6 +180,15 @@ class ImageFeatures(NamedTuple):
     embeds: jax.Array  # [B, P] projected (unnormalised) image embedding
 
 
+def embed_pair(module: CLIPModel, params, ids, mask, pixels):
+    """(text [B, P], image [B, P]) projected embeddings of a caption-image batch: CLIP applied
+    for training (`jaxt2i.train.contrastive`), here beside the `CLIP` object, the two places
+    the package applies CLIP. `pixels` are [B, H, W, 3] already preprocessed."""
+    _, _, text = module.apply({"params": params}, ids, mask, method="encode_text")
+    _, image = module.apply({"params": params}, pixels, method="encode_image")
+    return text, image
+
+
 class CLIP:
     """A CLIP model with its params and (optional) tokenizer.
 

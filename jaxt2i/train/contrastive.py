@@ -34,6 +34,7 @@ from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.parallel import make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.text.clip import CLIPConfig, CLIPModel, init_clip, preprocess_images
+from jaxt2i.text.clip_convert import embed_pair
 from jaxt2i.train_state import (TrainState, apply_gradients, create_train_state, make_optimizer,
                                  state_layout)
 from jaxt2i.workdir import WorkdirLock, check_writable
@@ -138,10 +139,7 @@ class ContrastiveTrainer:
 
     def _embeddings(self, params, ids, mask, images):
         """(text [B, P], image [B, P]) projected embeddings."""
-        _, _, text = self.model.apply({"params": params}, ids, mask, method="encode_text")
-        _, image = self.model.apply({"params": params}, self._pixels(images),
-                                    method="encode_image")
-        return text, image
+        return embed_pair(self.model, params, ids, mask, self._pixels(images))
 
     def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One update. No randomness (CLIP has no dropout), so the step takes no RNG."""
