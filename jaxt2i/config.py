@@ -78,8 +78,9 @@ CHOICES: dict[str, Any] = {
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
-    # the augmentation level is continuous time in [0, 1]: any continuous schedule
-    "diffusion.aug_schedule": _lazy("jaxt2i.diffusion.schedules", "CONTINUOUS_NAMES"),
+    # the augmentation level in [0, 1] is a continuous schedule's time, or a discrete one's
+    # timestep / num_train_timesteps (DeepFloyd IF's image-noising DDPM)
+    "diffusion.aug_schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
     "diffusion.aug_order": _lazy("jaxt2i.stage", "AUG_ORDERS"),
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
