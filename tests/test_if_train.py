@@ -293,8 +293,31 @@ def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 16, 16, 3)).astype(np.float32)
     text = rng.standard_normal((1, 5, ours.text_dim)).astype(np.float32)
-    out = IFUNet(ours).apply({"params": load_exported(str(export))[0]}, x, np.array([10.0]), text)
+    out = jax.jit(IFUNet(ours).apply)({"params": load_exported(str(export))[0]}, x,
+                                      np.array([10.0]), text)
     with torch.no_grad():
         ref = unet(torch.tensor(x).permute(0, 3, 1, 2), 10, torch.tensor(text)).sample
     np.testing.assert_allclose(np.asarray(out), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4,
                                rtol=1e-4)
+
+
+def test_config_and_lora_errors_are_one_line(converted):
+    """configs/if.py reads the converted stage (its model, an absolute T5 path, its schedule);
+    without a stage, and LoRA without train.init_from, are one-line ConfigErrors."""
+    import importlib
+
+    from jaxt2i.config import ConfigError
+    from jaxt2i.train.trainer import Trainer
+
+    get_config = importlib.import_module("configs.if").get_config
+    with pytest.raises(ConfigError, match="needs the converted IF stage"):
+        get_config("lora=4")
+    stage_dir = converted["out"] / "stage_I"
+    cfg = get_config(f"stage={stage_dir},lora=4")
+    assert cfg.model_family == "if" and cfg.train.lora.rank == 4
+    assert cfg.train.init_from == str(stage_dir) and os.path.isabs(cfg.text.encoder)
+    assert cfg.diffusion.schedule == "discrete_squaredcos_cap_v2"
+    cfg.train.init_from = ""
+    with pytest.raises(ConfigError, match=r"train.lora.rank > 0 adapts a trained stage") as e:
+        Trainer(cfg)
+    assert "\n" not in str(e.value)

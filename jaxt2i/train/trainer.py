@@ -4,8 +4,11 @@ It builds the stage (`jaxt2i.stage.Stage`) from a config, the device mesh and lo
 rules, the sharded train state (`jax.eval_shape` + a jitted init with `out_shardings`, never
 built on one device and moved), and one jitted `train_step` with donated state: frozen T5 on
 the token ids (or cached embeddings), condition dropout, noise-conditioning augmentation (SR),
-the diffusion loss, gradient accumulation, the optimizer, EMA, and skipping of non-finite
-updates. `lower_step` / `step_jaxpr` expose the step for compile-only analysis.
+the diffusion loss (the hybrid loss of `jaxt2i.diffusion.vlb` for a network with a learned
+variance, DeepFloyd IF), gradient accumulation, the optimizer, EMA, and skipping of non-finite
+updates. With `train.lora.rank > 0` the params are {'base', 'lora'}: the frozen network and
+its LoRA adapters (`jaxt2i.models.lora`), the optimizer masked to the adapters.
+`lower_step` / `step_jaxpr` expose the step for compile-only analysis.
 """
 
 from __future__ import annotations
