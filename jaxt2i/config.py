@@ -151,6 +151,7 @@ RANGES: dict[str, tuple] = {
     "diffusion.cond_drop_prob": (0.0, 1.0, True, True, "the text-dropout probability"),
     "diffusion.aug_max_level": (0.0, 1.0, True, True, "the largest augmentation level"),
     "diffusion.min_snr_gamma": (0.0, _INF, False, False, "the min-SNR gamma"),
+    "diffusion.vlb_weight": (0.0, 1.0, True, True, "lambda of the hybrid loss (IF: 0.001)"),
     "sample.steps": (1, _INF, True, False, "sampler steps"),
     "sample.guidance": (0.0, 100.0, True, True, "the guidance scale (1 = none)"),
     "sample.aug_level": (0.0, 1.0, True, True, "the augmentation level at sampling"),

@@ -143,6 +143,10 @@ class Trainer:
                 f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
                 f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
                 "continuous t in [0, 1]: set --config.model.noise_scale=1")
+        if self.stage.learned_variance and not self.schedule.is_discrete:
+            raise ConfigError(f"diffusion.schedule={cfg.diffusion.schedule!r}: a model with a "
+                              "learned variance trains with the hybrid loss, whose L_vlb needs "
+                              "a discrete schedule (e.g. 'discrete_squaredcos_cap_v2')")
         if encoder is None:
             encoder = (abstract_encoder(stage_cfg.text.encoder, dtype=stage_cfg.text.dtype,
                                         max_length=stage_cfg.text.max_length) if abstract
