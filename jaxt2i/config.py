@@ -78,8 +78,9 @@ CHOICES: dict[str, Any] = {
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
-    # the augmentation level is continuous time in [0, 1]: any continuous schedule
-    "diffusion.aug_schedule": _lazy("jaxt2i.diffusion.schedules", "CONTINUOUS_NAMES"),
+    # the augmentation level in [0, 1] is a continuous schedule's time, or a discrete one's
+    # timestep / num_train_timesteps (DeepFloyd IF's image-noising DDPM)
+    "diffusion.aug_schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
     "diffusion.aug_order": _lazy("jaxt2i.stage", "AUG_ORDERS"),
     "diffusion.loss_weighting": _lazy("jaxt2i.diffusion", "WEIGHTINGS"),
     "sample.sampler": _lazy("jaxt2i.diffusion", "SAMPLER_NAMES"),
@@ -150,6 +151,7 @@ RANGES: dict[str, tuple] = {
     "diffusion.cond_drop_prob": (0.0, 1.0, True, True, "the text-dropout probability"),
     "diffusion.aug_max_level": (0.0, 1.0, True, True, "the largest augmentation level"),
     "diffusion.min_snr_gamma": (0.0, _INF, False, False, "the min-SNR gamma"),
+    "diffusion.vlb_weight": (0.0, 1.0, True, True, "lambda of the hybrid loss (IF: 0.001)"),
     "sample.steps": (1, _INF, True, False, "sampler steps"),
     "sample.guidance": (0.0, 100.0, True, True, "the guidance scale (1 = none)"),
     "sample.aug_level": (0.0, 1.0, True, True, "the augmentation level at sampling"),

@@ -60,10 +60,11 @@ def state_layout(init_params, tx, mesh, rules):
     key = jax.random.key(0)
     param_sh = logical_shardings(jax.eval_shape(init_params, key), mesh, rules)
     abstract = jax.eval_shape(lambda k: create_train_state(nn.unbox(init_params(k)), tx), key)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (LoRA: frozen params)
     opt_sh = optax.tree_map_params(
-        tx, lambda leaf, sh, p: sh if leaf.shape == p.shape else replicated,
-        abstract.opt_state, param_sh, abstract.params,
-        transform_non_params=lambda _: replicated)
+        tx, lambda leaf, sh, p: leaf if masked(leaf) else sh if leaf.shape == p.shape
+        else replicated, abstract.opt_state, param_sh, abstract.params,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     shardings = TrainState(step=replicated, params=param_sh, ema_params=param_sh,
                            opt_state=opt_sh, skipped=replicated, total_skipped=replicated)
     placed = jax.tree_util.tree_map(

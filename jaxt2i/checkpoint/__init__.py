@@ -415,7 +415,9 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
             state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())), directory)
     out_dir = out_dir or os.path.join(workdir, "export")
     _check_not_older(out_dir, int(s), explicit=step is not None)
-    return export_params(out.state["ema_params"], dict(out.config), out_dir, step=int(s)), int(s)
+    from jaxt2i.models import lora  # a LoRA run: merged params + its adapters alone
+
+    return lora.export(out.state["ema_params"], dict(out.config), out_dir, step=int(s)), int(s)
 
 
 def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:

@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxt2i.checkpoint import Checkpointer, export_params, host_gather
+from jaxt2i.checkpoint import Checkpointer, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.images import save_grid, to_uint8
+from jaxt2i.models import lora
 from jaxt2i.models.unet import UNetConfig, resize_matrix
 from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.text.tokenizer import UnknownTextError
@@ -363,7 +364,8 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     if "sample" in end:
         _write_samples(trainer, state, it, workdir, writer, preview)
     if "export" in end:
-        export_params(state.ema_params, config_dict, os.path.join(workdir, "export"), step=it)
+        # a LoRA run exports the merged params, and its adapters alone beside them
+        lora.export(state.ema_params, config_dict, os.path.join(workdir, "export"), step=it)
     writer.close()
     ckpt.close()
     data.close()

@@ -4,8 +4,11 @@ It builds the stage (`jaxt2i.stage.Stage`) from a config, the device mesh and lo
 rules, the sharded train state (`jax.eval_shape` + a jitted init with `out_shardings`, never
 built on one device and moved), and one jitted `train_step` with donated state: frozen T5 on
 the token ids (or cached embeddings), condition dropout, noise-conditioning augmentation (SR),
-the diffusion loss, gradient accumulation, the optimizer, EMA, and skipping of non-finite
-updates. `lower_step` / `step_jaxpr` expose the step for compile-only analysis.
+the diffusion loss (the hybrid loss of `jaxt2i.diffusion.vlb` for a network with a learned
+variance, DeepFloyd IF), gradient accumulation, the optimizer, EMA, and skipping of non-finite
+updates. With `train.lora.rank > 0` the params are {'base', 'lora'}: the frozen network and
+its LoRA adapters (`jaxt2i.models.lora`), the optimizer masked to the adapters.
+`lower_step` / `step_jaxpr` expose the step for compile-only analysis.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxt2i import diffusion
+from jaxt2i.diffusion.vlb import VLB_WEIGHT, hybrid_loss
 from jaxt2i.config import ConfigError, validate
+from jaxt2i.models import lora as lora_lib
 from jaxt2i.parallel import logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
@@ -107,9 +112,11 @@ class Trainer:
         self.cfg = cfg
         self.abstract = abstract
         stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
-        if stage_cfg.model_family != "efficient_unet":
-            raise ConfigError(f"training a {stage_cfg.model_family!r} stage is not supported yet "
-                              "(only 'efficient_unet'); sample it with python -m jaxt2i.sample")
+        # train.lora.rank > 0: params are {'base' (frozen), 'lora' (adapters)} (`lora_lib`)
+        self.lora = lora_lib.LoraConfig.from_config(cfg.train.get("lora"))
+        if self.lora is not None and not cfg.train.get("init_from"):
+            raise ConfigError("train.lora.rank > 0 adapts a trained stage: set "
+                              "train.init_from=STAGE_EXPORT (or set train.lora.rank=0)")
         self.unet_cfg = stage_cfg.model
         self.is_sr = self.unet_cfg.is_sr
         c = self.unet_cfg
@@ -127,12 +134,19 @@ class Trainer:
         self.rules = rules_from_config(cfg.sharding_rules)
         self.tx = make_optimizer(cfg.train)
         self.stage = Stage(stage_cfg)
+        if self.lora is not None:  # the optimizer updates (and holds state for) adapters only
+            self.tx = lora_lib.masked(self.tx, nn.unbox(jax.eval_shape(
+                self._init_params, jax.random.key(0))))
         self.schedule = self.stage.schedule
-        if self.schedule.is_discrete and self.unet_cfg.noise_scale != 1:
+        if self.schedule.is_discrete and getattr(self.unet_cfg, "noise_scale", 1) != 1:
             raise ConfigError(
                 f"diffusion.schedule={cfg.diffusion.schedule!r} feeds integer timesteps 0..N-1 "
                 f"to the model, but model.noise_scale={self.unet_cfg.noise_scale:g} is for "
                 "continuous t in [0, 1]: set --config.model.noise_scale=1")
+        if self.stage.learned_variance and not self.schedule.is_discrete:
+            raise ConfigError(f"diffusion.schedule={cfg.diffusion.schedule!r}: a model with a "
+                              "learned variance trains with the hybrid loss, whose L_vlb needs "
+                              "a discrete schedule (e.g. 'discrete_squaredcos_cap_v2')")
         if encoder is None:
             encoder = (abstract_encoder(stage_cfg.text.encoder, dtype=stage_cfg.text.dtype,
                                         max_length=stage_cfg.text.max_length) if abstract
@@ -151,7 +165,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- state
     def _init_params(self, rng):
-        return self.stage.init_params(rng)
+        params = self.stage.init_params(rng)
+        if self.lora is None:
+            return params
+        return {"base": params, "lora": lora_lib.init(params, self.lora,
+                                                      jax.random.fold_in(rng, 1))}
 
     def _init_state(self, rng) -> TrainState:
         return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
@@ -223,8 +241,10 @@ class Trainer:
         loaded, _, step = load_exported(export_dir)
         state = self.init_state(seed)
         got = flatten(loaded)
+        # LoRA: the export is the frozen base; the adapters keep their init (B = 0)
+        base = state.params["base"] if self.lora else state.params
         missing, widened = fit_exported(
-            {n: tuple(a.shape) for n, a in flatten(state.params).items()},
+            {n: tuple(a.shape) for n, a in flatten(base).items()},
             {n: tuple(a.shape) for n, a in got.items()},
             allow_new=bool(self.cfg.train.get("init_from_allow_new", False)),
             what=f"train.init_from={path!r}")
@@ -242,7 +262,11 @@ class Trainer:
             return unflatten({n: a if n not in got else place(got[n], a)
                               for n, a in flatten(tree).items()})
 
-        params, ema = fill(state.params), fill(state.ema_params)
+        if self.lora:
+            params, ema = ({**tree, "base": fill(tree["base"])}
+                           for tree in (state.params, state.ema_params))
+        else:
+            params, ema = fill(state.params), fill(state.ema_params)
         log.warning("initialised params and EMA from %s (step %s)%s%s", path, step,
                     f"; {len(missing)} new params keep their initialisation: "
                     f"{', '.join(missing)}" if missing else "",
@@ -277,6 +301,13 @@ class Trainer:
                                             max_level=cfg.diffusion.aug_max_level,
                                             size=batch["image"].shape[1])
             cond["lowres"], cond["aug_level"] = low, level
+        params = lora_lib.network_params(params, self.lora)
+        if self.stage.learned_variance:  # IF: eps + variance, the hybrid loss
+            return jnp.mean(hybrid_loss(
+                lambda x_t, t, c: self.stage.network_output(params, x_t, t, c), batch["image"],
+                cond, loss_rng, schedule=self.schedule, weighting=cfg.diffusion.loss_weighting,
+                gamma=cfg.diffusion.min_snr_gamma,
+                vlb_weight=cfg.diffusion.get("vlb_weight", VLB_WEIGHT)))
         per_example = diffusion.diffusion_loss(
             self.stage.denoiser(params), batch["image"], cond, loss_rng, schedule=self.schedule,
             objective=self.unet_cfg.objective, weighting=cfg.diffusion.loss_weighting,
@@ -345,6 +376,7 @@ class Trainer:
                                     jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
 
     def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
+        params = lora_lib.network_params(params, self.lora)
         text = self.stage.encode_text(text_params, ids, mask)  # [B, L, D]
         uncond = self.stage.encode_text(text_params, self.uncond_ids, self.uncond_mask)
         return self.stage.sample(params, text, uncond, rng, lowres,
