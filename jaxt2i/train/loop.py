@@ -151,8 +151,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     """Trains one stage until `cfg.train.num_steps` updates (resuming from `workdir`).
 
     Args:
-      cfg: a stage config (configs/base.py or configs/sr.py), or a CLIP config
-        (configs/clip.py, `kind='clip'`: `jaxt2i.train.contrastive.train_clip`).
+      cfg: a stage config (configs/base.py, configs/sr.py, configs/unclip_decoder.py), a CLIP
+        config (configs/clip.py, `kind='clip'`: `jaxt2i.train.contrastive.train_clip`) or a
+        prior config (configs/prior.py, `kind='prior'`: `jaxt2i.train.prior.train_prior`).
       workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, export/.
       encoder: an already loaded text encoder (tests); default: the config's.
       devices: devices of the mesh (default: all devices of all processes).
@@ -165,6 +166,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
         from jaxt2i.train.contrastive import train_clip
 
         return train_clip(cfg, workdir, devices=devices, progress=progress)
+    if cfg.get("kind") == "prior":  # configs/prior.py: unCLIP's diffusion prior
+        from jaxt2i.train.prior import train_prior
+
+        return train_prior(cfg, workdir, devices=devices, progress=progress)
+    if cfg.get("kind") is not None:
+        raise ConfigError(f"config kind={cfg.kind!r} is not one jaxt2i trains; use 'clip', "
+                          "'prior' or no kind (a cascade stage)")
     validate(cfg)  # bad values are refused before the workdir is touched
     lock = None
     if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
