@@ -65,7 +65,8 @@ class EfficientUNetFamily:
 
     def network_inputs(self, cfg, x_t, t, cond: Mapping[str, Any]) -> tuple[tuple, dict]:
         return (x_t, t, cond["text_emb"], cond["text_mask"]), {
-            "lowres": cond.get("lowres"), "aug_level": cond.get("aug_level")}
+            "lowres": cond.get("lowres"), "aug_level": cond.get("aug_level"),
+            "image_embed": cond.get("image_embed")}  # the unCLIP decoder's CLIP embedding
 
     def upsample(self, cfg, lowres, size: int):
         from jaxt2i.models.unet import resize_lowres
