@@ -70,6 +70,11 @@ def check_compatible(stages: Sequence[Stage], text_width: int | None = None) -> 
     """
     for k, s in enumerate(stages):
         c = s.unet_cfg
+        if s.image_embed_dim:
+            raise ConfigError(f"stage {k} ({s.path}) is an unCLIP decoder (model.image_embed_dim="
+                              f"{s.image_embed_dim}): it decodes CLIP image embeddings from a "
+                              "prior, which the Imagen cascade has not; sample it with "
+                              "Stage.sample(image_embed=...) (docs/unclip.md)")
         if k == 0 and c.is_sr:
             raise ConfigError(f"stage 0 ({s.path}) is a super-resolution stage (lowres_size "
                               f"{c.lowres_size}); the first stage must be a base stage")

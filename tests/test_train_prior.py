@@ -113,6 +113,9 @@ def test_export_reloads_to_the_checkpoints_samples_and_quality(run):
                           params={"params": host_gather(state.ema_params)})
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_allclose(np.linalg.norm(np.asarray(got), axis=-1), 1.0, atol=1e-5)
+    # The docs' one-liner: prompts -> CLIP text -> the same samples.
+    np.testing.assert_array_equal(np.asarray(prior.embed_prompts(
+        clip, ["a red circle above a blue square", "two green triangles"], key)), np.asarray(got))
 
     # One lax.scan holds every network evaluation: outside it, no attention runs.
     jaxpr = jax.make_jaxpr(lambda p, k: prior.sample(p, text.states, text.mask, text.embeds,
