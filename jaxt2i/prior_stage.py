@@ -47,8 +47,9 @@ class PriorSettings:
 
     @classmethod
     def from_config(cls, sample: Mapping[str, Any]) -> "PriorSettings":
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: type(getattr(cls, k))(sample[k]) for k in fields if k in sample})
+        """From a config's `sample` section (fields it lacks keep their defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{k: type(getattr(cls, k))(sample[k]) for k in names if k in sample})
 
 
 def resolve_clip_path(path: str) -> str:

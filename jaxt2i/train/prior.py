@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from jaxt2i.checkpoint import host_gather
+from jaxt2i.config import ConfigError
 from jaxt2i.models import prior as prior_lib
 from jaxt2i.prior_stage import PriorStage, export_prior, load_frozen_clip
 from jaxt2i.text.clip import init_clip
@@ -69,6 +70,9 @@ class PriorTrainer(ShardedTrainer):
 
     def __init__(self, cfg: ml_collections.ConfigDict, devices=None):
         self.clip = load_frozen_clip(cfg.clip.path)
+        if self.clip.tokenizer is None:
+            raise ConfigError(f"clip.path={cfg.clip.path!r} has no tokenizer files; a prior "
+                              "run tokenizes its captions with the CLIP's own tokenizer")
         self.prior = PriorStage.from_config(cfg.to_dict(), self.clip)
         self.tokenizer = self.clip.tokenizer
         model = self.prior.model
