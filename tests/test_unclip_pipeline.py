@@ -25,18 +25,23 @@ def _config(spec, **sample):
     return cfg
 
 
+def _random_params(init, seed):
+    """Random params of init's shapes (no init compiled): norm scales near 1, the rest small
+    (output layers too, which start at zero: every input changes the images)."""
+    shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(tree, [
+        np.float32("scale" in jax.tree_util.keystr(p)) + 0.05 * rng.standard_normal(
+            a.shape).astype(np.float32) for p, a in leaves])
+
+
 def _export_stage(cfg, out, seed):
     from jaxt2i.checkpoint import export_params
     from jaxt2i.stage import Stage, StageConfig
 
     stage = Stage(StageConfig.from_dict(cfg.to_dict()))
-    params = nn.unbox(jax.jit(stage.init_params)(jax.random.key(seed)))
-    # Random output layers too (they start at zero), so every input changes the images.
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree_util.tree_unflatten(tree, [
-        p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-    export_params(params, cfg.to_dict(), out, step=0)
+    export_params(_random_params(stage.init_params, seed), cfg.to_dict(), out, step=0)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +53,8 @@ def unclip_dir(tmp_path_factory):
     pcfg = _config("prior.py:size=tiny", steps=4).to_dict()
     pcfg["model"].update(clip_dim=128, text_dim=128, max_text_len=32)
     prior = PriorStage.from_config(pcfg)
-    params = nn.unbox(jax.jit(prior.model.init)(
-        jax.random.key(0), **prior_lib.example_inputs(prior.config, 1, 1)))
+    params = _random_params(lambda k: prior.model.init(
+        k, **prior_lib.example_inputs(prior.config, 1, 1)), 0)
     export_prior(params, pcfg, prior, str(root / "prior"), step=0)
     _export_stage(_config("unclip_decoder.py:size=tiny", steps=2, guidance=2.0),
                   str(root / "decoder"), 1)
@@ -61,7 +66,22 @@ def unclip_dir(tmp_path_factory):
     return root
 
 
-def test_sample_command_runs_the_unclip_cascade(unclip_dir, tmp_path):
+@pytest.fixture(scope="module")
+def pipe(unclip_dir):
+    from jaxt2i.pipelines.unclip import load_unclip
+
+    return load_unclip(str(unclip_dir))
+
+
+def test_docs_show_the_command():
+    with open(os.path.join(ROOT, "docs", "unclip.md")) as f:
+        docs = f.read()
+    assert ('python -m jaxt2i.sample --checkpoint=runs/unclip --prompt "a red circle above a '
+            'blue square" --num_images=2 --out=samples') in docs
+    assert '{"kind": "unclip", "prior": "prior", "stages": ["decoder", "sr"]}' in docs
+
+
+def test_sample_command_runs_the_unclip_cascade(unclip_dir, pipe, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -75,9 +95,7 @@ def test_sample_command_runs_the_unclip_cascade(unclip_dir, tmp_path):
     a, b = (np.asarray(Image.open(out / n)) for n in record["images"])
     assert a.shape == (32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() > 0
 
-    from jaxt2i.pipelines.unclip import load_unclip
-
-    images = load_unclip(str(unclip_dir)).generate([PROMPTS[0]] * 2, seed=0)
+    images = pipe.generate([PROMPTS[0]] * 2, seed=0)
     np.testing.assert_array_equal(images, np.stack([a, b]))  # the API makes the same images
 
     r = subprocess.run([sys.executable, "-m", "jaxt2i.sample", f"--checkpoint={unclip_dir}",
@@ -86,13 +104,11 @@ def test_sample_command_runs_the_unclip_cascade(unclip_dir, tmp_path):
     assert r.returncode != 0 and "drop --steps" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_api_chains_prior_decoder_and_sr_with_its_keys(unclip_dir):
+def test_api_chains_prior_decoder_and_sr_with_its_keys(pipe):
     """generate = the prior's best-of-2 embedding -> the decoder -> the SR stage, each with
     its documented key; another embedding gives other images."""
     from jaxt2i.images import to_uint8
-    from jaxt2i.pipelines.unclip import load_unclip
 
-    pipe = load_unclip(str(unclip_dir))
     got = pipe.generate(PROMPTS, seed=5)
     prior_key, stage_key = jax.random.split(jax.random.key(5))
     z, cands, index = pipe.prior.embed_prompts(pipe.clip, PROMPTS, prior_key,
