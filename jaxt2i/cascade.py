@@ -61,15 +61,22 @@ def resolve_stage_dirs(paths: Sequence[str]) -> list[str]:
     return [resolve_export_dir(p) for p in paths]
 
 
-def check_compatible(stages: Sequence[Stage], text_width: int | None = None) -> None:
+def check_compatible(stages: Sequence[Stage], text_width: int | None = None, *,
+                     unclip: bool = False) -> None:
     """Raises ConfigError (one line) unless the stages chain into one cascade.
 
     Stage 0 must be a base stage; stage k+1 an SR stage whose lowres_size equals stage k's
     image_size; all stages share the text encoder and max_length, and their text_dim equals the
-    encoder width (`text_width`, when known).
+    encoder width (`text_width`, when known). Only an unCLIP cascade's (`unclip`) stage 0 may
+    be an unCLIP decoder (`jaxt2i.pipelines.unclip`).
     """
     for k, s in enumerate(stages):
         c = s.unet_cfg
+        if s.image_embed_dim and not (unclip and k == 0):
+            raise ConfigError(f"stage {k} ({s.path}) is an unCLIP decoder (model.image_embed_dim="
+                              f"{s.image_embed_dim}): it decodes CLIP image embeddings from a "
+                              "prior, which the Imagen cascade has not; put it first in an "
+                              "unCLIP cascade directory (docs/unclip.md)")
         if k == 0 and c.is_sr:
             raise ConfigError(f"stage 0 ({s.path}) is a super-resolution stage (lowres_size "
                               f"{c.lowres_size}); the first stage must be a base stage")

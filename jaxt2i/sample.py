@@ -5,7 +5,9 @@ trained cascade.
         --checkpoint=runs/base/export --checkpoint=runs/sr/export --steps=25,10 --out=samples
 
 Writes `out/NNN.png` per image, a labelled `out/grid.png` and `out/sample.json` (prompts, seed,
-every stage's settings), from which the same images can be made again. Per-stage flags take one
+every stage's settings), from which the same images can be made again. A cascade directory
+whose cascade.json says `"kind": "unclip"` runs the unCLIP pipeline
+(`jaxt2i.pipelines.unclip`: prior -> decoder -> SR stages). Per-stage flags take one
 value for all stages or a comma list, one per stage. Without --checkpoint the bundled demo
 cascade (jaxt2i/assets/demo_cascade) is used. The work is `jaxt2i.sampling.sample_to_dir`.
 """
@@ -20,6 +22,7 @@ from jaxt2i.assets import demo_cascade_dir
 from jaxt2i.cli import (check_stage_flags, define_stage_flags, define_text_encoder_flag,
                         read_prompts, run_app, stage_flag_values)
 from jaxt2i.config import ConfigError
+from jaxt2i.pipelines import unclip
 from jaxt2i.sampling import sample_to_dir
 from jaxt2i.workdir import check_writable
 
@@ -33,6 +36,9 @@ def main(argv) -> None:
     overrides = stage_flag_values()
     check_stage_flags(overrides)  # a NaN guidance is refused before the cascade is loaded
     check_writable(F.out, "--out")  # before the sampling work, not after it
+    if len(checkpoints) == 1 and unclip.read_spec(checkpoints[0]) is not None:
+        _sample_unclip(checkpoints[0], prompts, overrides)
+        return
     record = sample_to_dir(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                            stages=F.stages, dtype=F.dtype, overrides=overrides,
                            progress=sys.stderr.isatty() or F.progress,
@@ -40,6 +46,20 @@ def main(argv) -> None:
                            init_images=F.init_image or (), masks=F.mask or (),
                            strength=F.strength, start_stage=F.start_stage,
                            lowres=F.lowres or ())
+    print(f"wrote {len(record['images'])} images, grid.png and sample.json to {F.out}", flush=True)
+
+
+def _sample_unclip(path: str, prompts: list[str], overrides: dict) -> None:
+    """An unCLIP cascade directory (cascade.json "kind": "unclip"): prior -> decoder -> SR."""
+    F = flags.FLAGS
+    given = sorted(k for k, v in overrides.items() if v is not None) + [
+        f for f in ("stages", "dtype", "negative_prompt", "init_image", "mask", "strength",
+                    "lowres", "text_encoder") if getattr(F, f, None)] + (
+        ["start_stage"] if F.start_stage else [])
+    if given:
+        raise ConfigError(f"an unCLIP cascade takes --prompt(s_file), --num_images, --seed and "
+                          f"--out only so far; drop --{given[0]}")
+    record = unclip.sample_to_dir(path, prompts, F.out, num_images=F.num_images, seed=F.seed)
     print(f"wrote {len(record['images'])} images, grid.png and sample.json to {F.out}", flush=True)
 
 

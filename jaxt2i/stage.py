@@ -273,6 +273,9 @@ class StageConfig:
       sample: its default sampling settings.
       model_size: the named size it was made from (e.g. 'demo'), if any.
       model_family: the U-Net family ('efficient_unet' | 'if', `jaxt2i.models.registry`).
+      clip: the CLIP whose image embedding the stage is conditioned on (an unCLIP decoder:
+        `model.image_embed_dim` > 0; the config's `clip.path`, 'bundled' = the demo CLIP);
+        '' for every other stage.
       raw: the whole config as given (training, data, mesh sections included), for records.
     """
 
@@ -282,6 +285,7 @@ class StageConfig:
     sample: StageSettings
     model_size: str | None = None
     model_family: str = "efficient_unet"
+    clip: str = ""
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
@@ -333,8 +337,16 @@ class StageConfig:
                               "again") from None
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+        clip = ""
+        if getattr(model, "image_embed_dim", 0):  # an unCLIP decoder records its CLIP
+            clip = (c.get("clip") or {}).get("path") if isinstance(c.get("clip"), Mapping) else None
+            if not clip:
+                raise ConfigError(f"{where}: model.image_embed_dim={model.image_embed_dim} needs "
+                                  "the CLIP it was trained with in clip.path ('bundled' = the "
+                                  "demo CLIP)")
         return cls(model=model, text=text, diffusion=diff, sample=sample,
-                   model_size=c.get("model_size"), model_family=family.name, raw=raw)
+                   model_size=c.get("model_size"), model_family=family.name, clip=str(clip),
+                   raw=raw)
 
     def to_dict(self) -> dict:
         """The whole config in the current format (what exports write)."""
@@ -461,6 +473,12 @@ class Stage:
         return self.config.model.is_sr
 
     @property
+    def image_embed_dim(self) -> int:
+        """Width of the CLIP image embedding the stage is conditioned on (an unCLIP decoder;
+        `Stage.sample(image_embed=)`), 0 for every other stage."""
+        return int(getattr(self.config.model, "image_embed_dim", 0))
+
+    @property
     def learned_variance(self) -> bool:
         """The network also predicts a variance (IF): `network_output` has 2C channels."""
         return self.family.learned_variance(self.config.model)
@@ -502,7 +520,7 @@ class Stage:
           x_t: [B, H, W, C] noisy images.
           t: [B] the model's noise-level input (`schedule.model_t`).
           cond: 'text_emb' [B, L, D], 'text_mask' [B, L]; SR stages also 'lowres'
-            [B, h, w, C] and 'aug_level' [B].
+            [B, h, w, C] and 'aug_level' [B]; an unCLIP decoder also 'image_embed' [B, P].
 
         Returns:
           [B, H, W, C], the prediction of `config.model.objective` (of a network with a learned
@@ -576,7 +594,7 @@ class Stage:
 
     # ------------------------------------------------------------------------ sampling
     def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings,
-               edit: "Edit | None" = None):
+               edit: "Edit | None" = None, image_embed=None):
         """The whole reverse process of the stage (traceable; jit it with `settings` static).
 
         Args:
@@ -592,6 +610,9 @@ class Stage:
           settings: sampler, steps, guidance, thresholding, aug_level, spacing, churn, ...
           edit: image-to-image and inpainting (`Edit`: init image, mask, strength; arrays, so
             new images, masks or strengths do not recompile), resized to this stage's size.
+          image_embed: an unCLIP decoder (`image_embed_dim` > 0) only, and required there:
+            [B, P] CLIP image embeddings (e.g. the prior's); the unconditional half of
+            guidance gets zeros, the null the decoder was trained with.
 
         Returns:
           [B, H, W, C] float32 images, roughly in [-1, 1].
@@ -602,6 +623,15 @@ class Stage:
         emb, mask = text
         cond = {"text_emb": emb, "text_mask": mask}
         uncond = {"text_emb": uncond[0], "text_mask": uncond[1]}
+        if self.image_embed_dim:
+            if image_embed is None:
+                raise ValueError(f"this stage is an unCLIP decoder: pass image_embed [B, "
+                                 f"{self.image_embed_dim}] (e.g. sampled by the prior)")
+            cond["image_embed"] = jnp.asarray(image_embed, jnp.float32)
+            uncond["image_embed"] = jnp.zeros((1, self.image_embed_dim), jnp.float32)
+        elif image_embed is not None:
+            raise ValueError("image_embed given to a stage without image conditioning "
+                             "(model.image_embed_dim is 0)")
         if c.is_sr:  # both guidance branches see the same augmented low-res image
             if lowres is None:
                 raise ValueError("a super-resolution stage needs lowres [B, h, w, C]")

@@ -493,7 +493,8 @@ def test_sr_sample_grids_come_from_the_runs_own_data(tmp_path):
     builders.build(builder)
     cfg.data.source = str(builder.data_path)
     trainer = Trainer(cfg, devices=jax.devices()[:1])
-    prompts, lowres = _preview_inputs(trainer, cfg)
+    prompts, conditions = _preview_inputs(trainer, cfg)
+    lowres = conditions["lowres"]
     src = builders.load_source(str(builder.data_path))
     n = len(cfg.train.sample_prompts)
     want = [src[i] for i in range(n)]

@@ -251,12 +251,14 @@ def export_params(params: Any, config: dict, out_dir: str, step: int | None = No
 
     Keys are '/'-joined tree paths. Only process 0 writes (arrays are gathered first). The
     config is written in the current stage format (`jaxt2i.stage.upgrade`: a checkpoint of an
-    older run exports as a current one).
+    older run exports as a current one); a config with a `kind` (a model that is not a cascade
+    stage, e.g. the unCLIP prior) is written as given.
     """
     from jaxt2i.stage import upgrade
     from jaxt2i.text.convert import write_safetensors
 
-    config = upgrade(config, f"the config of the export to {out_dir}")
+    if config.get("kind") is None:
+        config = upgrade(config, f"the config of the export to {out_dir}")
 
     flat = flatten(host_gather(params))
     if jax.process_index() == 0:

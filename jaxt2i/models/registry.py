@@ -64,8 +64,10 @@ class EfficientUNetFamily:
         return False
 
     def network_inputs(self, cfg, x_t, t, cond: Mapping[str, Any]) -> tuple[tuple, dict]:
-        return (x_t, t, cond["text_emb"], cond["text_mask"]), {
-            "lowres": cond.get("lowres"), "aug_level": cond.get("aug_level")}
+        kwargs = {"lowres": cond.get("lowres"), "aug_level": cond.get("aug_level")}
+        if "image_embed" in cond:  # the unCLIP decoder's CLIP embedding
+            kwargs["image_embed"] = cond["image_embed"]
+        return (x_t, t, cond["text_emb"], cond["text_mask"]), kwargs
 
     def upsample(self, cfg, lowres, size: int):
         from jaxt2i.models.unet import resize_lowres

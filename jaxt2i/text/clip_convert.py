@@ -205,14 +205,23 @@ class CLIP:
         self.params = params
         self.tokenizer = tokenizer
         self.module = CLIPModel(config)
-        self._text = jax.jit(lambda p, ids, mask: self.module.apply(
-            {"params": p}, ids, mask, method="encode_text"))
+        self._text = jax.jit(self.text_features)
         self._image = jax.jit(lambda p, px: self.module.apply(
             {"params": p}, px, method="encode_image"))
         if config.vision is not None:  # preprocessing and encoding in one program
-            size = config.vision.image_size
             self._raw_image = jax.jit(lambda p, images: self._image(
-                p, preprocess_images(images, size)))
+                p, preprocess_images(images, config.vision.image_size)))
+
+    def text_features(self, params, ids, mask) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Traceable (inside a larger jitted function, e.g. a train step): [B, L] ids + mask
+        -> (states [B, L, Dt], pooled [B, Dt], embeds [B, P])."""
+        return self.module.apply({"params": params}, ids, mask, method="encode_text")
+
+    def image_embeds(self, params, images) -> jax.Array:
+        """Traceable: [B, H, W, 3] images in [0, 1] (any size; `preprocess_images`) -> the
+        projected, unnormalised image embedding [B, P]."""
+        pixels = preprocess_images(images, self.config.vision.image_size)
+        return self.module.apply({"params": params}, pixels, method="encode_image")[1]
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Prompts -> (ids [B, L] int32, mask [B, L] bool), padded to the tokenizer's length."""

@@ -84,25 +84,32 @@ def _pipeline(trainer: Trainer, cfg):
         raise ConfigError(f"data: {e}") from None
 
 
-def _preview_inputs(trainer: Trainer, cfg) -> tuple[list[str], Any]:
-    """What the sample grids show: a base stage samples `train.sample_prompts`; an SR stage
-    upsamples the first examples of the run's own data (their captions and low-res inputs, as
-    its input pipeline makes them), so the grid shows the data it learns from."""
+def _preview_inputs(trainer: Trainer, cfg) -> tuple[list[str], dict[str, Any]]:
+    """What the sample grids show: (prompts, the conditions `Trainer.sample` takes beside them).
+
+    A base stage samples `train.sample_prompts`; an SR stage upsamples the first examples of
+    the run's own data (their captions and low-res inputs, as its input pipeline makes them),
+    and an unCLIP decoder decodes their CLIP image embeddings, so the grid shows the data it
+    learns from."""
     from jaxt2i.data import pipeline as data_pipeline
 
     prompts = list(cfg.train.sample_prompts)
-    if not trainer.is_sr:
-        return prompts, None
+    if not trainer.is_sr and trainer.clip is None:
+        return prompts, {}
     c = trainer.unet_cfg
     try:
         with data_pipeline.make_pipeline(
                 _source(trainer, cfg), resolution=c.image_size, batch_size=len(prompts),
-                seed=cfg.data.seed, lowres=c.lowres_size, shuffle=False, process_index=0,
-                process_count=1, split=cfg.data.split) as preview:
+                seed=cfg.data.seed, lowres=c.lowres_size or None, shuffle=False,
+                process_index=0, process_count=1, split=cfg.data.split) as preview:
             batch = next(preview)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"data: {e}") from None
-    return [str(t) for t in batch["caption"]], jnp.asarray(batch["lowres"])
+    captions = [str(t) for t in batch["caption"]]
+    if trainer.is_sr:
+        return captions, {"lowres": jnp.asarray(batch["lowres"])}
+    images = (np.asarray(batch["image"], np.float32) + 1.0) / 2.0
+    return captions, {"image_embed": trainer.clip.encode_image(images).embeds}
 
 
 def _host_batch(trainer: Trainer, local: dict) -> dict:
@@ -152,8 +159,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     """Trains one stage until `cfg.train.num_steps` updates (resuming from `workdir`).
 
     Args:
-      cfg: a stage config (configs/base.py or configs/sr.py), or a CLIP config
-        (configs/clip.py, `kind='clip'`: `jaxt2i.train.contrastive.train_clip`).
+      cfg: a stage config (configs/base.py, configs/sr.py, configs/unclip_decoder.py), a CLIP
+        config (configs/clip.py, `kind='clip'`: `jaxt2i.train.contrastive.train_clip`) or a
+        prior config (configs/prior.py, `kind='prior'`: `jaxt2i.train.prior.train_prior`).
       workdir: run directory: checkpoints/, metrics.jsonl, tensorboard/, samples/, export/.
       encoder: an already loaded text encoder (tests); default: the config's.
       devices: devices of the mesh (default: all devices of all processes).
@@ -166,6 +174,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
         from jaxt2i.train.contrastive import train_clip
 
         return train_clip(cfg, workdir, devices=devices, progress=progress)
+    if cfg.get("kind") == "prior":  # configs/prior.py: unCLIP's diffusion prior
+        from jaxt2i.train.prior import train_prior
+
+        return train_prior(cfg, workdir, devices=devices, progress=progress)
+    if cfg.get("kind") is not None:
+        raise ConfigError(f"config kind={cfg.kind!r} is not one jaxt2i trains; use 'clip', "
+                          "'prior' or no kind (a cascade stage)")
     validate(cfg)  # bad values are refused before the workdir is touched
     lock = None
     if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
@@ -378,10 +393,11 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
 
 
 def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer, preview) -> None:
-    """A grid of EMA samples of the preview prompts (SR: of the preview low-res inputs)."""
-    prompts, lowres = preview
+    """A grid of EMA samples of the preview prompts (SR: of the preview low-res inputs; a
+    decoder: of the preview images' CLIP embeddings)."""
+    prompts, conditions = preview
     images = trainer.sample(state.ema_params, prompts, jax.random.key(trainer.cfg.train.seed + 2),
-                            lowres)
+                            **conditions)
     images = to_uint8(host_gather(images))
     if jax.process_index() == 0:
         grid = save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))

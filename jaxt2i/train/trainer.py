@@ -27,6 +27,7 @@ from jaxt2i import diffusion
 from jaxt2i.diffusion.vlb import VLB_WEIGHT, hybrid_loss
 from jaxt2i.config import ConfigError, validate
 from jaxt2i.models import lora as lora_lib
+from jaxt2i.models.unet import drop_decoder_conditions
 from jaxt2i.parallel import logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
 from jaxt2i.stage import Stage, StageConfig, load_text_encoder, resolve_export_dir
@@ -161,6 +162,7 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, P())
         self._build_state_shardings()
         self._place_text_encoder()
+        self._place_clip(stage_cfg)
         self._compile()
 
     # ----------------------------------------------------------------------------- state
@@ -194,6 +196,33 @@ class Trainer:
         self.text_params = jax.device_put(enc.params, self.text_shardings)
         self.uncond_ids = jax.device_put(jnp.asarray(ids), self.replicated)
         self.uncond_mask = jax.device_put(jnp.asarray(mask), self.replicated)
+
+    def _place_clip(self, stage_cfg) -> None:
+        """An unCLIP decoder's frozen CLIP image tower (`clip.path`), placed like the text
+        encoder; None for every other stage."""
+        self.clip = self.clip_params = self.clip_shardings = None
+        if not self.stage.image_embed_dim:
+            return
+        from jaxt2i.prior_stage import load_frozen_clip
+        from jaxt2i.text.clip import init_clip
+
+        self.clip = load_frozen_clip(stage_cfg.clip, towers=("vision",))
+        if self.clip.config.projection_dim != self.stage.image_embed_dim:
+            raise ConfigError(f"model.image_embed_dim ({self.stage.image_embed_dim}) differs from "
+                              f"the CLIP's embedding width ({self.clip.config.projection_dim}); "
+                              f"set --config.model.image_embed_dim="
+                              f"{self.clip.config.projection_dim}")
+        boxed = jax.eval_shape(lambda: init_clip(self.clip.config, jax.random.key(0)))
+        self.clip_shardings = logical_shardings(boxed, self.mesh, self.rules)
+        self.clip_params = (jax.tree_util.tree_map(
+            lambda a, s: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=s),
+            self.clip.params, self.clip_shardings) if self.abstract
+            else jax.device_put(self.clip.params, self.clip_shardings))
+
+    def image_embed(self, clip_params, images):
+        """Frozen CLIP inside the step: [B, S, S, 3] images in [-1, 1] -> [B, P] (no gradient)."""
+        return jax.lax.stop_gradient(
+            self.clip.image_embeds(clip_params, (images + 1.0) / 2.0).astype(jnp.float32))
 
     def abstract_batch(self, text_cache: bool = False) -> dict:
         """A global batch as `jax.ShapeDtypeStruct`s sharded like `to_global_array`'s: images
@@ -284,7 +313,7 @@ class Trainer:
         """Frozen T5 inside the step: [B, L] ids -> [B, L, D] float32 (no gradient)."""
         return jax.lax.stop_gradient(self.stage.encode_text(text_params, ids, mask)[0])
 
-    def _loss(self, params, batch, text_params, rng):
+    def _loss(self, params, batch, text_params, rng, clip_params=None):
         cfg = self.cfg
         drop_rng, aug_rng, loss_rng = jax.random.split(rng, 3)
         if "text_emb" in batch:
@@ -293,9 +322,16 @@ class Trainer:
             mask = batch["mask"].astype(bool)
             emb = self.encode_text(text_params, batch["ids"], mask)
         u_emb = self.encode_text(text_params, self.uncond_ids, self.uncond_mask)
-        cond, _ = diffusion.drop_condition(
-            drop_rng, {"text_emb": emb, "text_mask": mask},
-            {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
+        if self.clip is not None:  # unCLIP decoder: caption and image embedding dropped apart
+            emb, mask, z = drop_decoder_conditions(
+                drop_rng, emb, mask, self.image_embed(clip_params, batch["image"]),
+                text_drop=cfg.diffusion.cond_drop_prob, image_drop=cfg.diffusion.image_drop_prob,
+                null_text=(u_emb, self.uncond_mask))
+            cond = {"text_emb": emb, "text_mask": mask, "image_embed": z}
+        else:
+            cond, _ = diffusion.drop_condition(
+                drop_rng, {"text_emb": emb, "text_mask": mask},
+                {"text_emb": u_emb, "text_mask": self.uncond_mask}, cfg.diffusion.cond_drop_prob)
         if self.is_sr:
             low, level = self.stage.augment(aug_rng, batch["lowres"],
                                             max_level=cfg.diffusion.aug_max_level,
@@ -314,18 +350,20 @@ class Trainer:
             gamma=cfg.diffusion.min_snr_gamma)
         return jnp.mean(per_example)
 
-    def _train_step(self, state: TrainState, batch: dict, text_params, root_rng, iteration):
+    def _train_step(self, state: TrainState, batch: dict, text_params, root_rng, iteration,
+                    clip_params=None):
         k = self.cfg.train.grad_accum
         rng = jax.random.fold_in(root_rng, iteration)
         grad_fn = jax.value_and_grad(self._loss)
         if k == 1:
-            loss, grads = grad_fn(state.params, batch, text_params, rng)
+            loss, grads = grad_fn(state.params, batch, text_params, rng, clip_params)
         else:
             micro = jax.tree_util.tree_map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
 
             def body(carry, xs):
                 mb, i = xs
-                loss_i, g_i = grad_fn(state.params, mb, text_params, jax.random.fold_in(rng, i))
+                loss_i, g_i = grad_fn(state.params, mb, text_params, jax.random.fold_in(rng, i),
+                                      clip_params)
                 acc_loss, acc_g = carry
                 return (acc_loss + loss_i / k,
                         jax.tree_util.tree_map(lambda a, g: a + g / k, acc_g, g_i)), None
@@ -343,7 +381,7 @@ class Trainer:
         self._jit_step = jax.jit(
             self._train_step,
             in_shardings=(self.state_shardings, None, self.text_shardings, self.replicated,
-                          self.replicated),
+                          self.replicated, self.clip_shardings),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,))
 
@@ -351,33 +389,36 @@ class Trainer:
         """One update (jitted once; same shapes never recompile); rng = fold_in(rng, iteration)."""
         with self._context():
             return self._jit_step(state, batch, self.text_params, rng,
-                                  jnp.asarray(iteration, jnp.int32))
+                                  jnp.asarray(iteration, jnp.int32), self.clip_params)
 
     def lower_step(self, state, batch, rng, iteration):
         """The jitted train step lowered for these (concrete or abstract, sharded) arguments:
         `.compile()` it for `memory_analysis()` / `cost_analysis()`, or call the result."""
         with self._context():
-            return self._jit_step.lower(state, batch, self.text_params, rng, iteration)
+            return self._jit_step.lower(state, batch, self.text_params, rng, iteration,
+                                        self.clip_params)
 
     def step_jaxpr(self, state, batch, rng, iteration):
         """The train step's jaxpr for these arguments (analytic FLOP counts)."""
         with self._context():
             return jax.make_jaxpr(self._train_step)(state, batch, self.text_params, rng,
-                                                     iteration)
+                                                     iteration, self.clip_params)
 
     # --------------------------------------------------------------------------- samples
-    def sample(self, params, prompts, rng, lowres=None, steps=None):
-        """Samples images for `prompts` with the config's sampler (and `lowres` for SR)."""
+    def sample(self, params, prompts, rng, lowres=None, steps=None, image_embed=None):
+        """Samples images for `prompts` with the config's sampler (and `lowres` for SR,
+        `image_embed` [B, P] for an unCLIP decoder)."""
         ids, mask = self.encoder.tokenizer(list(prompts))
         if not hasattr(self, "_jit_sample"):
             self._jit_sample = jax.jit(self._sample, static_argnames=("steps",))
         with self._context():
             return self._jit_sample(params, self.text_params, jnp.asarray(ids),
-                                    jnp.asarray(mask), rng, lowres, steps=steps or self.cfg.sample.steps)
+                                    jnp.asarray(mask), rng, lowres, image_embed,
+                                    steps=steps or self.cfg.sample.steps)
 
-    def _sample(self, params, text_params, ids, mask, rng, lowres, steps):
+    def _sample(self, params, text_params, ids, mask, rng, lowres, image_embed, steps):
         params = lora_lib.network_params(params, self.lora)
         text = self.stage.encode_text(text_params, ids, mask)  # [B, L, D]
         uncond = self.stage.encode_text(text_params, self.uncond_ids, self.uncond_mask)
-        return self.stage.sample(params, text, uncond, rng, lowres,
+        return self.stage.sample(params, text, uncond, rng, lowres, image_embed=image_embed,
                                  settings=self.stage.config.sample.replace(steps=steps))

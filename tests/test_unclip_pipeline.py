@@ -1,0 +1,150 @@
+"""The unCLIP pipeline (`jaxt2i.pipelines.unclip`): a cascade directory whose cascade.json says
+"kind": "unclip" (prior -> decoder -> SR stage), built here from tiny random models, sampled
+by `python -m jaxt2i.sample` in a fresh process and through the Python API."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxt2i.config import ConfigError, load_config_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red circle above a blue square", "two green triangles"]
+
+
+def _config(spec, **sample):
+    cfg = load_config_file(os.path.join(ROOT, "configs", spec))
+    cfg.sample.update(sample)
+    return cfg
+
+
+def _random_params(init, seed):
+    """Random params of init's shapes (no init compiled): norm scales near 1, the rest small
+    (output layers too, which start at zero: every input changes the images)."""
+    shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+    leaves, tree = jax.tree_util.tree_flatten_with_path(shapes)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(tree, [
+        np.float32("scale" in jax.tree_util.keystr(p)) + 0.05 * rng.standard_normal(
+            a.shape).astype(np.float32) for p, a in leaves])
+
+
+def _export_stage(cfg, out, seed):
+    from jaxt2i.checkpoint import export_params
+    from jaxt2i.stage import Stage, StageConfig
+
+    stage = Stage(StageConfig.from_dict(cfg.to_dict()))
+    export_params(_random_params(stage.init_params, seed), cfg.to_dict(), out, step=0)
+
+
+@pytest.fixture(scope="module")
+def unclip_dir(tmp_path_factory):
+    from jaxt2i.models import prior as prior_lib
+    from jaxt2i.prior_stage import PriorStage, export_prior
+
+    root = tmp_path_factory.mktemp("unclip")
+    pcfg = _config("prior.py:size=tiny", steps=4).to_dict()
+    pcfg["model"].update(clip_dim=128, text_dim=128, max_text_len=32)
+    prior = PriorStage.from_config(pcfg)
+    params = _random_params(lambda k: prior.model.init(
+        k, **prior_lib.example_inputs(prior.config, 1, 1)), 0)
+    export_prior(params, pcfg, prior, str(root / "prior"), step=0)
+    _export_stage(_config("unclip_decoder.py:size=tiny", steps=2, guidance=2.0),
+                  str(root / "decoder"), 1)
+    sr = _config("sr.py:size=tiny_sr", steps=2)
+    sr.model.lowres_size, sr.model.image_size = 16, 32
+    _export_stage(sr, str(root / "sr"), 2)
+    with open(root / "cascade.json", "w") as f:
+        json.dump({"kind": "unclip", "prior": "prior", "stages": ["decoder", "sr"]}, f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(unclip_dir):
+    from jaxt2i.pipelines.unclip import load_unclip
+
+    return load_unclip(str(unclip_dir))
+
+
+def test_docs_show_the_command():
+    with open(os.path.join(ROOT, "docs", "unclip.md")) as f:
+        docs = f.read()
+    assert ('python -m jaxt2i.sample --checkpoint=runs/unclip --prompt "a red circle above a '
+            'blue square" --num_images=2 --out=samples') in docs
+    assert '{"kind": "unclip", "prior": "prior", "stages": ["decoder", "sr"]}' in docs
+
+
+def test_sample_command_runs_the_unclip_cascade(unclip_dir, pipe, tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.sample", f"--checkpoint={unclip_dir}",
+                        f"--prompt={PROMPTS[0]}", "--num_images=2", f"--out={out}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(out / "sample.json") as f:
+        record = json.load(f)
+    assert record["kind"] == "unclip" and record["images"] == ["000.png", "001.png"]
+    a, b = (np.asarray(Image.open(out / n)) for n in record["images"])
+    assert a.shape == (32, 32, 3) and np.abs(a.astype(int) - b.astype(int)).max() > 0
+
+    images = pipe.generate([PROMPTS[0]] * 2, seed=0)
+    np.testing.assert_array_equal(images, np.stack([a, b]))  # the API makes the same images
+
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.sample", f"--checkpoint={unclip_dir}",
+                        "--prompt=x", "--steps=3", f"--out={tmp_path / 'o2'}"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "drop --steps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_api_chains_prior_decoder_and_sr_with_its_keys(pipe):
+    """generate = the prior's best-of-2 embedding -> the decoder -> the SR stage, each with
+    its documented key; another embedding gives other images."""
+    from jaxt2i.images import to_uint8
+
+    got = pipe.generate(PROMPTS, seed=5)
+    prior_key, stage_key = jax.random.split(jax.random.key(5))
+    z, cands, index = pipe.prior.embed_prompts(pipe.clip, PROMPTS, prior_key,
+                                               return_candidates=True)
+    text = pipe.clip.encode_text(PROMPTS).embeds
+    scores = np.einsum("bkd,bd->bk", np.asarray(cands), np.asarray(text))
+    np.testing.assert_array_equal(np.asarray(index), scores.argmax(1))  # the higher dot kept
+    emb, mask = pipe.encoder.encode(PROMPTS)
+    u = pipe.encoder.encode([""])
+    text, uncond = (emb.astype(np.float32), mask), (u[0].astype(np.float32), u[1])
+
+    def run(z):
+        dec, sr = pipe.stages
+        x = dec.sample(dec.params, text, uncond, jax.random.fold_in(stage_key, 0),
+                       settings=dec.config.sample, image_embed=z)
+        return to_uint8(np.asarray(sr.sample(sr.params, text, uncond,
+                                              jax.random.fold_in(stage_key, 1), x,
+                                              settings=sr.config.sample)))
+
+    np.testing.assert_array_equal(got, run(z))
+    assert np.abs(run(-z).astype(int) - got.astype(int)).max() > 0
+
+
+def test_mismatched_parts_are_one_line(unclip_dir, tmp_path):
+    import shutil
+
+    from jaxt2i.pipelines.unclip import load_unclip
+
+    bad = tmp_path / "bad"
+    shutil.copytree(unclip_dir, bad)
+    path = bad / "decoder" / "config.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["clip"]["path"] = "/elsewhere/clip"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="the decoder was trained on CLIP '/elsewhere/clip'"):
+        load_unclip(str(bad))
+    (bad / "cascade.json").write_text(json.dumps({"kind": "unclip", "prior": "prior"}))
+    with pytest.raises(ConfigError, match="must hold \"prior\""):
+        load_unclip(str(bad))
