@@ -14,17 +14,27 @@ fsspec and gcsfs / s3fs itself; with TensorFlow installed it uses `tf.io.gfile` 
 `pip install gcsfs` is what both need, and a `gs://` path given to jaxt2i reads the same
 bucket TFDS / Orbax would.
 
+Writing (outputs: checkpoints' side files, exports, the text cache, datasets): `makedirs`,
+`write_bytes`, `write_text`, `read_bytes`, `read_text`, `remove`, `rmtree`, `move`, `getsize`,
+`local_file`, `local_dir`, `upload`, `download`. An object store has no atomic rename: a local file is written to a
+temporary name and renamed into place as before, while a URL's object is uploaded in one
+request (`fs.pipe`), and an upload is atomic per object (GCS and S3 show the new object
+whole or not at all, never half-written). `move` of a URL is copy-then-delete.
+
 Functions: `is_url`, `filesystem`, `open_binary`, `exists`, `isdir`, `isfile`, `listdir`,
 `glob`, `has_magic`, `walk`, `join`, `basename`, `dirname`, `relpath`, `abspath`,
-`file_version`.
+`file_version`, and the writing ones above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob as glob_lib
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 from typing import IO, Iterator
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -230,3 +240,141 @@ def file_version(path: str) -> tuple[int, str]:
         if info.get(key) not in (None, ""):
             return int(info.get("size") or 0), f"{key}={info[key]}"
     return int(info.get("size") or 0), ""
+
+
+def makedirs(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`; for URLs the store's own (a no-op on object
+    stores, whose folders exist by holding objects)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, p = filesystem(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a whole file so that a reader sees the old one or the new one, never part of
+    it: local files through a temporary name + `os.replace`, URLs as one upload."""
+    if is_url(path):
+        fs, p = filesystem(path)
+        fs.pipe(p, bytes(data))
+        return
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, ...: no stray temporary file
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """`write_bytes` of UTF-8 text."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_bytes(path: str) -> bytes:
+    with open_binary(path) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def remove(path: str) -> None:
+    """`os.remove` of a file (FileNotFoundError when absent)."""
+    if not is_url(path):
+        os.remove(path)
+        return
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(path)
+    fs.rm(p)
+
+
+def rmtree(path: str) -> None:
+    """Removes a folder and all below it; nothing when it is absent."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+
+
+def move(src: str, dst: str) -> None:
+    """`os.replace(src, dst)` of a file or folder; for URLs (one filesystem) a copy then a
+    delete: not atomic, so callers use it only for what may be seen half-moved (a corrupt
+    checkpoint set aside)."""
+    if not is_url(src) and not is_url(dst):
+        os.replace(src, dst)
+        return
+    fs, s = filesystem(src)
+    _, d = filesystem(dst)
+    fs.mv(s, d, recursive=True)
+
+
+def getsize(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, p = filesystem(path)
+    return int(fs.size(p))
+
+
+@contextlib.contextmanager
+def local_file(path: str):
+    """Yields a local file name to write `path` through, for writers that take only local
+    names (safetensors, numpy, PIL): `path` itself when it is local, else a temporary file
+    uploaded to the URL (one upload) when the block ends without an error."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxt2i-upload-") as d:
+        local = os.path.join(d, basename(path))
+        yield local
+        fs, p = filesystem(path)
+        fs.put_file(local, p)
+
+
+@contextlib.contextmanager
+def local_dir(path: str):
+    """`local_file` for a folder: yields `path` itself when local, else a temporary folder
+    whose files are uploaded below the URL when the block ends without an error."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxt2i-upload-") as d:
+        yield d
+        upload(d, path)
+
+
+def upload(local_dir: str, url: str) -> None:
+    """Copies a local folder's files to below `url` (same relative paths; others there are
+    left alone). Each file is one upload (`write_bytes`' atomicity per file)."""
+    fs, root = filesystem(url)
+    for dirpath, _, names in os.walk(local_dir):
+        for n in sorted(names):
+            rel = os.path.relpath(os.path.join(dirpath, n), local_dir).replace(os.sep, "/")
+            fs.put_file(os.path.join(dirpath, n), posixpath.join(root, rel))
+
+
+def download(url: str, local_dir: str) -> int:
+    """Copies the files below `url` to `local_dir` (same relative paths), skipping those
+    already there with the same size; returns how many were copied."""
+    fs, root = filesystem(url)
+    copied = 0
+    for name in fs.find(root):
+        rel = posixpath.relpath(name, root)
+        dst = os.path.join(local_dir, *rel.split("/"))
+        if os.path.exists(dst) and os.path.getsize(dst) == fs.size(name):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fs.get_file(name, dst + ".part")
+        os.replace(dst + ".part", dst)
+        copied += 1
+    return copied

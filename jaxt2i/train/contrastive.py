@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxt2i import paths
 from jaxt2i.checkpoint import Checkpointer, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.monitor import MetricWriter, StopSignal
@@ -248,8 +249,7 @@ def _train_locked(cfg, workdir: str, devices) -> dict:
     config_dict = json.loads(to_json(cfg))
     restored = ckpt.restore(trainer.abstract_state, config_dict)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(cfg))
+        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
     data = _pipeline(trainer, cfg)
     if restored is not None:
         it, state, data_state, _ = restored
@@ -303,10 +303,11 @@ def _train_locked(cfg, workdir: str, devices) -> dict:
         results = _eval_all(trainer, state.ema_params, it, writer)
         clip = trainer.to_clip(state.ema_params)
         if jax.process_index() == 0:
-            save_clip(clip, os.path.join(workdir, "export"))
-            with open(os.path.join(workdir, "export", "retrieval.json"), "w") as f:
-                json.dump({"step": it, "num_scenes": int(cfg.eval.num_scenes),
-                           "seed": int(cfg.eval.seed), **results}, f, indent=2)
+            with paths.local_dir(paths.join(workdir, "export")) as export_dir:
+                save_clip(clip, export_dir)
+                with open(os.path.join(export_dir, "retrieval.json"), "w") as f:
+                    json.dump({"step": it, "num_scenes": int(cfg.eval.num_scenes),
+                               "seed": int(cfg.eval.seed), **results}, f, indent=2)
     writer.close()
     ckpt.close()
     data.close()
