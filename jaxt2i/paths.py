@@ -305,6 +305,7 @@ def rmtree(path: str) -> None:
     fs, p = filesystem(path)
     if fs.exists(p):
         fs.rm(p, recursive=True)
+        _forget_listings(fs)
 
 
 def move(src: str, dst: str) -> None:
@@ -316,7 +317,17 @@ def move(src: str, dst: str) -> None:
         return
     fs, s = filesystem(src)
     _, d = filesystem(dst)
-    fs.mv(s, d, recursive=True)
+    fs.copy(s, d, recursive=fs.isdir(s))
+    fs.rm(s, recursive=True)
+    _forget_listings(fs)
+
+
+def _forget_listings(fs) -> None:
+    """Drops the folder listings every instance of `fs`'s filesystem class has cached (gcsfs
+    caches them per instance, and etils.epath, hence Orbax, holds an instance of its own:
+    without this it would still list what was just moved or removed)."""
+    for instance in list(getattr(type(fs), "_cache", {}).values()) + [fs]:
+        instance.invalidate_cache()
 
 
 def getsize(path: str) -> int:
