@@ -141,6 +141,8 @@ class Checkpointer:
             raise ConfigError(f"max_to_keep={max_to_keep} would delete every checkpoint; keep "
                               "at least 1")
         self.directory = paths.join(paths.abspath(workdir), "checkpoints")
+        if paths.is_url(self.directory):  # gs:// without gcsfs: one line, before Orbax's own
+            paths.filesystem(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
