@@ -364,14 +364,19 @@ def local_dir(path: str):
         upload(d, path)
 
 
-def upload(local_dir: str, url: str) -> None:
+def upload(local_dir: str, url: str, last: tuple[str, ...] = ()) -> int:
     """Copies a local folder's files to below `url` (same relative paths; others there are
-    left alone). Each file is one upload (`write_bytes`' atomicity per file)."""
+    left alone); files named in `last` (e.g. a manifest, which says "complete") go last.
+    Each file is one upload (`write_bytes`' atomicity per file). Returns the file count."""
     fs, root = filesystem(url)
+    files = []
     for dirpath, _, names in os.walk(local_dir):
-        for n in sorted(names):
-            rel = os.path.relpath(os.path.join(dirpath, n), local_dir).replace(os.sep, "/")
-            fs.put_file(os.path.join(dirpath, n), posixpath.join(root, rel))
+        files += [os.path.join(dirpath, n) for n in names]
+    files.sort(key=lambda p: (os.path.basename(p) in last, p))
+    for p in files:
+        rel = os.path.relpath(p, local_dir).replace(os.sep, "/")
+        fs.put_file(p, posixpath.join(root, rel))
+    return len(files)
 
 
 def download(url: str, local_dir: str) -> int:

@@ -166,6 +166,40 @@ def test_exports_on_gs_read_as_local_ones(tmp_path, bucket):
     assert resolve_export_dir(bucket) == f"{bucket}/export"  # a workdir's export/
 
 
+def test_format_exports_to_gs_replace_only_an_export(bucket):
+    """`python -m jaxt2i.export --out=gs://...`'s folder: written locally, uploaded when
+    complete (manifest.json last); a non-empty --out needs --overwrite and an export there."""
+    from jaxt2i.export.common import MANIFEST, staging_dir
+
+    out = f"{bucket}/export_pt"
+
+    def export(files, overwrite=False):
+        with staging_dir(out, overwrite) as root:
+            assert not paths.is_url(root)
+            for name, text in files.items():
+                os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+                with open(os.path.join(root, name), "w") as f:
+                    f.write(text)
+
+    export({"stage0/model.safetensors": "v1", MANIFEST: '{"format": "torch"}'})
+    assert _listing(out) == [MANIFEST, "stage0/model.safetensors"]
+    with pytest.raises(ConfigError, match=rf"^--out '{out}' is not empty; pass --overwrite"):
+        export({MANIFEST: "{}"})
+    with pytest.raises(RuntimeError):  # a failed export leaves the earlier one as it was
+        with staging_dir(out, overwrite=True):
+            raise RuntimeError("conversion failed")
+    assert paths.read_text(f"{out}/stage0/model.safetensors") == "v1"
+    export({"stage0/model.safetensors": "v2", "x.json": "{}", MANIFEST: '{"format": "torch"}'},
+           overwrite=True)
+    assert _listing(out) == [MANIFEST, "stage0/model.safetensors", "x.json"]
+    assert paths.read_text(f"{out}/stage0/model.safetensors") == "v2"
+    paths.write_text(f"{bucket}/notes/a.txt", "mine")
+    with pytest.raises(ConfigError, match="is not an earlier export"):
+        with staging_dir(f"{bucket}/notes", overwrite=True):
+            pass
+    assert paths.read_text(f"{bucket}/notes/a.txt") == "mine"
+
+
 def test_metrics_and_sample_grids_on_gs(bucket):
     from jaxt2i.images import save_grid
     from jaxt2i.monitor import MetricWriter

@@ -44,15 +44,8 @@ def staging_dir(url: str) -> str:
 
 def publish(local_dir: str, url: str) -> None:
     """Uploads a built dataset version folder to `url`, `LAST_FILES` last."""
-    fs, root = paths.filesystem(url)
-    files = []
-    for dirpath, _, names in os.walk(local_dir):
-        files += [os.path.join(dirpath, n) for n in names]
-    files.sort(key=lambda p: (os.path.basename(p) in LAST_FILES, p))
-    for p in files:
-        rel = os.path.relpath(p, local_dir).replace(os.sep, "/")
-        fs.put_file(p, f"{root.rstrip('/')}/{rel}")
-    logging.info("uploaded %d files of the dataset to %s", len(files), url)
+    n = paths.upload(local_dir, url, last=LAST_FILES)
+    logging.info("uploaded %d files of the dataset to %s", n, url)
 
 
 def find_datasets(dataset_dir: str) -> list[str]:
