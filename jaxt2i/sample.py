@@ -32,7 +32,7 @@ def main(argv) -> None:
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     overrides = stage_flag_values()
     check_stage_flags(overrides)  # a NaN guidance is refused before the cascade is loaded
-    check_writable(F.out, "--out")  # before the sampling work, not after it
+    check_writable(F.out, "--out", urls=True)  # before the sampling work, not after it
     record = sample_to_dir(checkpoints, prompts, F.out, num_images=F.num_images, seed=F.seed,
                            stages=F.stages, dtype=F.dtype, overrides=overrides,
                            progress=sys.stderr.isatty() or F.progress,

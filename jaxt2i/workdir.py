@@ -64,19 +64,24 @@ def disk_error(exc: BaseException) -> str | None:
     return None
 
 
-def check_writable(path: str, flag: str) -> str:
+def check_writable(path: str, flag: str, *, urls: bool = False) -> str:
     """Proves a file can be written in directory `path` (made for the test, then removed
     again if it did not exist).
 
     Args:
       path: the directory a command will write into.
       flag: how the user named it (e.g. '--workdir'), for the error line.
+      urls: whether the command writes this output to URLs (`gs://...`) too; if not, a URL
+        is refused in one line (it would otherwise become a local folder named 'gs:').
 
     Returns:
       The absolute path (a URL as it is). Raises ConfigError (one line) when it cannot be
       written.
     """
     if paths.is_url(path):
+        if not urls:
+            raise ConfigError(f"{flag}={path}: this output is written to local folders only; "
+                              "pass a local path")
         return _check_writable_url(path, flag)
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):

@@ -85,11 +85,14 @@ def test_workdir_checks_on_gs(bucket):
     from jaxt2i.workdir import WorkdirLock, check_writable
 
     run = f"{bucket}/run"
-    assert check_writable(run, "--workdir") == run
+    assert check_writable(run, "--workdir", urls=True) == run
     assert not paths.exists(run) or _listing(run) == []  # the probe is gone
     paths.write_text(f"{bucket}/file", "x")
     with pytest.raises(ConfigError, match=rf"^--out={bucket}/file is a file, not a directory"):
-        check_writable(f"{bucket}/file", "--out")
+        check_writable(f"{bucket}/file", "--out", urls=True)
+    with pytest.raises(ConfigError, match=rf"^--out={run}: this output is written to local "
+                       "folders only; pass a local path$"):  # a command that writes no URLs
+        check_writable(run, "--out")
     said = []
     with WorkdirLock(run, log=said.append):  # an object store has no flock
         pass
@@ -315,10 +318,11 @@ def test_commands_end_to_end_on_gs(tmp_path, gcs, bucket):
     assert r.stdout.strip() == f"exported the EMA params of step 3 to {bucket}/exported"
     assert paths.read_bytes(f"{bucket}/exported/params.safetensors") == paths.read_bytes(
         f"{run}/export/params.safetensors")
-    outs = []
-    for ckpt in (run, f"{bucket}/exported"):
-        out = tmp_path / f"out{len(outs)}"
-        _run(["-m", "jaxt2i.sample", f"--checkpoint={ckpt}", "--prompt=a red circle",
-              f"--out={out}"], env)
-        outs.append((out / "grid.png").read_bytes())
-    assert outs[0] == outs[1]
+    _run(["-m", "jaxt2i.sample", f"--checkpoint={run}", "--prompt=a red circle",
+          f"--out={tmp_path / 'out'}"], env)
+    _run(["-m", "jaxt2i.sample", f"--checkpoint={bucket}/exported", "--prompt=a red circle",
+          f"--out={bucket}/samples"], env)
+    assert paths.read_bytes(f"{bucket}/samples/grid.png") == (
+        tmp_path / "out" / "grid.png").read_bytes()
+    assert json.loads(paths.read_text(f"{bucket}/samples/sample.json"))["checkpoints"] == [
+        f"{bucket}/exported"]

@@ -201,7 +201,7 @@ def train_clip(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None,
     validate(cfg)
     lock = None
     if jax.process_index() == 0:
-        check_writable(workdir, "--workdir")
+        check_writable(workdir, "--workdir", urls=True)
         lock = WorkdirLock(workdir, log=log.warning).acquire()
     try:
         return _train_locked(cfg, workdir, devices)

@@ -168,7 +168,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     validate(cfg)  # bad values are refused before the workdir is touched
     lock = None
     if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
-        check_writable(workdir, "--workdir")
+        check_writable(workdir, "--workdir", urls=True)
         lock = WorkdirLock(workdir, log=log.warning).acquire()
     try:
         with quiet_disk_errors():
