@@ -16,10 +16,12 @@ bucket TFDS / Orbax would.
 
 Writing (outputs: checkpoints' side files, exports, the text cache, datasets): `makedirs`,
 `write_bytes`, `write_text`, `read_bytes`, `read_text`, `remove`, `rmtree`, `move`, `getsize`,
-`local_file`, `local_dir`, `upload`, `download`. An object store has no atomic rename: a local file is written to a
-temporary name and renamed into place as before, while a URL's object is uploaded in one
-request (`fs.pipe`), and an upload is atomic per object (GCS and S3 show the new object
-whole or not at all, never half-written). `move` of a URL is copy-then-delete.
+`local_file`, `local_dir`, `upload`, `download`. An object store has no atomic rename: a
+local file is written to a temporary name and renamed into place as before, while a URL's
+object is uploaded in one request (`fs.pipe` / `put_file`), and an upload is atomic per
+object (GCS and S3 show the new object whole or not at all, never half-written). `move` of a
+URL is copy-then-delete; writers that take only local names (safetensors, numpy, PIL, TFDS)
+write to a local temporary file or folder that is then uploaded (`local_file`, `local_dir`).
 
 Functions: `is_url`, `filesystem`, `open_binary`, `exists`, `isdir`, `isfile`, `listdir`,
 `glob`, `has_magic`, `walk`, `join`, `basename`, `dirname`, `relpath`, `abspath`,
