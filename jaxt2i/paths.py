@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import glob as glob_lib
+import json
 import os
 import posixpath
 import re
@@ -236,7 +237,11 @@ def file_version(path: str) -> tuple[int, str]:
     """(size, what changes when the object is rewritten) of a URL's object, for digests of
     inputs: the store's generation / ETag / modification time, whichever it reports."""
     fs, p = filesystem(path)
-    info = fs.info(p)
+    return _version(fs.info(p))
+
+
+def _version(info: dict) -> tuple[int, str]:
+    """`file_version` of an fsspec info dict."""
     for key in ("generation", "ETag", "etag", "md5Hash", "mtime", "updated", "LastModified",
                 "last_modified", "created"):
         if info.get(key) not in (None, ""):
@@ -383,16 +388,31 @@ def upload(local_dir: str, url: str, last: tuple[str, ...] = ()) -> int:
 
 def download(url: str, local_dir: str) -> int:
     """Copies the files below `url` to `local_dir` (same relative paths), skipping those
-    already there with the same size; returns how many were copied."""
+    already copied from the same object version (size and generation / ETag / time, recorded
+    in `local_dir/.jaxt2i-download.json`); returns how many were copied."""
     fs, root = filesystem(url)
+    record_path = os.path.join(local_dir, DOWNLOAD_RECORD)
+    try:
+        with open(record_path) as f:
+            have = json.load(f)
+    except (OSError, ValueError):
+        have = {}
     copied = 0
-    for name in fs.find(root):
+    for name, info in sorted(fs.find(root, detail=True).items()):
         rel = posixpath.relpath(name, root)
         dst = os.path.join(local_dir, *rel.split("/"))
-        if os.path.exists(dst) and os.path.getsize(dst) == fs.size(name):
+        version = list(_version(info))
+        if have.get(rel) == version and os.path.exists(dst):
             continue
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        fs.get_file(name, dst + ".part")
-        os.replace(dst + ".part", dst)
+        part = f"{dst}.part-{os.getpid()}"  # processes of one host may copy at once
+        fs.get_file(name, part)
+        os.replace(part, dst)
+        have[rel] = version
         copied += 1
+    if copied:
+        write_text(record_path, json.dumps(have))
     return copied
+
+
+DOWNLOAD_RECORD = ".jaxt2i-download.json"

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -68,10 +69,14 @@ def test_write_helpers_on_gs_memory_and_disk(tmp_path, bucket):
         paths.move(paths.join(base, "e"), paths.join(base, "moved"))
         assert not paths.exists(paths.join(base, "e", "sub", "c.txt"))
         assert paths.read_text(paths.join(base, "moved", "sub", "c.txt")) == "c"
+        time.sleep(0.01)  # a rewrite below has another modification time on every store
         copy = tmp_path / f"copy_{paths.protocol(base) or 'local'}"
         assert paths.download(paths.join(base, "moved"), str(copy)) == 1
         assert paths.download(paths.join(base, "moved"), str(copy)) == 0  # already there
         assert (copy / "sub" / "c.txt").read_text() == "c"
+        paths.write_text(paths.join(base, "moved", "sub", "c.txt"), "C")  # same size, rewritten
+        assert paths.download(paths.join(base, "moved"), str(copy)) == 1
+        assert (copy / "sub" / "c.txt").read_text() == "C"
         paths.remove(paths.join(base, "d", "a.json"))
         with pytest.raises(FileNotFoundError):
             paths.remove(paths.join(base, "d", "a.json"))
