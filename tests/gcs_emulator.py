@@ -48,6 +48,7 @@ class Emulator:
                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         self._proc = None
         self._saved = {}
+        self._registered = None
 
     def __enter__(self) -> "Emulator":
         self._log = open(self.log_path, "wb")
@@ -67,6 +68,9 @@ class Emulator:
         for k, v in self.env.items():
             self._saved[k] = os.environ.get(k)
             os.environ[k] = v
+        from fsspec.registry import _registry  # pylint: disable=import-private-name
+
+        self._registered = _registry.get("gs")
         _use_plain_gcsfs()
         return self
 
@@ -80,7 +84,16 @@ class Emulator:
             self._proc.terminate()
             self._proc.wait(timeout=30)
         self._log.close()
-        _use_plain_gcsfs()
+        import fsspec
+        import gcsfs
+        from fsspec.registry import _registry  # pylint: disable=import-private-name
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        # gs:// as it was registered before (or not at all: fsspec imports gcsfs on first use,
+        # which a test of a missing gcsfs relies on)
+        _registry.pop("gs", None)
+        if self._registered is not None:
+            fsspec.register_implementation("gs", self._registered, clobber=True)
 
 
 def _use_plain_gcsfs() -> None:

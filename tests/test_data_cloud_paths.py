@@ -100,7 +100,7 @@ def test_gs_without_gcsfs_is_one_line_naming_it(tmp_path, monkeypatch):
     from jaxt2i.data.text_cache import TextCache, build_text_cache
     from jaxt2i.workdir import check_writable
 
-    for use in (lambda: check_writable("gs://b/run", "--workdir"),
+    for use in (lambda: check_writable("gs://b/run", "--workdir", urls=True),
                 lambda: Checkpointer("gs://b/run").all_steps(),
                 lambda: load_exported("gs://b/run/export"), lambda: TextCache("gs://b/run"),
                 lambda: build_text_cache(None, [], "gs://b/run")):
