@@ -299,18 +299,24 @@ def _run(args, env, timeout=600):
 @pytest.mark.slow
 def test_commands_end_to_end_on_gs(tmp_path, gcs, bucket):
     """The documented commands with gs:// paths, each in a fresh process: build a dataset to
-    gs://, train 2 steps on it with checkpoints there, resume to 3, export the checkpoint to
-    gs://, and sample from the run's gs:// export and from that export: the same images."""
+    gs://, its text cache to gs://, train 2 steps on both with checkpoints there, resume to 3,
+    export the checkpoint to gs://, and sample from the run's gs:// export (to a local folder)
+    and from that export (to gs://): the same images."""
     env = dict(os.environ, **gcs.env, JAX_PLATFORMS="cpu", JAXT2I_CACHE=str(tmp_path / "cache"),
                XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     r = _run(["-m", "jaxt2i.data.builders", f"--data_dir={bucket}/tfds", "--shapes=16:32"], env)
     data = f"{bucket}/tfds/shapes_world/r16_n32_s0/1.0.0"
     assert r.stdout.strip().endswith(f"dataset: {data}")
+    from jaxt2i import assets
+
+    _run(["-m", "jaxt2i.data.text_cache", f"--encoder={assets.text_encoder_dir()}",
+          f"--out_dir={bucket}/cache", f"--dataset_dir={data}"], env)
+    assert json.loads(paths.read_text(f"{bucket}/cache/index.json"))["num_examples"] == 32
     run = f"{bucket}/run"
     train = ["-m", "jaxt2i.train", "--config=configs/base.py:tiny", f"--workdir={run}",
-             f"--config.data.source={data}", "--config.train.log_every=1",
-             "--config.train.save_every=1", "--config.mesh.data=1"]
+             f"--config.data.source={data}", f"--config.text.cache={bucket}/cache",
+             "--config.train.log_every=1", "--config.train.save_every=1", "--config.mesh.data=1"]
     _run([*train, "--config.train.num_steps=2"], env)
     r = _run([*train, "--config.train.num_steps=3"], env)
     assert f"resumed from {run}/checkpoints at step 2" in r.stderr
