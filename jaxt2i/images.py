@@ -7,7 +7,6 @@ place cells with `_layout`.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np

@@ -16,7 +16,6 @@ partial directory of a killed one is removed by the next export to the same --ou
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
