@@ -65,13 +65,17 @@ class Emulator:
                     raise RuntimeError(f"gcp-storage-emulator did not start (log: "
                                        f"{self.log_path})") from None
                 time.sleep(0.1)
-        for k, v in self.env.items():
-            self._saved[k] = os.environ.get(k)
-            os.environ[k] = v
-        from fsspec.registry import _registry  # pylint: disable=import-private-name
+        try:
+            from fsspec.registry import _registry  # pylint: disable=import-private-name
 
-        self._registered = _registry.get("gs")
-        _use_plain_gcsfs()
+            self._registered = _registry.get("gs")
+            for k, v in self.env.items():
+                self._saved[k] = os.environ.get(k)
+                os.environ[k] = v
+            _use_plain_gcsfs()
+        except BaseException:  # never leave the server running
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -84,6 +88,8 @@ class Emulator:
             self._proc.terminate()
             self._proc.wait(timeout=30)
         self._log.close()
+        if not self._saved:  # it never got as far as changing this process
+            return
         import fsspec
         import gcsfs
         from fsspec.registry import _registry  # pylint: disable=import-private-name
