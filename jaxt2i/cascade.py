@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxt2i import paths as fspaths
 from jaxt2i.config import ConfigError
 from jaxt2i.stage import (SETTING_NAMES, Edit, Stage, StageSettings, load_text_encoder,
                           resolve_export_dir)
@@ -38,24 +39,24 @@ def resolve_stage_dirs(paths: Sequence[str]) -> list[str]:
     if not paths:
         raise ConfigError("no checkpoint given: pass a cascade directory or one export per stage")
     for p in paths:
-        if not os.path.exists(p):
+        if not fspaths.exists(p):
             raise ConfigError(f"checkpoint {p!r} does not exist")
-    if len(paths) == 1 and os.path.exists(os.path.join(paths[0], CASCADE_FILE)):
-        with open(os.path.join(paths[0], CASCADE_FILE)) as f:
-            try:
-                names = json.load(f)["stages"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{os.path.join(paths[0], CASCADE_FILE)} must be JSON with a "
-                                  "'stages' list of sub-directories") from None
+    cascade_file = fspaths.join(paths[0], CASCADE_FILE)
+    if len(paths) == 1 and fspaths.exists(cascade_file):
+        try:
+            names = json.loads(fspaths.read_text(cascade_file))["stages"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{cascade_file} must be JSON with a 'stages' list of "
+                              "sub-directories") from None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{os.path.join(paths[0], CASCADE_FILE)} must be JSON with a "
-                              "'stages' list of sub-directories")
-        root = os.path.realpath(paths[0])
-        paths = [os.path.join(paths[0], n) for n in names]
+            raise ConfigError(f"{cascade_file} must be JSON with a 'stages' list of "
+                              "sub-directories")
+        root = paths[0] if fspaths.is_url(paths[0]) else os.path.realpath(paths[0])
+        paths = [fspaths.join(paths[0], n) for n in names]
         for p in paths:
-            if not os.path.exists(p):
+            if not fspaths.exists(p):
                 raise ConfigError(f"cascade stage directory {p!r} does not exist")
-            if not os.path.realpath(p).startswith(root + os.sep):
+            if not fspaths.is_url(p) and not os.path.realpath(p).startswith(root + os.sep):
                 log.warning("%s names stage %s, outside the cascade directory %s: loading it "
                             "from there", CASCADE_FILE, os.path.realpath(p), root)
     return [resolve_export_dir(p) for p in paths]

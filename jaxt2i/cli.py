@@ -104,8 +104,8 @@ def parse_flags_or_exit(argv: list[str], config_flag: str = "config") -> list[st
 
 def run_app(main: Callable[[list[str]], Any],
             define_flags: Callable[[], None] | None = None) -> None:
-    """`absl.app.run` with one-line errors for flag/config mistakes and for `ConfigError`
-    (exit 2), and for a full disk or unwritable output (exit 1).
+    """`absl.app.run` with one-line errors for flag/config mistakes, for `ConfigError` and for
+    a URL whose filesystem package is missing (`paths.MissingFilesystem`) (exit 2), and for a full disk or unwritable output (exit 1).
 
     `define_flags` (the command's `_define_flags`) is called first; the flags it defines are
     made key flags of the program, so `--help` lists them however the command was started
@@ -123,11 +123,12 @@ def run_app(main: Callable[[list[str]], Any],
 
         if not any(a.startswith(("--verbosity", "-v=", "--v=")) for a in argv):
             absl_logging.set_verbosity(absl_logging.WARNING)  # keep library chatter off screen
+        from jaxt2i.paths import MissingFilesystem
         from jaxt2i.workdir import disk_error
 
         try:
             return main(argv)
-        except ConfigError as e:
+        except (ConfigError, MissingFilesystem) as e:  # MissingFilesystem: gs:// sans gcsfs
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except OSError as e:  # a full disk or an unwritable path while writing results

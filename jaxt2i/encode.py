@@ -37,6 +37,11 @@ def main(argv):
                           f"{MAX_LENGTH_LIMIT} tokens (omit it for the encoder's own length)")
     out = F.out
     if out:
+        from jaxt2i import paths
+
+        if paths.is_url(out):
+            raise ConfigError(f"--out={out}: embeddings are written to a local file only; "
+                              "pass a local path")
         if os.path.isdir(out):
             raise ConfigError(f"--out={out} is a directory; give a file path, e.g. "
                               f"{os.path.join(out, 'embeddings.safetensors')}")

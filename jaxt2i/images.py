@@ -7,7 +7,6 @@ place cells with `_layout`.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -56,9 +55,12 @@ def save_grid(images: np.ndarray, path: str, cols: int | None = None) -> np.ndar
     grid = np.full((gh, gw, c), 255, np.uint8)
     for img, (x0, y0) in zip(images, origins):
         grid[y0:y0 + h, x0:x0 + w] = img
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    from jaxt2i import paths
+
+    if paths.dirname(path):
+        paths.makedirs(paths.dirname(path))
+    with paths.local_file(path) as local:  # a URL: written here, then uploaded
+        Image.fromarray(grid).save(local, format="PNG")
     return grid
 
 

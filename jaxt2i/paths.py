@@ -14,17 +14,30 @@ fsspec and gcsfs / s3fs itself; with TensorFlow installed it uses `tf.io.gfile` 
 `pip install gcsfs` is what both need, and a `gs://` path given to jaxt2i reads the same
 bucket TFDS / Orbax would.
 
+Writing (outputs: checkpoints' side files, exports, the text cache, datasets): `makedirs`,
+`write_bytes`, `write_text`, `read_bytes`, `read_text`, `remove`, `rmtree`, `move`, `getsize`,
+`local_file`, `local_dir`, `upload`, `download`. An object store has no atomic rename: a
+local file is written to a temporary name and renamed into place as before, while a URL's
+object is uploaded in one request (`fs.pipe` / `put_file`), and an upload is atomic per
+object (GCS and S3 show the new object whole or not at all, never half-written). `move` of a
+URL is copy-then-delete; writers that take only local names (safetensors, numpy, PIL, TFDS)
+write to a local temporary file or folder that is then uploaded (`local_file`, `local_dir`).
+
 Functions: `is_url`, `filesystem`, `open_binary`, `exists`, `isdir`, `isfile`, `listdir`,
 `glob`, `has_magic`, `walk`, `join`, `basename`, `dirname`, `relpath`, `abspath`,
-`file_version`.
+`file_version`, and the writing ones above.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob as glob_lib
+import json
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 from typing import IO, Iterator
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -224,9 +237,182 @@ def file_version(path: str) -> tuple[int, str]:
     """(size, what changes when the object is rewritten) of a URL's object, for digests of
     inputs: the store's generation / ETag / modification time, whichever it reports."""
     fs, p = filesystem(path)
-    info = fs.info(p)
+    return _version(fs.info(p))
+
+
+def _version(info: dict) -> tuple[int, str]:
+    """`file_version` of an fsspec info dict."""
     for key in ("generation", "ETag", "etag", "md5Hash", "mtime", "updated", "LastModified",
                 "last_modified", "created"):
         if info.get(key) not in (None, ""):
             return int(info.get("size") or 0), f"{key}={info[key]}"
     return int(info.get("size") or 0), ""
+
+
+def makedirs(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`; for URLs the store's own (a no-op on object
+    stores, whose folders exist by holding objects)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fs, p = filesystem(path)
+    fs.makedirs(p, exist_ok=True)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Writes a whole file so that a reader sees the old one or the new one, never part of
+    it: local files through a temporary name + `os.replace`, URLs as one upload."""
+    if is_url(path):
+        fs, p = filesystem(path)
+        fs.pipe(p, bytes(data))
+        return
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, ...: no stray temporary file
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    """`write_bytes` of UTF-8 text."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_bytes(path: str) -> bytes:
+    with open_binary(path) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def remove(path: str) -> None:
+    """`os.remove` of a file (FileNotFoundError when absent)."""
+    if not is_url(path):
+        os.remove(path)
+        return
+    fs, p = filesystem(path)
+    if not fs.exists(p):
+        raise FileNotFoundError(path)
+    fs.rm(p)
+
+
+def rmtree(path: str) -> None:
+    """Removes a folder and all below it; nothing when it is absent."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, p = filesystem(path)
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
+        _forget_listings(fs)
+
+
+def move(src: str, dst: str) -> None:
+    """`os.replace(src, dst)` of a file or folder; for URLs (one filesystem) a copy then a
+    delete: not atomic, so callers use it only for what may be seen half-moved (a corrupt
+    checkpoint set aside)."""
+    if not is_url(src) and not is_url(dst):
+        os.replace(src, dst)
+        return
+    fs, s = filesystem(src)
+    _, d = filesystem(dst)
+    fs.copy(s, d, recursive=fs.isdir(s))
+    fs.rm(s, recursive=True)
+    _forget_listings(fs)
+
+
+def _forget_listings(fs) -> None:
+    """Drops the folder listings every instance of `fs`'s filesystem class has cached (gcsfs
+    caches them per instance, and etils.epath, hence Orbax, holds an instance of its own:
+    without this it would still list what was just moved or removed)."""
+    for instance in list(getattr(type(fs), "_cache", {}).values()) + [fs]:
+        instance.invalidate_cache()
+
+
+def getsize(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, p = filesystem(path)
+    return int(fs.size(p))
+
+
+@contextlib.contextmanager
+def local_file(path: str):
+    """Yields a local file name to write `path` through, for writers that take only local
+    names (safetensors, numpy, PIL): `path` itself when it is local, else a temporary file
+    uploaded to the URL (one upload) when the block ends without an error."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxt2i-upload-") as d:
+        local = os.path.join(d, basename(path))
+        yield local
+        fs, p = filesystem(path)
+        fs.put_file(local, p)
+
+
+@contextlib.contextmanager
+def local_dir(path: str):
+    """`local_file` for a folder: yields `path` itself when local, else a temporary folder
+    whose files are uploaded below the URL when the block ends without an error."""
+    if not is_url(path):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="jaxt2i-upload-") as d:
+        yield d
+        upload(d, path)
+
+
+def upload(local_dir: str, url: str, last: tuple[str, ...] = ()) -> int:
+    """Copies a local folder's files to below `url` (same relative paths; others there are
+    left alone); files named in `last` (e.g. a manifest, which says "complete") go last.
+    Each file is one upload (`write_bytes`' atomicity per file). Returns the file count."""
+    fs, root = filesystem(url)
+    files = []
+    for dirpath, _, names in os.walk(local_dir):
+        files += [os.path.join(dirpath, n) for n in names]
+    files.sort(key=lambda p: (os.path.basename(p) in last, p))
+    for p in files:
+        rel = os.path.relpath(p, local_dir).replace(os.sep, "/")
+        fs.put_file(p, posixpath.join(root, rel))
+    return len(files)
+
+
+def download(url: str, local_dir: str) -> int:
+    """Copies the files below `url` to `local_dir` (same relative paths), skipping those
+    already copied from the same object version (size and generation / ETag / time, recorded
+    in `local_dir/.jaxt2i-download.json`); returns how many were copied."""
+    fs, root = filesystem(url)
+    record_path = os.path.join(local_dir, DOWNLOAD_RECORD)
+    try:
+        with open(record_path) as f:
+            have = json.load(f)
+    except (OSError, ValueError):
+        have = {}
+    copied = 0
+    for name, info in sorted(fs.find(root, detail=True).items()):
+        rel = posixpath.relpath(name, root)
+        dst = os.path.join(local_dir, *rel.split("/"))
+        version = list(_version(info))
+        if have.get(rel) == version and os.path.exists(dst):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        part = f"{dst}.part-{os.getpid()}"  # processes of one host may copy at once
+        fs.get_file(name, part)
+        os.replace(part, dst)
+        have[rel] = version
+        copied += 1
+    if copied:
+        write_text(record_path, json.dumps(have))
+    return copied
+
+
+DOWNLOAD_RECORD = ".jaxt2i-download.json"

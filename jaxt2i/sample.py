@@ -35,7 +35,7 @@ def main(argv) -> None:
     checkpoints = F.checkpoint or [demo_cascade_dir()]
     overrides = stage_flag_values()
     check_stage_flags(overrides)  # a NaN guidance is refused before the cascade is loaded
-    check_writable(F.out, "--out")  # before the sampling work, not after it
+    check_writable(F.out, "--out", urls=True)  # before the sampling work, not after it
     if len(checkpoints) == 1 and unclip.read_spec(checkpoints[0]) is not None:
         _sample_unclip(checkpoints[0], prompts, overrides)
         return

@@ -113,24 +113,28 @@ def sample_to_dir(checkpoints: Sequence[str], prompts: Sequence[str], out: str, 
                                 negative_prompts=negatives, **edit, **given)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
-    os.makedirs(out, exist_ok=True)
-    files = []
-    for i, (img, p) in enumerate(zip(images, batch)):
-        name = f"{i:03d}.png"
-        Image.fromarray(img).save(os.path.join(out, name))
-        files.append({"file": name, "prompt": p, "index_in_batch": i})
-    labelled_grid(images, batch, os.path.join(out, "grid.png"),
-                  cols=num_images if num_images > 1 else None)
-    record = {
-        "prompts": list(prompts), "num_images": num_images, "seed": seed, "batch": batch,
-        "checkpoints": [s.path for s in cascade.stages[:n]],
-        "steps_trained": [s.step for s in cascade.stages[:n]], "stages": n, "dtype": dtype or None,
-        "settings": [dict(vars(s)) for s in settings], "images": files, "grid": "grid.png",
-        "negative_prompts": list(negative_prompts or []), "init_images": list(init_images),
-        "masks": list(masks), "strength": strengths, "start_stage": start_stage,
-        "lowres": list(lowres),
-        "image_size": int(images.shape[1]),
-    }
-    with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    from jaxt2i import paths
+
+    with paths.local_dir(out) as folder:  # a URL --out: written here, then uploaded
+        os.makedirs(folder, exist_ok=True)
+        files = []
+        for i, (img, p) in enumerate(zip(images, batch)):
+            name = f"{i:03d}.png"
+            Image.fromarray(img).save(os.path.join(folder, name))
+            files.append({"file": name, "prompt": p, "index_in_batch": i})
+        labelled_grid(images, batch, os.path.join(folder, "grid.png"),
+                      cols=num_images if num_images > 1 else None)
+        record = {
+            "prompts": list(prompts), "num_images": num_images, "seed": seed, "batch": batch,
+            "checkpoints": [s.path for s in cascade.stages[:n]],
+            "steps_trained": [s.step for s in cascade.stages[:n]], "stages": n,
+            "dtype": dtype or None,
+            "settings": [dict(vars(s)) for s in settings], "images": files, "grid": "grid.png",
+            "negative_prompts": list(negative_prompts or []), "init_images": list(init_images),
+            "masks": list(masks), "strength": strengths, "start_stage": start_stage,
+            "lowres": list(lowres),
+            "image_size": int(images.shape[1]),
+        }
+        with open(os.path.join(folder, "sample.json"), "w") as f:
+            json.dump(record, f, indent=2)
     return record

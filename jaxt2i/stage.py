@@ -360,10 +360,12 @@ def resolve_export_dir(path: str) -> str:
     """
     from jaxt2i.checkpoint import EXPORT_PARAMS
 
-    for d in (path, os.path.join(path, "export")):
-        if os.path.exists(os.path.join(d, EXPORT_PARAMS)):
+    from jaxt2i import paths
+
+    for d in (path, paths.join(path, "export")):
+        if paths.exists(paths.join(d, EXPORT_PARAMS)):
             return d
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    if paths.isdir(paths.join(path, "checkpoints")):
         raise ConfigError(f"training run {path!r} has no export/ yet (it is written when the run "
                           "finishes); export its newest checkpoint with "
                           f"`python -m jaxt2i.checkpoint --workdir={path}`")

@@ -4,7 +4,8 @@ said in one line.
 * `WorkdirLock`: an exclusive `flock` on `WORKDIR/.lock`. The kernel drops the lock when its
   process dies (SIGKILL included), so a killed run never leaves it stuck; the file keeps the
   holder's pid, host and start time, which a second process names when it is refused and a
-  later run names when it takes over a lock left by a dead one.
+  later run names when it takes over a lock left by a dead one. A URL workdir (`gs://...`,
+  see `jaxt2i.paths`) cannot be `flock`ed: it is not locked, and the lock says so once.
 * `check_writable(path, flag)`: proves a file can be written in the directory before any
   work starts (creating it for the test and removing what it created), so a read-only or
   unwritable path is one line at once, not a traceback after an hour of sampling.
@@ -24,6 +25,7 @@ import os
 import socket
 import uuid
 
+from jaxt2i import paths
 from jaxt2i.config import ConfigError
 
 LOCK_FILE = ".lock"
@@ -62,17 +64,25 @@ def disk_error(exc: BaseException) -> str | None:
     return None
 
 
-def check_writable(path: str, flag: str) -> str:
+def check_writable(path: str, flag: str, *, urls: bool = False) -> str:
     """Proves a file can be written in directory `path` (made for the test, then removed
     again if it did not exist).
 
     Args:
       path: the directory a command will write into.
       flag: how the user named it (e.g. '--workdir'), for the error line.
+      urls: whether the command writes this output to URLs (`gs://...`) too; if not, a URL
+        is refused in one line (it would otherwise become a local folder named 'gs:').
 
     Returns:
-      The absolute path. Raises ConfigError (one line) when it cannot be written.
+      The absolute path (a URL as it is). Raises ConfigError (one line) when it cannot be
+      written.
     """
+    if paths.is_url(path):
+        if not urls:
+            raise ConfigError(f"{flag}={path}: this output is written to local folders only; "
+                              "pass a local path")
+        return _check_writable_url(path, flag)
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{flag}={path} is a file, not a directory; choose a directory")
@@ -105,6 +115,24 @@ def check_writable(path: str, flag: str) -> str:
     return path
 
 
+def _check_writable_url(url: str, flag: str) -> str:
+    """`check_writable` of a URL: an object written below it and removed again (a missing
+    filesystem package stays `paths.MissingFilesystem`'s one line)."""
+    try:
+        if paths.isfile(url):
+            raise ConfigError(f"{flag}={url} is a file, not a directory; choose a directory")
+        probe = paths.join(url, f".write-test-{uuid.uuid4().hex[:8]}")
+        paths.write_bytes(probe, b"0" * 4096)
+        paths.remove(probe)
+    except (ConfigError, paths.MissingFilesystem):
+        raise
+    except Exception as e:  # noqa: BLE001 - each store has its own errors (HTTP, auth, ...)
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"{flag}={url} cannot be written: {why}; check the URL and your "
+                          "credentials for it") from None
+    return url
+
+
 def _upward(path: str, top: str):
     """`path`, its parent, ... up to and including `top`."""
     while True:
@@ -123,7 +151,8 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, *, log=None, flag: str = "--workdir"):
-        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+        self.url = workdir if paths.is_url(workdir) else None
+        self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE) if not self.url else ""
         self._flag = flag
         self.took_over: dict | None = None
         self._log = log
@@ -137,6 +166,11 @@ class WorkdirLock:
             return {}
 
     def acquire(self) -> "WorkdirLock":
+        if self.url:  # an object store has no flock: nothing is held
+            if self._log is not None:
+                self._log(f"{self.url} is not locked (a URL cannot be); make sure no other run "
+                          "writes to it")
+            return self
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -3,7 +3,6 @@
 `gs://` URL without gcsfs is one line naming what to install. Never the network."""
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -19,6 +18,8 @@ from jaxt2i.data import builders, inputs, pipeline, shards
 
 from test_data_builders import _caption_bytes, _jsonl_manifest, _make_images
 from test_data_builders_shards import EXPECTED_SKIPS, _make_img2dataset, _tar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -88,26 +89,45 @@ def test_gs_without_gcsfs_is_one_line_naming_it(tmp_path, monkeypatch):
         builders.shards_builder(str(tmp_path / "d"), "gs://bucket/laion")
     with pytest.raises(paths.MissingFilesystem, match="^'gs://b/p' needs gcsfs"):
         list(inputs.read_entries("gs://b/p", None, "txt", inputs.Report()))
-    # Outputs stay local in this version: a URL --data_dir is refused, naming the fix.
+    # A URL --data_dir (an output: tests/test_cloud_outputs.py) says the same, before any work.
     for make in (lambda d: builders.shards_builder(d, str(tmp_path)),
                  lambda d: builders.image_text_builder(d, str(tmp_path)),
                  lambda d: builders.shapes_builder(d, 16, 8)):
-        with pytest.raises(ValueError, match=r"^--data_dir='gs://b/tfds': datasets are written "
-                           r"to a local folder .*; pass a local --data_dir$"):
+        with pytest.raises(paths.MissingFilesystem, match="^'gs://b/tfds' needs gcsfs: pip "
+                           "install gcsfs$"):
             make("gs://b/tfds")
-    if importlib.util.find_spec("gcsfs") is not None:
-        return  # the commands below would find it
+    from jaxt2i.checkpoint import Checkpointer, load_exported
+    from jaxt2i.data.text_cache import TextCache, build_text_cache
+    from jaxt2i.workdir import check_writable
+
+    for use in (lambda: check_writable("gs://b/run", "--workdir", urls=True),
+                lambda: Checkpointer("gs://b/run").all_steps(),
+                lambda: load_exported("gs://b/run/export"), lambda: TextCache("gs://b/run"),
+                lambda: build_text_cache(None, [], "gs://b/run")):
+        with pytest.raises(paths.MissingFilesystem, match="^'gs://b/run.*' needs gcsfs: pip "
+                           "install gcsfs$"):
+            use()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for flags, expected in [
-            (["--input=gs://bucket/laion"], f"error: {want}"),
-            (["--root=gs://bucket/photos"],
+    # Each command in a fresh process where gcsfs cannot be imported (it may be installed).
+    without_gcsfs = ("import runpy, sys; sys.modules['gcsfs'] = None; "
+                     "runpy.run_module(sys.argv.pop(1), run_name='__main__')")
+    d = f"--data_dir={tmp_path / 'd'}"
+    for cmd, expected in [
+            (["jaxt2i.data.builders", d, "--input=gs://bucket/laion"], f"error: {want}"),
+            (["jaxt2i.data.builders", "--data_dir=gs://bucket/tfds", "--shapes=16:8"],
+             "error: 'gs://bucket/tfds' needs gcsfs: pip install gcsfs"),
+            (["jaxt2i.data.builders", d, "--root=gs://bucket/photos"],
              "error: --root: 'gs://bucket/photos' needs gcsfs: pip install gcsfs"),
-            ([f"--root={tmp_path}", "--manifest=gs://bucket/captions.jsonl"],
-             "error: --manifest: 'gs://bucket/captions.jsonl' needs gcsfs: pip install gcsfs")]:
-        r = subprocess.run([sys.executable, "-m", "jaxt2i.data.builders",
-                            f"--data_dir={tmp_path / 'd'}", *flags], capture_output=True,
-                           text=True, timeout=300, env=env)
-        assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected], r.stderr
+            (["jaxt2i.data.builders", d, f"--root={tmp_path}",
+              "--manifest=gs://bucket/captions.jsonl"],
+             "error: --manifest: 'gs://bucket/captions.jsonl' needs gcsfs: pip install gcsfs"),
+            (["jaxt2i.train", "--config=configs/base.py:tiny", "--workdir=gs://bucket/run"],
+             "error: 'gs://bucket/run' needs gcsfs: pip install gcsfs"),
+            (["jaxt2i.sample", "--checkpoint=gs://bucket/run", "--prompt=a"],
+             "error: 'gs://bucket/run' needs gcsfs: pip install gcsfs")]:
+        r = subprocess.run([sys.executable, "-c", without_gcsfs, *cmd], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=ROOT)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected], (cmd, r.stderr)
     assert not (tmp_path / "d").exists()
 
 

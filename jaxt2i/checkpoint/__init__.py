@@ -7,7 +7,9 @@ that is still training, or was stopped, can be sampled and evaluated.
 A run directory holds `checkpoints/<step>/` with three items: `state` (the sharded TrainState,
 every leaf a global array), `data` (the data iterator position, JSON) and `config` (JSON).
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it on
-completion), so a crash mid-save never replaces the last good checkpoint. Restoring takes the
+completion; on `gs://` it writes a `commit_success.txt` last instead, as object stores have
+no rename), so a crash mid-save never replaces the last good checkpoint. The workdir and the
+export directory may be URLs (`gs://bucket/run`, see `jaxt2i.paths`). Restoring takes the
 target shardings, so a run saved on one mesh resumes on another. A latest checkpoint that fails
 to restore (corrupt, half-copied) is reported and the previous one is used.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxt2i import paths
 from jaxt2i.config import ConfigError
 
 log = logging.getLogger("jaxt2i")
@@ -138,7 +140,9 @@ class Checkpointer:
         if max_to_keep < 1:
             raise ConfigError(f"max_to_keep={max_to_keep} would delete every checkpoint; keep "
                               "at least 1")
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.join(paths.abspath(workdir), "checkpoints")
+        if paths.is_url(self.directory):  # gs:// without gcsfs: one line, before Orbax's own
+            paths.filesystem(self.directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -217,22 +221,21 @@ class Checkpointer:
 
     def _saved_config(self, step: int) -> dict | None:
         """The config saved with checkpoint `step` (None when it cannot be read)."""
-        path = os.path.join(self.directory, str(step), "config", "metadata")
+        path = paths.join(self.directory, str(step), "config", "metadata")
         try:
-            with open(path) as f:
-                return json.load(f)
+            return json.loads(paths.read_text(path))
         except (OSError, ValueError):
             return None
 
     def _move_aside(self, steps: list[int]) -> None:
         """Moves unreadable step directories to WORKDIR/corrupt_checkpoints/ (process 0)."""
         if jax.process_index() == 0:
-            aside = os.path.join(os.path.dirname(self.directory), CORRUPT_DIR)
-            os.makedirs(aside, exist_ok=True)
+            aside = paths.join(paths.dirname(self.directory), CORRUPT_DIR)
+            paths.makedirs(aside)
             stamp = time.strftime("%Y%m%dT%H%M%S")
             for s in steps:
-                dst = os.path.join(aside, f"{s}-{stamp}")
-                os.replace(os.path.join(self.directory, str(s)), dst)
+                dst = paths.join(aside, f"{s}-{stamp}")
+                paths.move(paths.join(self.directory, str(s)), dst)
                 log.warning("moved the unreadable checkpoint of step %d to %s (kept for "
                             "inspection); its step will be trained and saved again", s, dst)
         if jax.process_count() > 1:
@@ -262,14 +265,12 @@ def export_params(params: Any, config: dict, out_dir: str, step: int | None = No
 
     flat = flatten(host_gather(params))
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        write_safetensors({k: np.asarray(v, np.float32) for k, v in flat.items()},
-                          os.path.join(out_dir, EXPORT_PARAMS),
-                          metadata={"step": str(step if step is not None else -1)})
-        tmp = os.path.join(out_dir, EXPORT_CONFIG + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"config": config, "step": step}, f, indent=2, sort_keys=True, default=str)
-        os.replace(tmp, os.path.join(out_dir, EXPORT_CONFIG))
+        paths.makedirs(out_dir)
+        with paths.local_file(paths.join(out_dir, EXPORT_PARAMS)) as local:
+            write_safetensors({k: np.asarray(v, np.float32) for k, v in flat.items()}, local,
+                              metadata={"step": str(step if step is not None else -1)})
+        paths.write_text(paths.join(out_dir, EXPORT_CONFIG), json.dumps(
+            {"config": config, "step": step}, indent=2, sort_keys=True, default=str))
     return out_dir
 
 
@@ -289,15 +290,15 @@ def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
     the file and what is wrong) for a truncated, empty or foreign params file, a non-float or
     non-finite tensor, or a config.json that is not an export's.
     """
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
-    path = os.path.join(out_dir, EXPORT_PARAMS)
-    if not os.path.exists(path):
+    path = paths.join(out_dir, EXPORT_PARAMS)
+    if not paths.exists(path):
         raise FileNotFoundError(f"no {EXPORT_PARAMS} in {out_dir}; export a training run's "
                                 "checkpoint with `python -m jaxt2i.checkpoint --workdir=DIR`")
     config, step = read_export_config(out_dir)
     try:
-        tensors = load_file(path)
+        tensors = load(paths.read_bytes(path)) if paths.is_url(path) else load_file(path)
     except Exception as e:  # noqa: BLE001 - safetensors' own error types for a bad file
         raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)}); "
                               "it may be truncated: export the stage again") from None
@@ -314,10 +315,9 @@ def load_exported(out_dir: str) -> tuple[Any, dict, int | None]:
 def read_export_config(out_dir: str, sections: tuple[str, ...] = ()) -> tuple[dict, int | None]:
     """(config, step) of a stage export's config.json; CheckpointError (one line) when it is
     not JSON, not an export's config, or lacks one of the config `sections`."""
-    cfg_path = os.path.join(out_dir, EXPORT_CONFIG)
+    cfg_path = paths.join(out_dir, EXPORT_CONFIG)
     try:
-        with open(cfg_path) as f:
-            meta = json.load(f)
+        meta = json.loads(paths.read_text(cfg_path))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{cfg_path} cannot be read as JSON ({_first_line(e)}); export "
                               "the stage again") from None
@@ -397,8 +397,8 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
     Returns:
       (out_dir, step). Raises FileNotFoundError when there is no (such) checkpoint.
     """
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = paths.join(paths.abspath(workdir), "checkpoints")
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; pass a training "
                                 "run's --workdir")
     with _absl_below(logging.ERROR):  # read_only's "setting create=False" notes
@@ -415,7 +415,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
             raise FileNotFoundError(f"no checkpoint in {directory} yet")
         s, out, _ = newest_readable(steps, lambda s: mgr.restore(s, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())), directory)
-    out_dir = out_dir or os.path.join(workdir, "export")
+    out_dir = out_dir or paths.join(workdir, "export")
     _check_not_older(out_dir, int(s), explicit=step is not None)
     from jaxt2i.models import lora  # a LoRA run: merged params + its adapters alone
 
@@ -425,8 +425,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
 def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:
     """An export never goes back in steps unasked: refuse (or, for an explicit --step, warn)."""
     try:
-        with open(os.path.join(out_dir, EXPORT_CONFIG)) as f:
-            have = json.load(f).get("step")
+        have = json.loads(paths.read_text(paths.join(out_dir, EXPORT_CONFIG))).get("step")
     except (OSError, ValueError, AttributeError):
         return
     if not isinstance(have, int) or have <= step:

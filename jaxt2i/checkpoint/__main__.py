@@ -24,7 +24,7 @@ def main(argv) -> None:
     if F.out:
         from jaxt2i.workdir import check_writable
 
-        check_writable(F.out, "--out")
+        check_writable(F.out, "--out", urls=True)
     try:
         out, step = export_checkpoint(F.workdir, F.step, F.out)
     except FileNotFoundError as e:

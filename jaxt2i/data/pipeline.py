@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from typing import Any, Sequence
 
 import grain
@@ -221,11 +220,13 @@ def open_source(spec: Any, *, resolution: int, split: str = "train", dataset: st
         size = int(parts[0]) if parts else num_examples
         return shapes.ShapesSource(resolution, size, split, int(parts[1]) if len(parts) > 1
                                    else seed)
-    if not os.path.isdir(spec):
+    from jaxt2i import paths  # pylint: disable=import-outside-toplevel
+
+    if not paths.isdir(spec):
         raise FileNotFoundError(f"source {spec!r} is neither 'shapes' nor a data directory; "
                                 f"build one with `python -m jaxt2i.data.builders`")
     from jaxt2i.data.builders import load_source  # pylint: disable=import-outside-toplevel
-    return load_source(os.path.join(spec, dataset) if dataset else spec, split)
+    return load_source(paths.join(spec, dataset) if dataset else spec, split)
 
 
 def allow_grain_workers() -> None:

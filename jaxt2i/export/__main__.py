@@ -16,7 +16,6 @@ partial directory of a killed one is removed by the next export to the same --ou
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -24,6 +23,7 @@ from absl import flags
 from jaxt2i.assets import demo_cascade_dir
 from jaxt2i.cli import (check_stage_flags, define_stage_flags, define_text_encoder_flag, run_app,
                         stage_flag_values)
+from jaxt2i import paths
 from jaxt2i.config import ConfigError
 from jaxt2i.export import export_cascade
 from jaxt2i.export.common import FORMATS
@@ -46,7 +46,7 @@ def main(argv) -> None:
                               opset=F.opset, stages=F.stages, log=log,
                               text_encoder=F.text_encoder)
     size = sum(f["bytes"] for f in manifest["files"])
-    print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {os.path.abspath(F.out)}"
+    print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {paths.abspath(F.out)}"
           f" ({len(manifest['files'])} files, {size / 1e6:.1f} MB); see manifest.json", flush=True)
 
 

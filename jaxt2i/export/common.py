@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from importlib import metadata
 from typing import Any, Iterator, Sequence
 
+from jaxt2i import paths
 from jaxt2i.config import ConfigError
 
 MANIFEST = "manifest.json"
@@ -64,8 +66,7 @@ def stage_dir_name(k: int, unet_cfg) -> str:
 def _is_export(path: str) -> bool:
     """Whether `path` holds a previous export (its manifest names a known format)."""
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            return json.load(f).get("format") in FORMATS
+        return json.loads(paths.read_text(paths.join(path, MANIFEST))).get("format") in FORMATS
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -118,7 +119,15 @@ def staging_dir(out: str, overwrite: bool = False, log=None) -> Iterator[str]:
     the current directory: only an export is ever replaced. Partial directories of killed
     exports are removed first. On an exception the partial directory is removed and `out` is
     left as it was.
+
+    A URL `out` (`gs://...`) is written in a local temporary directory and uploaded when
+    complete, manifest.json last (an object store has no rename: `--overwrite` removes the
+    earlier export first, so a failed upload leaves no export there, never a mixed one).
     """
+    if paths.is_url(out):
+        with _url_staging(out, overwrite) as tmp:
+            yield tmp
+        return
     out = os.path.abspath(out)
     if os.path.isfile(out):
         raise ConfigError(f"--out {out!r} is a file; choose a directory")
@@ -161,6 +170,24 @@ def staging_dir(out: str, overwrite: bool = False, log=None) -> Iterator[str]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _url_staging(out: str, overwrite: bool) -> Iterator[str]:
+    """`staging_dir` for a URL."""
+    if paths.isfile(out):
+        raise ConfigError(f"--out {out!r} is a file; choose a directory")
+    if paths.isdir(out) and paths.listdir(out):
+        if not overwrite:
+            raise ConfigError(f"--out {out!r} is not empty; pass --overwrite to replace an "
+                              "earlier export there, or choose another directory")
+        if not _is_export(out):
+            raise ConfigError(f"--out {out!r} is not an earlier export (it has no {MANIFEST}); "
+                              "--overwrite replaces only an export: choose another directory")
+    with tempfile.TemporaryDirectory(prefix="jaxt2i-export-") as tmp:
+        yield tmp
+        paths.rmtree(out)
+        paths.upload(tmp, out, last=(MANIFEST,))
+
+
 def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequence[Any] | None,
                    packages: Sequence[str] = (), extra: dict | None = None) -> dict:
     """Writes root/manifest.json describing the export (call last: it hashes every file).
@@ -185,7 +212,7 @@ def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequ
         "format": fmt,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(*packages),
-        "sources": [{"path": os.path.abspath(s.path), "step": s.step,
+        "sources": [{"path": paths.abspath(s.path), "step": s.step,
                      "config_sha256": config_hash(dict(s.config.raw)),
                      "model_size": s.config.model_size,
                      "stage": "sr" if s.is_sr else "base"} for s in stages],

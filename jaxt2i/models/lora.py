@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxt2i import paths
 from jaxt2i.config import ConfigError
 
 # Module names that can carry adapters -> how many leading kernel axes are inputs.
@@ -203,7 +203,7 @@ def export(params, config: dict, out_dir: str, step: int | None = None) -> str:
         raise ConfigError(f"the params to export to {out_dir} hold LoRA adapters but the "
                           "config has no train.lora.rank")
     export_params(merge(params["base"], params["lora"], cfg.scale), config, out_dir, step)
-    save_adapters(params["lora"], cfg, os.path.join(out_dir, ADAPTERS_FILE), step=step,
+    save_adapters(params["lora"], cfg, paths.join(out_dir, ADAPTERS_FILE), step=step,
                   base=str(config.get("train", {}).get("init_from", "")))
     return out_dir
 
@@ -219,8 +219,9 @@ def save_adapters(adapters, cfg: LoraConfig, path: str, *, step: int | None = No
     if jax.process_index() == 0:
         meta = {"format": FORMAT, "lora": json.dumps(cfg.to_dict()), "base": base,
                 "step": str(step if step is not None else -1)}
-        write_safetensors({k: np.asarray(v, np.float32) for k, v in flat.items()}, path,
-                          metadata=meta)
+        with paths.local_file(path) as local:  # a URL: written locally, then uploaded
+            write_safetensors({k: np.asarray(v, np.float32) for k, v in flat.items()}, local,
+                              metadata=meta)
 
 
 def load_adapters(path: str) -> tuple[dict, LoraConfig]:

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxt2i import paths
 from jaxt2i.checkpoint import host_gather
 from jaxt2i.config import ConfigError
 from jaxt2i.text.clip import CLIPConfig, CLIPModel, init_clip, preprocess_images
@@ -188,10 +189,11 @@ def _train_locked(cfg, workdir: str, devices) -> dict:
     def export(params, step, results):
         clip = trainer.to_clip(params)
         if jax.process_index() == 0:
-            save_clip(clip, os.path.join(workdir, "export"))
-            with open(os.path.join(workdir, "export", "retrieval.json"), "w") as f:
-                json.dump({"step": step, "num_scenes": int(cfg.eval.num_scenes),
-                           "seed": int(cfg.eval.seed), **results}, f, indent=2)
+            with paths.local_dir(paths.join(workdir, "export")) as export_dir:  # URL: upload
+                save_clip(clip, export_dir)
+                with open(os.path.join(export_dir, "retrieval.json"), "w") as f:
+                    json.dump({"step": step, "num_scenes": int(cfg.eval.num_scenes),
+                               "seed": int(cfg.eval.seed), **results}, f, indent=2)
 
     out = run_training(cfg, workdir, trainer, data, what="CLIP", export=export,
                        evaluate=lambda p, step, w: _eval_all(trainer, p, step, w))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxt2i import paths
 from jaxt2i.checkpoint import Checkpointer
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.monitor import MetricWriter, StopSignal
@@ -100,7 +100,7 @@ def locked(cfg: ml_collections.ConfigDict, workdir: str, run: Callable[[], dict]
     validate(cfg)
     lock = None
     if jax.process_index() == 0:
-        check_writable(workdir, "--workdir")
+        check_writable(workdir, "--workdir", urls=True)
         lock = WorkdirLock(workdir, log=log.warning).acquire()
     try:
         return run()
@@ -134,8 +134,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, trainer: ShardedT
     config_dict = json.loads(to_json(cfg))
     restored = ckpt.restore(trainer.abstract_state, config_dict)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(to_json(cfg))
+        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
     if restored is not None:
         it, state, data_state, _ = restored
         if data_state:

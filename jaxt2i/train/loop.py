@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxt2i import paths
 from jaxt2i.checkpoint import Checkpointer, host_gather
 from jaxt2i.config import ConfigError, to_json, validate
 from jaxt2i.images import save_grid, to_uint8
@@ -184,7 +184,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
     validate(cfg)  # bad values are refused before the workdir is touched
     lock = None
     if jax.process_index() == 0:  # one lock per run, held by process 0 of a multi-host run
-        check_writable(workdir, "--workdir")
+        check_writable(workdir, "--workdir", urls=True)
         lock = WorkdirLock(workdir, log=log.warning).acquire()
     try:
         with quiet_disk_errors():
@@ -195,7 +195,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
             raise
         steps = _saved_steps(workdir)
         raise TrainingStopped(
-            f"cannot write to {os.path.abspath(workdir)}: {why}; "
+            f"cannot write to {paths.abspath(workdir)}: {why}; "
             + (f"the newest saved checkpoint (step {steps[-1]}) is intact" if steps else
                "no checkpoint was saved yet")
             + "; free space (or fix the permissions) and rerun the same command to resume"
@@ -207,9 +207,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, encoder=None, devices
 
 def _saved_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints on disk (Orbax renames a step into place when done)."""
-    root = os.path.join(workdir, "checkpoints")
+    root = paths.join(workdir, "checkpoints")
     try:
-        return sorted(int(d) for d in os.listdir(root) if d.isdigit())
+        return sorted(int(d) for d in paths.listdir(root) if d.isdigit())
     except OSError:
         return []
 
@@ -308,10 +308,7 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     # Checked before anything is written: a checkpoint of another model stops the run here.
     restored = ckpt.restore(trainer.abstract_state, config_dict)
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, "config.json.tmp")
-        with open(tmp, "w") as f:
-            f.write(to_json(cfg))
-        os.replace(tmp, os.path.join(workdir, "config.json"))
+        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
     data = _pipeline(trainer, cfg)
     preview = _preview_inputs(trainer, cfg)
     if restored is not None:
@@ -380,7 +377,7 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
         _write_samples(trainer, state, it, workdir, writer, preview)
     if "export" in end:
         # a LoRA run exports the merged params, and its adapters alone beside them
-        lora.export(state.ema_params, config_dict, os.path.join(workdir, "export"), step=it)
+        lora.export(state.ema_params, config_dict, paths.join(workdir, "export"), step=it)
     writer.close()
     ckpt.close()
     data.close()
@@ -400,5 +397,5 @@ def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer, pre
                             **conditions)
     images = to_uint8(host_gather(images))
     if jax.process_index() == 0:
-        grid = save_grid(images, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        grid = save_grid(images, paths.join(workdir, "samples", f"step_{step:07d}.png"))
         writer.image(step, "samples", grid)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxt2i import paths
 from jaxt2i.checkpoint import host_gather
 from jaxt2i.config import ConfigError
 from jaxt2i.models import prior as prior_lib
@@ -178,12 +178,12 @@ def _train_locked(cfg, workdir: str, devices) -> dict:
         return out
 
     def export(params, step, results):
-        out = os.path.join(workdir, "export")
+        out = paths.join(workdir, "export")
         export_prior({"params": params}, cfg.to_dict(), trainer.prior, out, step)
         if jax.process_index() == 0:
-            with open(os.path.join(out, "quality.json"), "w") as f:
-                json.dump({"step": step, "num_scenes": int(cfg.eval.num_scenes),
-                           "seed": int(cfg.eval.seed), **results}, f, indent=2)
+            paths.write_text(paths.join(out, "quality.json"), json.dumps(
+                {"step": step, "num_scenes": int(cfg.eval.num_scenes),
+                 "seed": int(cfg.eval.seed), **results}, indent=2))
 
     out = run_training(cfg, workdir, trainer, data, what="diffusion prior", evaluate=evaluate,
                        export=export)

@@ -44,18 +44,40 @@ from PIL import Image
 from jaxt2i import paths as paths_lib
 from jaxt2i.data import inputs, shapes
 from jaxt2i.data import shards as shards_lib
+from jaxt2i.data.builders import cloud
 
 REPORT_FILE = "build_report.json"
 INPUTS_FILE = "build_inputs.json"
 
 
+URL_ATTR = "jaxt2i_data_dir_url"  # a builder's URL data_dir (it is built in a local folder)
+
+
 def check_data_dir(data_dir) -> None:
-    """Raises ValueError (one line) for a `data_dir` URL: builds are written to a local folder
-    (URLs are read as inputs only, so far)."""
+    """For a `data_dir` URL: raises `paths.MissingFilesystem` (one line) when its filesystem
+    package is not installed, before any work."""
     if paths_lib.is_url(str(data_dir)):
-        raise ValueError(f"--data_dir={str(data_dir)!r}: datasets are written to a local folder "
-                         "for now (URLs are read as --input / --root / --manifest only); pass a "
-                         "local --data_dir")
+        paths_lib.filesystem(str(data_dir))
+
+
+def _made(cls, cfg, data_dir: str):
+    """`cls(config=cfg, data_dir=...)`; a URL data_dir is staged locally (`cloud`) and
+    remembered on the builder for `build` to upload to."""
+    check_data_dir(data_dir)
+    url = str(data_dir) if paths_lib.is_url(str(data_dir)) else None
+    builder = cls(config=cfg, data_dir=cloud.staging_dir(url) if url else data_dir,
+                  file_format="array_record")
+    setattr(builder, URL_ATTR, url)
+    return builder
+
+
+def dataset_location(builder) -> str:
+    """Where a builder's dataset version is: its URL for a URL data_dir, else its folder."""
+    url = getattr(builder, URL_ATTR, None)
+    if not url:
+        return str(builder.data_dir)
+    rel = os.path.relpath(str(builder.data_dir), str(builder.data_dir_root))
+    return paths_lib.join(url, *rel.split(os.sep))
 
 
 # --- the shapes world --------------------------------------------------------------------
@@ -132,11 +154,10 @@ def shapes_builder(data_dir: str, resolution: int, train_size: int, *, test_size
     Returns:
       The builder; config name 'r{resolution}_n{train_size}_s{seed}'.
     """
-    check_data_dir(data_dir)
     cfg = ShapesConfig(name=f"r{resolution}_n{train_size}_s{seed}", resolution=resolution,
                        train_size=train_size, test_size=test_size,
                        held_out_size=held_out_size, seed=seed)
-    return ShapesWorld(config=cfg, data_dir=data_dir, file_format="array_record")
+    return _made(ShapesWorld, cfg, data_dir)
 
 
 # --- a user's images with captions -------------------------------------------------------
@@ -295,7 +316,7 @@ def image_text_builder(data_dir: str, root: str, manifest: str | None = None, *,
                 os.path.basename(os.path.normpath(root))).lower() or "default"
         name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
     cfg = ImageTextConfig(name=name, root=root, manifest=manifest, **options)
-    return ImageText(config=cfg, data_dir=data_dir, file_format="array_record")
+    return _made(ImageText, cfg, data_dir)
 
 
 # --- sharded image-text data (img2dataset output, webdataset tars, parquet) ---------------
@@ -522,7 +543,7 @@ def shards_builder(data_dir: str, input: str,  # pylint: disable=redefined-built
         base = paths_lib.basename(shards_lib.shard_root(paths)).lower() or "default"
         name = "".join(ch if ch.isalnum() and ch.isascii() else "_" for ch in base)
     cfg = ShardsConfig(name=name, input=input, source=source, **options)
-    return ImageTextShards(config=cfg, data_dir=data_dir, file_format="array_record")
+    return _made(ImageTextShards, cfg, data_dir)
 
 
 def _input_files(builder) -> tuple[str, list[str]] | None:
@@ -663,6 +684,9 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
     """
     from jaxt2i.workdir import WorkdirLock
 
+    if getattr(builder, URL_ATTR, None):
+        return _build_to_url(builder, rebuild=rebuild, num_shards=num_shards,
+                             beam_options=beam_options)
     beam_lib = options = None
     if beam_options is not None:  # before anything is locked or written
         beam_lib = beam_module()
@@ -672,19 +696,8 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
     wanted = build_inputs(builder)
     with WorkdirLock(config_dir, flag="--data_dir (a build of this dataset is running)"):
         if builder.is_prepared():
-            saved_inputs = _read_json(os.path.join(version_dir, INPUTS_FILE))
-            diff = _inputs_difference(saved_inputs, wanted) if saved_inputs else None
-            if saved_inputs is None:
-                logging.warning("%s was built by an older jaxt2i without a record of its "
-                                "inputs; it is used as it is (pass --rebuild to build it again)",
-                                version_dir)
-            elif diff and not rebuild:
-                raise ValueError(
-                    f"{version_dir} was built from other inputs: {diff}; pass --rebuild to "
-                    "replace it, or --name=NEW (--data_dir=OTHER for shapes) to build beside it")
-            if diff is None or not rebuild:
+            if _keep_built(version_dir, wanted, rebuild):
                 return _saved_report(version_dir)
-            logging.warning("rebuilding %s: %s", version_dir, diff)
             shutil.rmtree(version_dir)
             builder = _fresh(builder)
         stale = [d for d in _listdir(config_dir) if d.startswith("incomplete.")]
@@ -746,6 +759,43 @@ def build(builder: tfds.core.DatasetBuilder, *, rebuild: bool = False,
     return report
 
 
+def _keep_built(version_dir: str, wanted: dict, rebuild: bool) -> bool:
+    """Whether the dataset built at `version_dir` (local or URL) is used as it is; raises
+    ValueError (one line) when it was built from other inputs and `rebuild` is not set."""
+    saved_inputs = _read_json(paths_lib.join(version_dir, INPUTS_FILE))
+    diff = _inputs_difference(saved_inputs, wanted) if saved_inputs else None
+    if saved_inputs is None:
+        logging.warning("%s was built by an older jaxt2i without a record of its inputs; it is "
+                        "used as it is (pass --rebuild to build it again)", version_dir)
+    elif diff and not rebuild:
+        raise ValueError(
+            f"{version_dir} was built from other inputs: {diff}; pass --rebuild to "
+            "replace it, or --name=NEW (--data_dir=OTHER for shapes) to build beside it")
+    if diff is None or not rebuild:
+        return True
+    logging.warning("rebuilding %s: %s", version_dir, diff)
+    return False
+
+
+def _build_to_url(builder, **options) -> inputs.Report:
+    """`build` for a URL data_dir: built in the local staging folder, then uploaded
+    (`cloud.publish`); a dataset already at the URL is kept, or refused, as a local one is."""
+    target = dataset_location(builder)
+    if paths_lib.exists(paths_lib.join(target, "dataset_info.json")):
+        if _keep_built(target, build_inputs(builder), options["rebuild"]):
+            return _saved_report(target)
+        paths_lib.rmtree(target)
+    url = getattr(builder, URL_ATTR)
+    setattr(builder, URL_ATTR, None)  # within: the local build of `build`
+    try:
+        report = build(builder, **options)
+    finally:
+        setattr(builder, URL_ATTR, url)
+    cloud.publish(str(builder.data_dir), target)
+    shutil.rmtree(str(builder.data_dir_root), ignore_errors=True)
+    return report
+
+
 def _no_examples(builder) -> ValueError:
     summary = getattr(builder, "report", inputs.Report()).summary()
     return ValueError(f"no usable examples for {builder.name}/{builder.builder_config.name}; "
@@ -781,8 +831,7 @@ def _fresh(builder):
 
 def _read_json(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths_lib.read_text(path))
     except (OSError, ValueError):
         return None
 
@@ -803,7 +852,7 @@ def _remove_empty_tree(path: str) -> None:
 
 
 def _saved_report(version_dir: str) -> inputs.Report:
-    return _report_of_json(_read_json(os.path.join(version_dir, REPORT_FILE)))
+    return _report_of_json(_read_json(paths_lib.join(version_dir, REPORT_FILE)))
 
 
 def _report_of_json(saved: dict | None) -> inputs.Report:
@@ -828,14 +877,15 @@ def load_source(dataset_dir: str, split: str = "train"):
     Returns:
       A TFDS `ArrayRecordDataSource` (len, [i] -> dict of numpy values / bytes).
     """
-    found = sorted(root for root, _, files in os.walk(dataset_dir)
-                   if "dataset_info.json" in files)
+    found = cloud.find_datasets(dataset_dir)
     if not found:
         raise FileNotFoundError(f"no built dataset (dataset_info.json) under {dataset_dir}; "
                                 f"build one with `python -m jaxt2i.data.builders`")
-    if len(found) > 1 and os.path.dirname(found[0]) != os.path.dirname(found[-1]):
+    if len(found) > 1 and paths_lib.dirname(found[0]) != paths_lib.dirname(found[-1]):
         raise ValueError(f"{dataset_dir} holds several datasets ({', '.join(found[:3])}, ...);"
-                         f" name one, e.g. {os.path.relpath(found[0], dataset_dir)}")
+                         f" name one, e.g. {paths_lib.relpath(found[0], dataset_dir)}")
     newest = max(found, key=lambda d: tuple(int(x) if x.isdigit() else 0 for x in
-                                            os.path.basename(d).split(".")))
+                                            paths_lib.basename(d).split(".")))
+    if paths_lib.is_url(newest):  # array_record reads local files: a local copy, cached
+        newest = cloud.local_copy(newest)
     return tfds.builder_from_directory(newest).as_data_source(split)

@@ -14,7 +14,7 @@ its own); --beam_options are Beam's own pipeline options, passed through:
                         --direct_running_mode=multi_processing"
 
 --root, --manifest and --input may be URLs (gs://bucket/dir, s3://..., any fsspec protocol;
-gs:// needs gcsfs); --data_dir is a local folder.
+gs:// needs gcsfs); --data_dir may be one too (built in a local folder, then uploaded).
 
 Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name.
 """
@@ -22,8 +22,8 @@ Parses the flags and calls `jaxt2i.data.builders.build` on the builder they name
 from __future__ import annotations
 
 from jaxt2i import paths as paths_lib
-from jaxt2i.data.builders import (beam_module, build, check_data_dir, image_text_builder,
-                                  shapes_builder, shards_builder)
+from jaxt2i.data.builders import (beam_module, build, check_data_dir, dataset_location,
+                                  image_text_builder, shapes_builder, shards_builder)
 
 _SHARD_FLAGS = ("source", "caption_field", "image_field", "max_aspect")
 _ROOT_FLAGS = ("manifest", "format")
@@ -32,7 +32,8 @@ _ROOT_FLAGS = ("manifest", "format")
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("data_dir", None, "TFDS data directory (a local folder).")
+    flags.DEFINE_string("data_dir", None, "TFDS data directory: a local folder or a URL "
+                        "(gs://bucket/tfds: built locally, then uploaded).")
     flags.DEFINE_string("shapes", None, "Build the shapes world: RES:TRAIN[:TEST[:HELD_OUT[:SEED]]],"
                         " e.g. 64:10000.")
     flags.DEFINE_string("root", None, "Build a folder of images with captions (a path or a URL: "
@@ -145,7 +146,7 @@ def main(argv) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     print(report.summary() or "no input problems")
-    print(f"dataset: {builder.data_dir}", flush=True)
+    print(f"dataset: {dataset_location(builder)}", flush=True)
 
 
 def cli() -> None:

@@ -60,7 +60,7 @@ def pipeline_options(flags) -> options_lib.PipelineOptions:
     Raises:
       ValueError: (one line) a flag Beam does not know (a typo such as `--runer` would
         otherwise be dropped with a warning and the build run on the DirectRunner), a word
-        that is not a flag, or the DataflowRunner (outputs are local folders so far).
+        that is not a flag, or the DataflowRunner (builds are written to local folders).
     """
     args = shlex.split(flags) if isinstance(flags, str) else [str(f) for f in flags]
     unknown = _unknown_flags(args)
@@ -74,9 +74,10 @@ def pipeline_options(flags) -> options_lib.PipelineOptions:
         # Its workers would write the files to their own disks, and the build would fail
         # only at the end, after paying for the cluster.
         raise ValueError(f"--beam_options: --runner={runner} writes from Google Cloud workers, "
-                         "which cannot reach a local --data_dir, and --data_dir is a local "
-                         "folder so far; run it with SparkRunner / FlinkRunner on machines that "
-                         "share a filesystem, or on this machine")
+                         "which cannot reach a local --data_dir, and a build is written to a "
+                         "local folder (a gs:// --data_dir is uploaded from one); run it with "
+                         "SparkRunner / FlinkRunner on machines that share a filesystem, or on "
+                         "this machine")
     return options
 
 

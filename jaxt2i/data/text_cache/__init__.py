@@ -7,7 +7,12 @@ as many tokens as its longest caption needs; `TextCache` pads back to the encode
 length with zeros (masked out) when read. Example i of the dataset is entry i of the cache.
 
 A rerun skips shards already written for the same captions (file names carry a checksum),
-so an interrupted build resumes. Beside each shard, `key_*.npy` holds the CRC-32 of every
+so an interrupted build resumes.
+
+The cache directory may be a URL (`gs://bucket/cache`, any fsspec URL: see `jaxt2i.paths`):
+each shard file is then uploaded whole (one object, complete or absent, as a local file is
+renamed into place), and `TextCache` reads a shard's files into memory the first time one of
+its examples is asked for (a local cache is memory-mapped). Beside each shard, `key_*.npy` holds the CRC-32 of every
 caption, so training checks that the cache and the dataset agree example by example.
 
 Many processes build one cache together (`process_count` > 1, e.g. under `jax.distributed`):
@@ -20,6 +25,7 @@ CLI (console script `jaxt2i-text-cache`):
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,6 +35,8 @@ from typing import Any, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
+
+from jaxt2i import paths as fspaths
 
 INDEX_FILE = "index.json"
 
@@ -99,9 +107,21 @@ def _encode(encoder, captions: list[str], batch_size: int) -> tuple[np.ndarray, 
 
 
 def _save(path: str, array: np.ndarray) -> None:
+    if fspaths.is_url(path):  # one upload: the object is complete or absent
+        buf = io.BytesIO()
+        np.save(buf, array)
+        fspaths.write_bytes(path, buf.getvalue())
+        return
     tmp = path + ".tmp.npy"
     np.save(tmp, array)
     os.replace(tmp, path)  # a shard is either complete or absent
+
+
+def _load(path: str) -> np.ndarray:
+    """A .npy file memory-mapped (read whole for a URL)."""
+    if fspaths.is_url(path):
+        return np.load(io.BytesIO(fspaths.read_bytes(path)))
+    return np.load(path, mmap_mode="r")
 
 
 def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 4096,
@@ -139,7 +159,7 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
     sizes = [int(n) for n in shard_sizes] if shard_sizes is not None else None
     if sizes is not None and (not sizes or min(sizes) < 1):
         raise ValueError(f"shard_sizes must be positive counts, got {sizes[:8]}")
-    os.makedirs(out_dir, exist_ok=True)
+    fspaths.makedirs(out_dir)
     stream, total = _caption_stream(captions)
     if sizes is not None and total is not None and sum(sizes) != total:
         raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {total} "
@@ -151,20 +171,20 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
         crc = zlib.crc32("\n".join(chunk).encode("utf-8", "replace")) & 0xFFFFFFFF
         name = f"{k:05d}_{crc:08x}"
         files = {kind: f"{kind}_{name}.npy" for kind in ("emb", "mask", "key")}
-        paths = {kind: os.path.join(out_dir, f) for kind, f in files.items()}
+        where = {kind: fspaths.join(out_dir, f) for kind, f in files.items()}
         mine = k % process_count == process_index
-        if mine and not (os.path.exists(paths["emb"]) and os.path.exists(paths["mask"])):
+        if mine and not (fspaths.exists(where["emb"]) and fspaths.exists(where["mask"])):
             emb, mask = _encode(encoder, chunk, batch_size)  # [n, L, D], [n, L]
             if emb.shape[1:] != (length, dim):
                 raise ValueError(f"encoder returned embeddings {emb.shape[1:]} but declares "
                                  f"(max_length, d_model) = {(length, dim)}")
             tokens = max(1, int(mask.any(0).nonzero()[0].max(initial=0)) + 1)
-            _save(paths["emb"], np.ascontiguousarray(emb[:, :tokens]))
-            _save(paths["mask"], np.ascontiguousarray(mask[:, :tokens]))
+            _save(where["emb"], np.ascontiguousarray(emb[:, :tokens]))
+            _save(where["mask"], np.ascontiguousarray(mask[:, :tokens]))
             encoded += len(chunk)
-            written += os.path.getsize(paths["emb"]) + os.path.getsize(paths["mask"])
-        if mine and not os.path.exists(paths["key"]):  # also for shards of older caches
-            _save(paths["key"], np.array([caption_key(c) for c in chunk], np.uint32))
+            written += fspaths.getsize(where["emb"]) + fspaths.getsize(where["mask"])
+        if mine and not fspaths.exists(where["key"]):  # also for shards of older caches
+            _save(where["key"], np.array([caption_key(c) for c in chunk], np.uint32))
         shards.append({**files, "start": start, "count": len(chunk), "crc32": crc})
         start += len(chunk)
         if log_every and (k + 1) % log_every == 0:
@@ -178,11 +198,11 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
     seconds = time.perf_counter() - t0
     if process_count > 1:
         (barrier or _barrier)("jaxt2i_text_cache_shards")
-    index_path = os.path.join(out_dir, INDEX_FILE)
+    index_path = fspaths.join(out_dir, INDEX_FILE)
     if process_index == 0:
         for s_ in shards:  # every shard's token count, whichever process wrote it
-            s_["tokens"] = int(np.load(os.path.join(out_dir, s_["mask"]), mmap_mode="r").shape[1])
-        size = sum(os.path.getsize(os.path.join(out_dir, s_[kind])) for s_ in shards
+            s_["tokens"] = int(_load(fspaths.join(out_dir, s_["mask"])).shape[1])
+        size = sum(fspaths.getsize(fspaths.join(out_dir, s_[kind])) for s_ in shards
                    for kind in ("emb", "mask", "key"))
         index = {"num_examples": start, "max_length": length, "d_model": dim,
                  "dtype": "bfloat16", "storage": "uint16 bits of bfloat16, .npy",
@@ -191,21 +211,18 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
                  "build": {"processes": process_count, "seconds_process_0": round(seconds, 3),
                            "captions_encoded_process_0": encoded},
                  "shards": shards}
-        with open(index_path + ".tmp", "w") as f:
-            json.dump(index, f, indent=1)
-        os.replace(index_path + ".tmp", index_path)
+        fspaths.write_text(index_path, json.dumps(index, indent=1))
         keep = {s_[kind] for s_ in shards for kind in ("emb", "mask", "key")}
-        for fname in os.listdir(out_dir):  # shards of other captions, left by an earlier build
+        for fname in fspaths.listdir(out_dir):  # shards of other captions, left by an earlier build
             if re.fullmatch(r"(emb|mask|key)_\d{5}_[0-9a-f]{8}\.npy", fname) and fname not in keep:
-                os.remove(os.path.join(out_dir, fname))
+                fspaths.remove(fspaths.join(out_dir, fname))
         if log_every:
             print(f"text cache: {start} captions, {size / 2**20:.1f} MiB in {len(shards)} shards"
                   f"; process 0 encoded {encoded} in {seconds:.1f} s "
                   f"({encoded / max(seconds, 1e-9):.0f} captions/s)", flush=True)
     if process_count > 1:
         (barrier or _barrier)("jaxt2i_text_cache_index")
-    with open(index_path) as f:
-        return json.load(f)
+    return json.loads(fspaths.read_text(index_path))
 
 
 class TextCache:
@@ -216,12 +233,11 @@ class TextCache:
 
     def __init__(self, path: str):
         """Args: path: the cache directory (with index.json)."""
-        index_path = os.path.join(path, INDEX_FILE)
-        if not os.path.exists(index_path):
+        index_path = fspaths.join(path, INDEX_FILE)
+        if not fspaths.exists(index_path):
             raise FileNotFoundError(f"no {INDEX_FILE} in {path}; build it with "
                                     f"`python -m jaxt2i.data.text_cache`")
-        with open(index_path) as f:
-            self.index = json.load(f)
+        self.index = json.loads(fspaths.read_text(index_path))
         self.path = path
         self.max_length = int(self.index["max_length"])
         self.d_model = int(self.index["d_model"])
@@ -240,8 +256,8 @@ class TextCache:
     def _shard(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self._maps:
             s = self.index["shards"][k]
-            self._maps[k] = (np.load(os.path.join(self.path, s["emb"]), mmap_mode="r"),
-                             np.load(os.path.join(self.path, s["mask"]), mmap_mode="r"))
+            self._maps[k] = (_load(fspaths.join(self.path, s["emb"])),
+                             _load(fspaths.join(self.path, s["mask"])))
         return self._maps[k]
 
     def key(self, i: int) -> int | None:
@@ -251,7 +267,7 @@ class TextCache:
         if "key" not in s:
             return None
         if k not in self._keys:
-            self._keys[k] = np.load(os.path.join(self.path, s["key"]), mmap_mode="r")
+            self._keys[k] = _load(fspaths.join(self.path, s["key"]))
         return int(self._keys[k][int(i) - int(self._starts[k])])
 
     def check_caption(self, i: int, caption: str) -> None:
