@@ -161,6 +161,20 @@ def test_export_checkpoint_writes_the_ema_params_of_a_sharded_checkpoint(tmp_pat
     with pytest.raises(FileNotFoundError, match="has no checkpoints/ directory"):
         export_checkpoint(str(tmp_path / "nowhere"))
 
+    # Saved across 4 devices, exported by the CLI in a process that has one (a pod's run
+    # exported on a workstation): every array lands whole on that device.
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    r = subprocess.run([sys.executable, "-m", "jaxt2i.checkpoint", f"--workdir={tmp_path}",
+                        f"--out={tmp_path / 'one'}"], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    params, _, step = load_exported(str(tmp_path / "one"))
+    assert step == 2
+    np.testing.assert_array_equal(params["dense"]["kernel"], -np.arange(32.0).reshape(8, 4))
+
 
 def test_export_checkpoint_cli_matches_the_export_written_by_training(tiny_cascade_dir, tmp_path):
     """The tiny cascade's base run ends with a checkpoint and an export at the same step: the

@@ -402,8 +402,23 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
         raise FileNotFoundError(f"{workdir!r} has no checkpoints/ directory; pass a training "
                                 "run's --workdir")
     with _absl_below(logging.ERROR):  # read_only's "setting create=False" notes
-        mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "config"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+        mgr = ocp.CheckpointManager(
+            directory, options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def read(s: int):
+        # Every array onto this process's first device, whatever mesh saved it: without a
+        # target Orbax would rebuild the saving run's shardings (another device count fails).
+        meta = mgr.item_metadata(s)["state"]
+        target = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+            getattr(meta, "tree", meta))
+        return mgr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+
     with mgr:
         steps = sorted(mgr.all_steps(), reverse=True)
         if step is not None:
@@ -413,8 +428,7 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
             steps = [step]
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {directory} yet")
-        s, out, _ = newest_readable(steps, lambda s: mgr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore())), directory)
+        s, out, _ = newest_readable(steps, read, directory)
     out_dir = out_dir or paths.join(workdir, "export")
     _check_not_older(out_dir, int(s), explicit=step is not None)
     from jaxt2i.models import lora  # a LoRA run: merged params + its adapters alone
