@@ -321,3 +321,44 @@ def test_config_and_lora_errors_are_one_line(converted):
     with pytest.raises(ConfigError, match=r"train.lora.rank > 0 adapts a trained stage") as e:
         Trainer(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
+    """A LoRA step over 2 micro-batches: the loss is the micro-batches' mean, the gradient norm
+    is that of the adapters' mean gradient (the frozen base has none), the base is unchanged
+    bit for bit and every adapter's B moves."""
+    import importlib
+
+    import optax
+
+    from jaxt2i.data.pipeline import to_global_array
+    from jaxt2i.train import loop
+    from jaxt2i.train.trainer import Trainer
+
+    stage_dir = converted["out"] / "stage_I"
+    cfg = importlib.import_module("configs.if").get_config(f"stage={stage_dir},lora=4,size=tiny")
+    cfg.train.batch_size, cfg.train.grad_accum = 4, 2
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    state = trainer.init_state_from(str(stage_dir), seed=0)
+    with loop._pipeline(trainer, cfg) as data:
+        batch = loop._host_batch(trainer, next(data))
+    rng = jax.random.fold_in(jax.random.key(3), 0)
+    halves = [{k: jnp.asarray(v[i * 2:(i + 1) * 2]) for k, v in batch.items()} for i in range(2)]
+    grad = jax.jit(jax.value_and_grad(
+        lambda adapters, params, b, r: trainer._loss({**params, "lora": adapters}, b,
+                                                     trainer.text_params, r)))
+    with trainer._context():
+        parts = [grad(state.params["lora"], state.params, h, jax.random.fold_in(rng, i))
+                 for i, h in enumerate(halves)]
+    before = jax.device_get(state.params)  # the step donates the state
+    new, metrics = trainer.step(state, to_global_array(batch, trainer.mesh), jax.random.key(3), 0)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean([p[0] for p in parts]), rtol=1e-5)
+    mean_grad = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(mean_grad)),
+                               rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(new.params["base"]), jax.tree.leaves(before["base"])):
+        np.testing.assert_array_equal(a, b)
+    flat_new = jax.tree_util.tree_leaves_with_path(new.params["lora"])
+    moved = [np.any(np.asarray(a) != np.asarray(b)) for (p, a), b in
+             zip(flat_new, jax.tree.leaves(before["lora"])) if "lora_b" in str(p[-1])]
+    assert moved and all(moved)

@@ -359,6 +359,9 @@ class Trainer:
             loss, grads = grad_fn(state.params, batch, text_params, rng, clip_params)
         else:
             micro = jax.tree_util.tree_map(lambda x: x.reshape((k, -1) + x.shape[1:]), batch)
+            # A LoRA run accumulates its adapters' gradients only: the frozen base's are zero
+            # (stop-gradded), and a full-size accumulator would be carried through the loop.
+            trained = (lambda g: g["lora"]) if self.lora else (lambda g: g)
 
             def body(carry, xs):
                 mb, i = xs
@@ -366,11 +369,12 @@ class Trainer:
                                       clip_params)
                 acc_loss, acc_g = carry
                 return (acc_loss + loss_i / k,
-                        jax.tree_util.tree_map(lambda a, g: a + g / k, acc_g, g_i)), None
+                        jax.tree_util.tree_map(lambda a, g: a + g / k, acc_g, trained(g_i))), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                            (micro, jnp.arange(k)))
+            (loss, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), trained(zeros)),
+                                          (micro, jnp.arange(k)))
+            grads = {**zeros, "lora": acc} if self.lora else acc
         new_state, gnorm = apply_gradients(state, grads, loss, self.tx, self.cfg.train.ema_decay)
         metrics = {"loss": loss, "grad_norm": gnorm, "skipped": new_state.skipped,
                    "total_skipped": new_state.total_skipped}
