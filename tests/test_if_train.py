@@ -362,3 +362,27 @@ def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
     moved = [np.any(np.asarray(a) != np.asarray(b)) for (p, a), b in
              zip(flat_new, jax.tree.leaves(before["lora"])) if "lora_b" in str(p[-1])]
     assert moved and all(moved)
+
+
+def test_named_if_sizes_build_from_scratch_for_aot():
+    """configs/if.py:model=IF-I-XL (no weights; what the pod compile uses) has IF-I-XL's
+    published parameter count (DeepFloyd's model card: 4.3B; diffusers' IF-I-XL-v1.0 unet
+    holds 4,304,695,110), IF's text length and thresholding; bad variants are one line."""
+    import importlib
+
+    from jaxt2i.config import ConfigError, validate
+    from jaxt2i.models.registry import get_family
+    from jaxt2i.stage import StageConfig
+
+    get_config = importlib.import_module("configs.if").get_config
+    cfg = get_config("model=IF-I-XL")
+    validate(cfg)
+    stage = StageConfig.from_dict(cfg.to_dict(), where="configs/if.py")
+    assert get_family("if").count_params(stage.model) == 4_304_695_110
+    assert stage.model.learned_variance and stage.model.remat and cfg.text.max_length == 77
+    assert (stage.sample.thresholding, stage.sample.threshold_percentile,
+            stage.sample.threshold_max_value) == ("dynamic", 95.0, 1.5)
+    with pytest.raises(ConfigError, match=r"model='IF-II-L'; allowed: IF-I-M, IF-I-L, IF-I-XL"):
+        get_config("model=IF-II-L")
+    with pytest.raises(ConfigError, match="takes no stage= or lora="):
+        get_config("model=IF-I-XL,lora=4")
