@@ -366,8 +366,9 @@ def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
 
 def test_named_if_sizes_build_from_scratch_for_aot():
     """configs/if.py:model=IF-I-XL (no weights; what the pod compile uses) has IF-I-XL's
-    published parameter count (DeepFloyd's model card: 4.3B; diffusers' IF-I-XL-v1.0 unet
-    holds 4,304,695,110), IF's text length and thresholding; bad variants are one line."""
+    published parameter count (4.3B; 4,304,695,110 is what diffusers' UNet2DConditionModel
+    built from IF-I-XL's published unet/config.json holds, docs/deepfloyd-if.md), IF's text
+    length and thresholding; bad variants are one line."""
     import importlib
 
     from jaxt2i.config import ConfigError, validate
