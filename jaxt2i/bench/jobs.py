@@ -244,8 +244,8 @@ def job_train(which: str, quick: bool, tiny: bool = False, dtype: str | None = N
     holder = {"state": state}
 
     def step():
-        holder["state"], m = compiled(holder["state"], batch, trainer.text_params, key,
-                                      jnp.int32(0))
+        holder["state"], m = compiled(*trainer.step_args(holder["state"], batch, key,
+                                                         jnp.int32(0)))
         return m["loss"]
 
     warmup, iters = (1, 3) if quick else (2, 8)

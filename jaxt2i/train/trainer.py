@@ -395,18 +395,22 @@ class Trainer:
             return self._jit_step(state, batch, self.text_params, rng,
                                   jnp.asarray(iteration, jnp.int32), self.clip_params)
 
+    def step_args(self, state, batch, rng, iteration) -> tuple:
+        """The jitted train step's full arguments (the frozen encoders' params included): what
+        `lower_step(...).compile()` is called with."""
+        return state, batch, self.text_params, rng, iteration, self.clip_params
+
     def lower_step(self, state, batch, rng, iteration):
         """The jitted train step lowered for these (concrete or abstract, sharded) arguments:
-        `.compile()` it for `memory_analysis()` / `cost_analysis()`, or call the result."""
+        `.compile()` it for `memory_analysis()` / `cost_analysis()`, or call the result with
+        `step_args(...)`."""
         with self._context():
-            return self._jit_step.lower(state, batch, self.text_params, rng, iteration,
-                                        self.clip_params)
+            return self._jit_step.lower(*self.step_args(state, batch, rng, iteration))
 
     def step_jaxpr(self, state, batch, rng, iteration):
         """The train step's jaxpr for these arguments (analytic FLOP counts)."""
         with self._context():
-            return jax.make_jaxpr(self._train_step)(state, batch, self.text_params, rng,
-                                                     iteration, self.clip_params)
+            return jax.make_jaxpr(self._train_step)(*self.step_args(state, batch, rng, iteration))
 
     # --------------------------------------------------------------------------- samples
     def sample(self, params, prompts, rng, lowres=None, steps=None, image_embed=None):
