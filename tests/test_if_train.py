@@ -209,9 +209,10 @@ def _cli(args, devices=1):
     return r
 
 
-def _held_out_loss(workdir, params_dir):
-    """The run's loss (hybrid, text dropout as in training) of `params_dir`'s params on
-    held-out shapes batches, with fixed timesteps and noise: the same draws for every model."""
+def _held_out_losses(workdir, params_dirs):
+    """The run's loss (hybrid, text dropout as in training) of each of `params_dirs`' params on
+    held-out shapes batches, with fixed timesteps and noise: the same draws for every model
+    (one Trainer and one compiled loss for all of them)."""
     import json
 
     import ml_collections
@@ -228,14 +229,16 @@ def _held_out_loss(workdir, params_dir):
     cfg.train.batch_size = 8
     cfg.data.split = "held_out"
     trainer = Trainer(cfg, devices=jax.devices()[:1])
-    params = jax.tree_util.tree_map(jnp.asarray, load_exported(params_dir)[0])
     loss = jax.jit(trainer._loss)
-    total = []
     with loop._pipeline(trainer, cfg) as data:
-        for i in range(4):
-            batch = to_global_array(loop._host_batch(trainer, next(data)), trainer.mesh)
-            total.append(float(loss(params, batch, trainer.text_params, jax.random.key(i))))
-    return float(np.mean(total))
+        batches = [to_global_array(loop._host_batch(trainer, next(data)), trainer.mesh)
+                   for _ in range(4)]
+    out = []
+    for params_dir in params_dirs:
+        params = jax.tree_util.tree_map(jnp.asarray, load_exported(str(params_dir))[0])
+        out.append(float(np.mean([loss(params, b, trainer.text_params, jax.random.key(i))
+                                  for i, b in enumerate(batches)])))
+    return out
 
 
 def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
@@ -264,9 +267,8 @@ def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
         print(r.stdout.strip().splitlines()[-1])
 
     base = load_exported(str(stage_dir))[0]
-    before = _held_out_loss(tmp_path / "full", str(stage_dir))
-    after_full = _held_out_loss(tmp_path / "full", str(tmp_path / "full" / "export"))
-    after_lora = _held_out_loss(tmp_path / "lora", str(tmp_path / "lora" / "export"))
+    before, after_full, after_lora = _held_out_losses(
+        tmp_path / "full", [stage_dir, tmp_path / "full" / "export", tmp_path / "lora" / "export"])
     print(f"held-out loss: base {before:.4f}, full {after_full:.4f}, lora {after_lora:.4f}")
     assert after_full < 0.9 * before and after_lora < before
 
