@@ -241,6 +241,7 @@ def _held_out_losses(workdir, params_dirs):
     return out
 
 
+@pytest.mark.slow
 def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
     """docs' fine-tuning commands, each in a fresh process, on the tiny IF stage I converted
     from diffusers (`size=tiny`: 30 steps of batch 4; the LoRA run on a 2-device FSDP mesh):
