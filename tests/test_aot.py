@@ -160,3 +160,25 @@ def test_roofline_falls_back_to_xlas_counts_when_the_compiler_gives_no_time():
                                                   "optimal_seconds": 0.05}), 1.0, 64, 8e13)
     assert r["optimal_seconds"] == 0.05 and r["optimal_seconds_source"] == "compiler"
     assert "compiler's optimal time 50.0 ms" in format_report(r)
+
+
+def test_a_step_that_does_not_fit_is_reported_with_its_layout(monkeypatch):
+    """The compiler's out-of-memory is an answer: "fits": false, its reason, and the layout
+    that did not fit (mesh, grad_accum, params), so the next layout to try can be read off."""
+    from jaxt2i import aot
+
+    class Lowered:
+        def compile(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory "
+                               "on HBM, the total memory required for HLO temporaries (42.08G) "
+                               "exceeds available HBM (15.25G).")
+
+    monkeypatch.setattr(Trainer, "lower_step", lambda self, *args: Lowered())
+    cfg = load_config_file(os.path.join(ROOT, "configs/base.py:tiny"))
+    cfg.mesh.fsdp, cfg.train.grad_accum = 2, 2
+    r = aot.compile_train_step(cfg, jax.devices()[:2])
+    assert r["fits"] is False and r["reason"].startswith("RESOURCE_EXHAUSTED")
+    assert r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and r["grad_accum"] == 2
+    assert r["params"] > 0 and r["global_batch"] == cfg.train.batch_size
+    report = aot.format_report(r)
+    assert "does not fit: RESOURCE_EXHAUSTED" in report and "fsdp': 2" in report

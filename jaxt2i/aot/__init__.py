@@ -152,6 +152,10 @@ def compile_train_step(cfg, devices, *, text_cache: bool = False) -> dict:
     args = (trainer.abstract_state, trainer.abstract_batch(text_cache),
             sds((), jax.random.key(0).dtype), sds((), jnp.int32))
     flops = float(jaxpr_flops(trainer.step_jaxpr(*args))["total"])
+    about = dict(mesh=dict(trainer.mesh.shape), params=trainer.num_params,  # fits or not
+                 dtype=trainer.unet_cfg.dtype, remat=bool(trainer.unet_cfg.remat),
+                 optimizer=cfg.train.optimizer, grad_accum=int(cfg.train.grad_accum),
+                 text_in_step=not text_cache)
     t0 = time.perf_counter()
     try:
         compiled = trainer.lower_step(*args).compile()
@@ -164,12 +168,10 @@ def compile_train_step(cfg, devices, *, text_cache: bool = False) -> dict:
                 "global_batch": int(cfg.train.batch_size), "fits": False,
                 "hbm_bytes_per_device": chip["hbm_bytes_per_device"],
                 "reason": text.strip().splitlines()[0][:300], "flops_per_step": flops,
-                "compile_seconds": round(time.perf_counter() - t0, 1)}
+                "compile_seconds": round(time.perf_counter() - t0, 1), **about}
     out = _summary("train_step", devices, compiled, time.perf_counter() - t0,
                    int(cfg.train.batch_size), flops)
-    out.update(mesh=dict(trainer.mesh.shape), params=trainer.num_params,
-               dtype=trainer.unet_cfg.dtype, remat=bool(trainer.unet_cfg.remat),
-               optimizer=cfg.train.optimizer, text_in_step=not text_cache)
+    out.update(about)
     return out
 
 
