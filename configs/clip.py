@@ -9,8 +9,9 @@ tower's vocab_size 0 and eos_token_id -1 mean "the tokenizer's".
 
 import ml_collections
 
+from configs import common
+
 from jaxt2i.config import parse_variant
-from jaxt2i.parallel.sharding import DEFAULT_RULES
 from jaxt2i.text.clip import get_clip_config
 
 # demo: patch 8 on 32 px (a 4 x 4 grid), 128 wide, 3 layers a tower: 1.3M params. Patch 4
@@ -31,39 +32,9 @@ def get_config(arg=None):
     c.model_size = v["size"]
     c.model = ml_collections.ConfigDict(model)
 
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "shapes"
-    c.data.num_examples = 100_000
-    c.data.seed = 0
-    c.data.worker_count = 0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 8
-    c.train.num_steps = 6
-    c.train.optimizer = "adamw"
-    c.train.lr = 1e-3
-    c.train.b1 = 0.9
-    c.train.b2 = 0.98  # CLIP's
-    c.train.eps = 1e-6
-    c.train.weight_decay = 0.1
-    c.train.warmup_steps = 2
-    c.train.schedule = "cosine"
-    c.train.end_lr_factor = 0.0
-    c.train.grad_clip = 1.0
-    c.train.ema_decay = 0.0  # 0: no averaging (evaluated and exported params = trained ones)
-    c.train.max_skipped = 10
-    c.train.seed = 0
-    c.train.log_every = 1
-    c.train.save_every = 3
-    c.train.keep_checkpoints = 3
-    c.train.eval_every = 0  # 0: only at the end
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.num_scenes = 32  # N: retrieval among N captions (chance ~1/N)
-    c.eval.seed = 1
-
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+    # CLIP's AdamW (b2 0.98, weight decay 0.1); 0: no averaging (evaluated and exported
+    # params = trained ones); eval: retrieval among N captions (chance ~1/N)
+    common.shapes_run(c, b2=0.98, weight_decay=0.1, ema_decay=0.0)
 
     if v["size"] == "demo":
         c.model.text.update(_DEMO_TOWER)

@@ -164,3 +164,22 @@ def paper(c: ml_collections.ConfigDict) -> None:
     c.model.remat = True
     c.mesh.fsdp = -1
     c.mesh.data = 1
+
+
+def shapes_run(c: ml_collections.ConfigDict, *, b2: float, weight_decay: float,
+               ema_decay: float) -> None:
+    """The data, train, eval, mesh and sharding sections of a test-sized run of a model other
+    than a U-Net stage (CLIP, the unCLIP prior) on the shapes world: AdamW with cosine decay,
+    a few steps of batch 8, data-parallel over every device; eval on 32 scenes."""
+    from jaxt2i.parallel.sharding import DEFAULT_RULES
+
+    c.data = ml_collections.ConfigDict(dict(source="shapes", num_examples=100_000, seed=0,
+                                            worker_count=0))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=8, num_steps=6, optimizer="adamw", lr=1e-3, b1=0.9, b2=b2, eps=1e-6,
+        weight_decay=weight_decay, warmup_steps=2, schedule="cosine", end_lr_factor=0.0,
+        grad_clip=1.0, ema_decay=ema_decay, max_skipped=10, seed=0, log_every=1, save_every=3,
+        keep_checkpoints=3, eval_every=0))  # eval_every 0: only at the end
+    c.eval = ml_collections.ConfigDict(dict(num_scenes=32, seed=1))
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
