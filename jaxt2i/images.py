@@ -92,6 +92,27 @@ def labelled_grid(images: np.ndarray, labels: Sequence[str], path: str, cols: in
 __all__ = ["labelled_grid", "save_grid", "to_float", "to_uint8"]
 
 
+def read_image(path: str, *, what: str, mask: bool = False) -> np.ndarray:
+    """One image file at its own size: [H, W, 3] uint8 RGB, or [H, W] uint8 with `mask`.
+
+    Raises ConfigError (one line naming the file and `what`, the flag it came from) for a
+    missing or unreadable file.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from jaxt2i.config import ConfigError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if mask else "RGB"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path!r} is a directory; give an image file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"{what} {path!r} is not an image PIL can read ({e})") from None
+
+
 def read_images(paths: Sequence[str], count: int, size: int, *, what: str,
                 mask: bool = False) -> np.ndarray:
     """Reads one image for all `count` images or one per image, resized to size x size.
@@ -109,7 +130,7 @@ def read_images(paths: Sequence[str], count: int, size: int, *, what: str,
     Raises ConfigError (one line naming the file) for a missing or unreadable file or a wrong
     number of paths.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     from jaxt2i.config import ConfigError
 
@@ -117,15 +138,7 @@ def read_images(paths: Sequence[str], count: int, size: int, *, what: str,
     if len(paths) not in (1, count):
         raise ConfigError(f"{len(paths)} {what} files for {count} images; give one for all or "
                           "one per image (prompts x --num_images)")
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("L" if mask else "RGB").resize((size, size), Image.LANCZOS)
-                out.append(np.asarray(im))
-        except FileNotFoundError:
-            raise ConfigError(f"{what} {p!r} does not exist") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ConfigError(f"{what} {p!r} is not an image PIL can read ({e})") from None
+    out = [np.asarray(Image.fromarray(read_image(p, what=what, mask=mask)).resize(
+        (size, size), Image.LANCZOS)) for p in paths]
     a = np.stack(out * count if len(out) == 1 else out)
     return a.astype(np.float32) / 255.0 if mask else a

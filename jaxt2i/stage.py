@@ -596,8 +596,9 @@ class Stage:
 
     # ------------------------------------------------------------------------ sampling
     def sample(self, params, text, uncond, rng, lowres=None, *, settings: StageSettings,
-               edit: "Edit | None" = None, image_embed=None):
-        """The whole reverse process of the stage (traceable; jit it with `settings` static).
+               edit: "Edit | None" = None, image_embed=None, sampler=None):
+        """The whole reverse process of the stage (traceable; jit it with `settings` and
+        `sampler` static).
 
         Args:
           params: the U-Net's params.
@@ -615,6 +616,8 @@ class Stage:
           image_embed: an unCLIP decoder (`image_embed_dim` > 0) only, and required there:
             [B, P] CLIP image embeddings (e.g. the prior's); the unconditional half of
             guidance gets zeros, the null the decoder was trained with.
+          sampler: None (`settings.sampler`) or a sampler object that replaces it, e.g.
+            `diffusion.DDIM(eta=1.0)` (unCLIP variations); steps etc. stay `settings`'.
 
         Returns:
           [B, H, W, C] float32 images, roughly in [-1, 1].
@@ -650,7 +653,7 @@ class Stage:
         if edit is not None:
             edits = edit.resized(c.image_size)
             edits["resample"] = settings.inpaint_resample if edits.get("mask") is not None else 0
-        sampler, denoiser = settings.sampler, self.denoiser(params)
+        sampler, denoiser = sampler or settings.sampler, self.denoiser(params)
         if self.learned_variance:  # eps + v to the loop; DDPM steps with the learned variance
             denoiser = lambda x_t, t, cond: self.network_output(params, x_t, t, cond)  # noqa: E731
             if sampler == "ddpm":
