@@ -56,6 +56,19 @@ def test_sample_command_runs_the_unclip_cascade(unclip_dir, pipe, tmp_path):
     images = pipe.generate([PROMPTS[0]] * 2, seed=0)
     np.testing.assert_array_equal(images, np.stack([a, b]))  # the API makes the same images
 
+    # --out at a URL: the same files, uploaded (fsspec's memory filesystem as the bucket)
+    import fsspec
+
+    from jaxt2i.pipelines import unclip
+
+    unclip.sample_to_dir(str(unclip_dir), [PROMPTS[0]], "memory://unclip-test/out",
+                         num_images=2, seed=0)
+    fs = fsspec.filesystem("memory")
+    assert json.loads(fs.cat("/unclip-test/out/sample.json"))["images"] == record["images"]
+    for name, want in zip(record["images"], (a, b)):
+        with fs.open(f"/unclip-test/out/{name}") as f:
+            np.testing.assert_array_equal(np.asarray(Image.open(f)), want)
+
     r = subprocess.run([sys.executable, "-m", "jaxt2i.sample", f"--checkpoint={unclip_dir}",
                         "--prompt=x", "--steps=3", f"--out={tmp_path / 'o2'}"], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)

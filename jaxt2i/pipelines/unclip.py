@@ -310,18 +310,21 @@ def edit_to_dir(path: str, mode: str, image_paths: Sequence[str], out: str, *, s
 
 
 def _write(out: str, images: np.ndarray, pipe: UnCLIP, record: dict) -> dict:
-    """out/NNN.png per image, grid.png, and sample.json (`record` + names + stage settings)."""
+    """out/NNN.png per image, grid.png, and sample.json (`record` + names + stage settings);
+    `out` may be a URL (written locally, then uploaded)."""
     from PIL import Image
 
+    from jaxt2i import paths
     from jaxt2i.images import save_grid
 
-    os.makedirs(out, exist_ok=True)
     names = [f"{i:03d}.png" for i in range(len(images))]
-    for name, img in zip(names, images):
-        Image.fromarray(img).save(os.path.join(out, name))
-    save_grid(images, os.path.join(out, "grid.png"))
     record = {"kind": KIND, **record, "images": names,
               "stages": [s.config.sample.to_dict() for s in pipe.stages]}
-    with open(os.path.join(out, "sample.json"), "w") as f:
-        json.dump(record, f, indent=2)
+    with paths.local_dir(out) as local:
+        os.makedirs(local, exist_ok=True)
+        for name, img in zip(names, images):
+            Image.fromarray(img).save(os.path.join(local, name))
+        save_grid(images, os.path.join(local, "grid.png"))
+        with open(os.path.join(local, "sample.json"), "w") as f:
+            json.dump(record, f, indent=2)
     return record
