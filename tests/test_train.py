@@ -216,9 +216,9 @@ def test_sigkill_resume_is_exact_and_sigterm_saves(tmp_path):
                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     deadline = time.time() + 300
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+    metrics = run / "metrics.jsonl"  # created before the SIGTERM handler; its first row after
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
