@@ -249,6 +249,26 @@ class Checkpointer:
         self.manager.close()
 
 
+def open_run(cfg, workdir: str, abstract_state: Any) -> tuple[Checkpointer, dict, Any]:
+    """Opens a training run's checkpoints: every trainer's first step in its workdir.
+
+    Restores the newest checkpoint (refused in one line if it was written by another model or
+    config, before anything is written), then writes the run's `config.json` (process 0).
+
+    Returns:
+      (the Checkpointer, the config as a JSON dict (saved with every checkpoint), the restored
+      (step, state, data_state, extra) or None for a fresh run).
+    """
+    from jaxt2i.config import to_json  # pylint: disable=import-outside-toplevel
+
+    ckpt = Checkpointer(workdir, max_to_keep=cfg.train.keep_checkpoints)
+    config_dict = json.loads(to_json(cfg))
+    restored = ckpt.restore(abstract_state, config_dict)
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
+    return ckpt, config_dict, restored
+
+
 def export_params(params: Any, config: dict, out_dir: str, step: int | None = None) -> str:
     """Writes inference params (e.g. the EMA params) as safetensors + the config as JSON.
 

@@ -12,7 +12,6 @@ have their own loop, `jaxt2i.train.loop`, for their text caches, sample grids an
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from typing import Any, Callable
@@ -22,9 +21,8 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxt2i import paths
-from jaxt2i.checkpoint import Checkpointer
-from jaxt2i.config import ConfigError, to_json, validate
+from jaxt2i.checkpoint import open_run
+from jaxt2i.config import ConfigError, validate
 from jaxt2i.monitor import MetricWriter, StopSignal
 from jaxt2i.parallel import logical_shardings, make_mesh
 from jaxt2i.parallel.sharding import rules_from_config
@@ -130,11 +128,7 @@ def run_training(cfg: ml_collections.ConfigDict, workdir: str, trainer: ShardedT
     from jaxt2i.train.loop import Cadence, TrainingStopped
 
     tc = cfg.train
-    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-    config_dict = json.loads(to_json(cfg))
-    restored = ckpt.restore(trainer.abstract_state, config_dict)
-    if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
+    ckpt, config_dict, restored = open_run(cfg, workdir, trainer.abstract_state)
     if restored is not None:
         it, state, data_state, _ = restored
         if data_state:

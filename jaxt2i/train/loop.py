@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -22,8 +21,8 @@ import ml_collections
 import numpy as np
 
 from jaxt2i import paths
-from jaxt2i.checkpoint import Checkpointer, host_gather
-from jaxt2i.config import ConfigError, to_json, validate
+from jaxt2i.checkpoint import host_gather, open_run
+from jaxt2i.config import ConfigError, validate
 from jaxt2i.images import save_grid, to_uint8
 from jaxt2i.models import lora
 from jaxt2i.models.unet import UNetConfig, resize_matrix
@@ -303,12 +302,8 @@ def _next_batch(trainer: Trainer, data) -> tuple[dict, float]:
 def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
     trainer = Trainer(cfg, encoder, devices)
     tc = cfg.train
-    ckpt = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-    config_dict = json.loads(to_json(cfg))
     # Checked before anything is written: a checkpoint of another model stops the run here.
-    restored = ckpt.restore(trainer.abstract_state, config_dict)
-    if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), to_json(cfg))
+    ckpt, config_dict, restored = open_run(cfg, workdir, trainer.abstract_state)
     data = _pipeline(trainer, cfg)
     preview = _preview_inputs(trainer, cfg)
     if restored is not None:
