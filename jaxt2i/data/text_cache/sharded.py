@@ -83,7 +83,7 @@ class ShardedEncoder:
         self.encoder, self.mesh, self.rules = encoder, mesh, rules_from_config(rules)
         shardings = encoder_shardings(encoder.config, mesh, self.rules)
         self.params = jax.device_put(encoder.params, shardings)  # no copy if already there
-        batch = batch_sharding(mesh, 2)
+        self._batch = batch = batch_sharding(mesh, 2)
         self._encode = jax.jit(encoder.apply, in_shardings=(shardings, batch, batch),
                                out_shardings=batch_sharding(mesh, 3))
 
@@ -105,8 +105,12 @@ class ShardedEncoder:
         # The rules pin activations as training does: batch over data x fsdp, heads / mlp
         # over tensor (`nn.with_logical_constraint` in t5.py).
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            emb = self._encode(self.params, np.asarray(ids, np.int32), np.asarray(mask, bool))
-        return emb, np.asarray(mask, bool)
+            # Placed first: under jax.distributed, jit refuses host arrays for a sharded input
+            # (even on a mesh of this process's devices only).
+            ids, mask = jax.device_put((np.asarray(ids, np.int32), np.asarray(mask, bool)),
+                                       self._batch)
+            emb = self._encode(self.params, ids, mask)
+        return emb, np.asarray(mask)
 
 
 def on_mesh(encoder, mesh: Mesh | str | Mapping[str, int] | None = None):
