@@ -78,15 +78,15 @@ def test_sharded_params_and_cache_equal_the_unsharded_encoder(tmp_path, referenc
 
 
 def test_cli_on_four_devices_equals_one_device(tmp_path, reference):
-    """The command in a fresh process with 4 simulated devices (default mesh: fsdp:4)."""
+    """The command docs/data.md shows, in a fresh process with 4 simulated devices."""
     want, want_mask = reference
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache",
                         f"--encoder={assets.text_encoder_dir()}", f"--out_dir={tmp_path / 'c'}",
                         f"--shapes=train:{N}", "--shard_size=8", "--batch_size=8",
-                        "--log_every=1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
+                        "--log_every=1", "--mesh=fsdp:4"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     progress = [ln for ln in lines if "of this process's captions done" in ln]

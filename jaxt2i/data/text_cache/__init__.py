@@ -20,16 +20,17 @@ process p encodes shards p, p + P, ...; after a barrier process 0 writes index.j
 built TFDS dataset the cache's shards follow the dataset's own shard lengths. Each process
 encodes with T5 sharded over its own local devices only (`sharded.py`: a mesh of
 `jax.local_devices()`, default fsdp over all of them; params split by the project's sharding
-rules, captions split over data x fsdp), computing in float32 from bfloat16 params so that the
-cache's bits do not depend on the mesh or batch size. Progress lines give captions/s and the
-time left per process; index.json's "build" records the size and throughput.
+rules, captions split over data x fsdp), computing in float32 from bfloat16 params so that
+the cache's bits do not depend on the mesh or batch size (a tensor axis reorders sums: ~0.03%
+of values move by one bfloat16 ulp). Progress lines give captions/s and the time left per
+process; index.json's "build" records the size and the throughput of all processes.
 
-Picking the mesh for T5-XXL (encoder ~4.8B params, ~9.5 GB in bfloat16) on one host of a TPU
-pod (4 v4 chips, 32 GiB each): `fsdp:4` keeps ~2.4 GB of params per chip and splits each batch
-four ways (its weights are all-gathered layer by layer: raise --batch_size, e.g. 256, so the
-matmuls outweigh the gathers); `data:4` keeps a whole copy per chip (fits in 32 GiB, no
-gathers). On chips with less memory than the model use fsdp, adding `tensor` (which must divide
-its 64 heads and d_ff 10240) when fsdp alone does not fit.
+Picking the mesh for T5-XXL (encoder 4.76B params, 9.5 GB in bfloat16) on one host of a TPU
+pod (4 v4 chips, 32 GiB each): `fsdp:4` keeps 2.4 GB of params per chip and splits each batch
+four ways; its weights are all-gathered layer by layer, so raise --batch_size (e.g. 256) to
+keep the gathers small next to the matmuls. `data:4` keeps a whole copy per chip (fits in
+32 GiB) and gathers nothing. Add `tensor` (a size dividing its 64 heads and d_ff 10240) only
+when a batch is too small to split over every device.
 
 CLI (console script `jaxt2i-text-cache`):
      python -m jaxt2i.data.text_cache --encoder=DIR --out_dir=DIR --shapes=train:10000
