@@ -133,6 +133,9 @@ def test_processes_share_the_build_and_match_one_process(tmp_path):
     (i0, i1), (e0, e1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
     assert i0 == i1 and i0["shards"] == single["shards"] and i0["build"]["processes"] == 2
     assert (e0.calls, e1.calls) == (3, 3)  # shards 0, 2, 4 and 1, 3, 5 (one call each)
+    assert i0["build"]["captions_encoded"] == 23  # both processes' counts, summed by process 0
+    assert [p["encoded"] for p in i0["build"]["per_process"]] == [12, 11]
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith("build_")]
     one, two = text_cache.TextCache(str(tmp_path / "one")), text_cache.TextCache(str(tmp_path / "two"))
     for i in range(23):
         for a, b in zip(one[i], two[i]):
@@ -143,6 +146,7 @@ def test_processes_share_the_build_and_match_one_process(tmp_path):
         os.remove(str(tmp_path / "two" / i0["shards"][3][kind]))
     (j0, _), (f0, f1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
     assert (f0.calls, f1.calls) == (0, 1) and j0["shards"] == i0["shards"]
+    assert j0["build"]["captions_encoded"] == 4  # only the re-encoded shard 3
 
 
 def test_shards_follow_the_datasets_files(tmp_path):

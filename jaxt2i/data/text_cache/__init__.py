@@ -253,15 +253,15 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
     if sizes is not None and start != sum(sizes):
         raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {start} "
                          "captions; the cache's shards must cover the dataset exactly")
-    mine = {"encoded": progress.encoded, "seconds": round(progress.seconds(), 3)}
+    counts = {"encoded": progress.encoded, "seconds": round(progress.seconds(), 3)}
     if process_count > 1:  # each process's count, for process 0's totals
         fspaths.write_text(fspaths.join(out_dir, f"build_{process_index:05d}.json"),
-                           json.dumps(mine))
+                           json.dumps(counts))
         (barrier or _barrier)("jaxt2i_text_cache_shards")
     index_path = fspaths.join(out_dir, INDEX_FILE)
     if process_index == 0:
         seconds = progress.seconds()  # until every process has written its shards
-        per_process = [mine] + [json.loads(fspaths.read_text(fspaths.join(
+        per_process = [counts] + [json.loads(fspaths.read_text(fspaths.join(
             out_dir, f"build_{p:05d}.json"))) for p in range(1, process_count)]
         encoded = sum(p_["encoded"] for p_ in per_process)
         for s_ in shards:  # every shard's token count, whichever process wrote it
