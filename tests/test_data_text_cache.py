@@ -133,6 +133,9 @@ def test_processes_share_the_build_and_match_one_process(tmp_path):
     (i0, i1), (e0, e1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
     assert i0 == i1 and i0["shards"] == single["shards"] and i0["build"]["processes"] == 2
     assert (e0.calls, e1.calls) == (3, 3)  # shards 0, 2, 4 and 1, 3, 5 (one call each)
+    assert i0["build"]["captions_encoded"] == 23  # both processes' counts, summed by process 0
+    assert [p["encoded"] for p in i0["build"]["per_process"]] == [12, 11]
+    assert not [f for f in os.listdir(tmp_path / "two") if f.startswith("build_")]
     one, two = text_cache.TextCache(str(tmp_path / "one")), text_cache.TextCache(str(tmp_path / "two"))
     for i in range(23):
         for a, b in zip(one[i], two[i]):
@@ -143,6 +146,7 @@ def test_processes_share_the_build_and_match_one_process(tmp_path):
         os.remove(str(tmp_path / "two" / i0["shards"][3][kind]))
     (j0, _), (f0, f1) = _build_together(caps, tmp_path / "two", 2, shard_size=4, batch_size=4)
     assert (f0.calls, f1.calls) == (0, 1) and j0["shards"] == i0["shards"]
+    assert j0["build"]["captions_encoded"] == 4  # only the re-encoded shard 3
 
 
 def test_shards_follow_the_datasets_files(tmp_path):
@@ -164,8 +168,9 @@ def test_shards_follow_the_datasets_files(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
-    """The command under `launch/local_multiprocess.sh` (2 processes, gloo on 127.0.0.1) over a
-    dataset built with 3 files: one cache shard per file, equal to a one-process build."""
+    """The command under `launch/local_multiprocess.sh` (2 processes of 2 devices each, T5
+    sharded fsdp:2 within each, gloo on 127.0.0.1) over a dataset built with 3 files: one cache
+    shard per file, bit-equal to a one-process, one-device build."""
     from jaxt2i import assets
     from jaxt2i.data import builders
 
@@ -182,7 +187,7 @@ def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
     assert lengths is not None and len(lengths) == 3 and sum(lengths) == 30
     flags = [f"--encoder={assets.text_encoder_dir()}", f"--dataset_dir={dataset}",
              "--batch_size=4"]
-    r = subprocess.run(["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", "1",
+    r = subprocess.run(["bash", os.path.join(root, "launch", "local_multiprocess.sh"), "2", "2",
                         "--", *flags, f"--out_dir={tmp_path / 'two'}"], cwd=root,
                        env=dict(env, MODULE="jaxt2i.data.text_cache",
                                 LOG_DIR=str(tmp_path / "logs")),
@@ -190,6 +195,9 @@ def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
     logs = [(tmp_path / "logs" / f"process_{i}.log").read_text() for i in range(2)]
     assert r.returncode == 0, r.stderr[-2000:] + logs[0][-2000:] + logs[1][-2000:]
     assert "wrote 30 captions" in logs[0] and "wrote 30 captions" not in logs[1]
+    last = logs[0].strip().splitlines()[-1]
+    assert "MiB in 3 shards" in last and "2 process(es) x 2 devices" in last, last
+    assert "'fsdp': 2" in last and "captions/s" in last, last
     r = subprocess.run([sys.executable, "-m", "jaxt2i.data.text_cache", *flags,
                         f"--out_dir={tmp_path / 'one'}"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -197,6 +205,7 @@ def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
     one, two = text_cache.TextCache(str(tmp_path / "one")), text_cache.TextCache(str(tmp_path / "two"))
     assert [s["count"] for s in two.index["shards"]] == lengths
     assert two.index["build"]["processes"] == 2 and one.index["shards"] == two.index["shards"]
+    assert two.index["build"]["captions_encoded"] == 30  # both processes' shards counted
     for i in range(30):
         for a, b in zip(one[i], two[i]):
             np.testing.assert_array_equal(a, b)

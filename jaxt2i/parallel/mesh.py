@@ -50,6 +50,25 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'fsdp:4' or 'data:2,tensor:2' (a command's --mesh) -> {'fsdp': 4}; -1: the rest.
+
+    Raises:
+      ValueError: one line naming the spec and the expected form.
+    """
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition(":")
+        if name not in MESH_AXES or name in sizes or not size.lstrip("-").isdigit():
+            raise ValueError(f"mesh {spec!r} must be AXIS:SIZE[,AXIS:SIZE...] with axes from "
+                             f"{list(MESH_AXES)} (each once) and sizes >= 1 or -1 for the rest, "
+                             "e.g. fsdp:4 or data:2,tensor:2")
+        sizes[name] = int(size)
+    if not sizes:
+        raise ValueError(f"mesh {spec!r} is empty; give e.g. fsdp:-1 (all devices on fsdp)")
+    return sizes
+
+
 def make_mesh(sizes: Mapping[str, int] | None = None,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh over `devices` (default: all, every process) with axes MESH_AXES.

@@ -107,3 +107,34 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axes=("data", "fsdp")) -> NamedS
     if axes is not None and len(axes) == 1:
         axes = axes[0]
     return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
+
+
+def undivided_dims(abstract_tree: Any, mesh: Mesh, rules=None) -> dict[str, tuple[int, str, int]]:
+    """Logical dimensions that the mesh axes their rules name do not divide.
+
+    `logical_shardings` leaves such a dimension unsharded (tiny models run on any mesh); a
+    caller that wants every dimension split as the rules say reports these instead.
+
+    Returns:
+      {logical name: (dimension size, mesh axes joined by 'x', their total size)}, one entry
+      per name (the first leaf found).
+    """
+    rules = rules_from_config(rules)
+    specs = nn.get_partition_spec(abstract_tree)
+    unboxed = nn.unbox(abstract_tree)
+    bad: dict[str, tuple[int, str, int]] = {}
+
+    def one(spec, leaf):
+        if not spec:
+            return
+        mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
+        for name, dim, axes in zip(spec, leaf.shape, mesh_spec):
+            names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            size = 1
+            for a in names:
+                size *= mesh.shape[a]
+            if size > 1 and dim % size and name not in bad:
+                bad[name] = (int(dim), "x".join(names), size)
+
+    jax.tree_util.tree_map(one, specs, unboxed, is_leaf=lambda x: isinstance(x, P))
+    return bad

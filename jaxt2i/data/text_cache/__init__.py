@@ -17,7 +17,20 @@ caption, so training checks that the cache and the dataset agree example by exam
 
 Many processes build one cache together (`process_count` > 1, e.g. under `jax.distributed`):
 process p encodes shards p, p + P, ...; after a barrier process 0 writes index.json. With a
-built TFDS dataset the cache's shards follow the dataset's own shard lengths.
+built TFDS dataset the cache's shards follow the dataset's own shard lengths. Each process
+encodes with T5 sharded over its own local devices only (`sharded.py`: a mesh of
+`jax.local_devices()`, default fsdp over all of them; params split by the project's sharding
+rules, captions split over data x fsdp), computing in float32 from bfloat16 params so that
+the cache's bits do not depend on the mesh or batch size (a tensor axis reorders sums: ~0.03%
+of values move by one bfloat16 ulp). Progress lines give captions/s and the time left per
+process; index.json's "build" records the size and the throughput of all processes.
+
+Picking the mesh for T5-XXL (encoder 4.76B params, 9.5 GB in bfloat16) on one host of a TPU
+pod (4 v4 chips, 32 GiB each): `fsdp:4` keeps 2.4 GB of params per chip and splits each batch
+four ways; its weights are all-gathered layer by layer, so raise --batch_size (e.g. 256) to
+keep the gathers small next to the matmuls. `data:4` keeps a whole copy per chip (fits in
+32 GiB) and gathers nothing. Add `tensor` (a size dividing its 64 heads and d_ff 10240) only
+when a batch is too small to split over every device.
 
 CLI (console script `jaxt2i-text-cache`):
      python -m jaxt2i.data.text_cache --encoder=DIR --out_dir=DIR --shapes=train:10000
@@ -124,15 +137,49 @@ def _load(path: str) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
+def _my_share(sizes, total, shard_size, p, count) -> int | None:
+    """Captions in the shards process p encodes (None when the total is not known)."""
+    if sizes is None:
+        if total is None:
+            return None
+        sizes = [min(shard_size, total - i) for i in range(0, total, shard_size)]
+    return sum(n for k, n in enumerate(sizes) if k % count == p)
+
+
+class _Progress:
+    """This process's counts, and its progress line: captions/s and the time left."""
+
+    def __init__(self, share: int | None, who: str):
+        self.share, self.who, self.t0 = share, who, time.perf_counter()
+        self.encoded = self.written = self.done = 0  # done: of its shards, encoded or found
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def log(self, shards: int) -> None:
+        rate = self.encoded / max(self.seconds(), 1e-9)
+        left = None if self.share is None else self.share - self.done
+        if left is None or (left and not rate):
+            eta = "?"
+        else:
+            m, sec = divmod(round(left / rate if left else 0), 60)
+            eta = f"{m // 60}:{m % 60:02d}:{sec:02d}"
+        print(f"text cache: {self.who}{self.done}/{self.share or '?'} of this process's "
+              f"captions done, {shards} shards read ({self.encoded} encoded at {rate:.0f} "
+              f"captions/s; ETA {eta}; {self.written / 2**20:.1f} MiB written)", flush=True)
+
+
 def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 4096,
                      shard_sizes: Iterable[int] | None = None, batch_size: int = 64,
                      log_every: int = 10, process_index: int = 0, process_count: int = 1,
-                     barrier=None) -> dict:
+                     barrier=None, mesh=None) -> dict:
     """Encodes every caption once and writes the cache (this process's share of it).
 
     Args:
-      encoder: object with `encode(list[str]) -> (emb [B, L, D], mask [B, L])`,
-        `max_length` (L) and `config.d_model` (D).
+      encoder: a `jaxt2i.text.encoder.TextEncoder` (sharded over this process's local devices
+        by `mesh`), a `sharded.ShardedEncoder`, or any object with
+        `encode(list[str]) -> (emb [B, L, D], mask [B, L])`, `max_length` (L) and
+        `config.d_model` (D), used as is.
       captions: list of str, an iterable of str, or a random-access source whose records
         have a 'caption' (str or UTF-8 bytes), e.g. `ShapesSource` or a TFDS data source.
       out_dir: directory for the shards and index.json (created).
@@ -146,6 +193,9 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
         all captions (for the shards' checksums) and must call this with the same arguments.
       barrier: callable(name) that waits for every process (default, with process_count > 1:
         `jax.experimental.multihost_utils.sync_global_devices`).
+      mesh: for a `TextEncoder`: a `jax.sharding.Mesh` of local devices or its sizes
+        ('fsdp:4', {'data': 2, 'tensor': 2}); default `sharded.DEFAULT_MESH` (fsdp over all
+        local devices).
 
     Returns:
       The index dict also written (by process 0) to `out_dir/index.json`.
@@ -159,13 +209,23 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
     sizes = [int(n) for n in shard_sizes] if shard_sizes is not None else None
     if sizes is not None and (not sizes or min(sizes) < 1):
         raise ValueError(f"shard_sizes must be positive counts, got {sizes[:8]}")
+    from jaxt2i.data.text_cache.sharded import on_mesh  # pylint: disable=import-outside-toplevel
+
+    encoder = on_mesh(encoder, mesh)
+    dp = int(getattr(encoder, "data_parallel", 1))
+    if batch_size % dp:
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of the {dp} devices the "
+                         f"mesh splits the batch over (data x fsdp); use --batch_size="
+                         f"{-(-batch_size // dp) * dp}")
     fspaths.makedirs(out_dir)
     stream, total = _caption_stream(captions)
     if sizes is not None and total is not None and sum(sizes) != total:
         raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {total} "
                          "captions; the cache's shards must cover the dataset exactly")
     length, dim = int(encoder.max_length), int(encoder.config.d_model)
-    shards, start, encoded, written, t0 = [], 0, 0, 0, time.perf_counter()
+    progress = _Progress(_my_share(sizes, total, shard_size, process_index, process_count),
+                         f"process {process_index}: " if process_count > 1 else "")
+    shards, start = [], 0
     chunks = _chunks(stream, iter(sizes) if sizes is not None else iter(lambda: shard_size, 0))
     for k, chunk in enumerate(chunks):
         crc = zlib.crc32("\n".join(chunk).encode("utf-8", "replace")) & 0xFFFFFFFF
@@ -181,25 +241,29 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
             tokens = max(1, int(mask.any(0).nonzero()[0].max(initial=0)) + 1)
             _save(where["emb"], np.ascontiguousarray(emb[:, :tokens]))
             _save(where["mask"], np.ascontiguousarray(mask[:, :tokens]))
-            encoded += len(chunk)
-            written += fspaths.getsize(where["emb"]) + fspaths.getsize(where["mask"])
+            progress.encoded += len(chunk)
+            progress.written += fspaths.getsize(where["emb"]) + fspaths.getsize(where["mask"])
         if mine and not fspaths.exists(where["key"]):  # also for shards of older caches
             _save(where["key"], np.array([caption_key(c) for c in chunk], np.uint32))
         shards.append({**files, "start": start, "count": len(chunk), "crc32": crc})
         start += len(chunk)
+        progress.done += len(chunk) if mine else 0
         if log_every and (k + 1) % log_every == 0:
-            rate = encoded / max(time.perf_counter() - t0, 1e-9)
-            who = f"process {process_index}: " if process_count > 1 else ""
-            print(f"text cache: {who}{start}/{total or '?'} captions read, {encoded} encoded "
-                  f"({rate:.0f} captions/s, {written / 2**20:.1f} MiB written)", flush=True)
+            progress.log(k + 1)
     if sizes is not None and start != sum(sizes):
         raise ValueError(f"shard_sizes add up to {sum(sizes)} examples but there are {start} "
                          "captions; the cache's shards must cover the dataset exactly")
-    seconds = time.perf_counter() - t0
-    if process_count > 1:
+    counts = {"encoded": progress.encoded, "seconds": round(progress.seconds(), 3)}
+    if process_count > 1:  # each process's count, for process 0's totals
+        fspaths.write_text(fspaths.join(out_dir, f"build_{process_index:05d}.json"),
+                           json.dumps(counts))
         (barrier or _barrier)("jaxt2i_text_cache_shards")
     index_path = fspaths.join(out_dir, INDEX_FILE)
     if process_index == 0:
+        seconds = progress.seconds()  # until every process has written its shards
+        per_process = [counts] + [json.loads(fspaths.read_text(fspaths.join(
+            out_dir, f"build_{p:05d}.json"))) for p in range(1, process_count)]
+        encoded = sum(p_["encoded"] for p_ in per_process)
         for s_ in shards:  # every shard's token count, whichever process wrote it
             s_["tokens"] = int(_load(fspaths.join(out_dir, s_["mask"])).shape[1])
         size = sum(fspaths.getsize(fspaths.join(out_dir, s_[kind])) for s_ in shards
@@ -208,17 +272,20 @@ def build_text_cache(encoder, captions: Any, out_dir: str, *, shard_size: int = 
                  "dtype": "bfloat16", "storage": "uint16 bits of bfloat16, .npy",
                  "shard_size": shard_size if sizes is None else None,
                  "aligned_shards": sizes is not None, "bytes": size,
-                 "build": {"processes": process_count, "seconds_process_0": round(seconds, 3),
-                           "captions_encoded_process_0": encoded},
+                 "build": {"processes": process_count, "seconds": round(seconds, 3),
+                           "captions_encoded": encoded,
+                           "captions_per_s": round(encoded / max(seconds, 1e-9), 1),
+                           "per_process": per_process},
                  "shards": shards}
         fspaths.write_text(index_path, json.dumps(index, indent=1))
         keep = {s_[kind] for s_ in shards for kind in ("emb", "mask", "key")}
-        for fname in fspaths.listdir(out_dir):  # shards of other captions, left by an earlier build
-            if re.fullmatch(r"(emb|mask|key)_\d{5}_[0-9a-f]{8}\.npy", fname) and fname not in keep:
+        for fname in fspaths.listdir(out_dir):  # files of other captions or earlier builds
+            if (re.fullmatch(r"(emb|mask|key)_\d{5}_[0-9a-f]{8}\.npy", fname) and fname not in keep
+                    or re.fullmatch(r"build_\d{5}\.json", fname)):
                 fspaths.remove(fspaths.join(out_dir, fname))
         if log_every:
             print(f"text cache: {start} captions, {size / 2**20:.1f} MiB in {len(shards)} shards"
-                  f"; process 0 encoded {encoded} in {seconds:.1f} s "
+                  f"; {encoded} encoded by {process_count} process(es) in {seconds:.1f} s "
                   f"({encoded / max(seconds, 1e-9):.0f} captions/s)", flush=True)
     if process_count > 1:
         (barrier or _barrier)("jaxt2i_text_cache_index")

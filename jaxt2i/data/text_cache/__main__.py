@@ -6,7 +6,8 @@ captions once into a T5 embedding cache.
 Several processes build one cache together with --coordinator/--num_processes/--process_id
 (as `python -m jaxt2i.train`; `MODULE=jaxt2i.data.text_cache launch/local_multiprocess.sh`
 starts them locally, a cluster launcher elsewhere). A cache of a built dataset (--dataset_dir)
-has one shard per dataset file. Parses the flags and calls
+has one shard per dataset file. Each process shards T5 over its own local devices (--mesh,
+default fsdp over all of them; see `jaxt2i.data.text_cache.sharded`). Parses the flags and calls
 `jaxt2i.data.text_cache.build_text_cache`.
 """
 
@@ -45,7 +46,14 @@ def _define_flags() -> None:
                         "build the cache together.")
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator).")
     flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator).")
-    flags.DEFINE_integer("batch_size", 64, "Captions per encoder call.")
+    flags.DEFINE_integer("batch_size", 64, "Captions per encoder call (a multiple of the "
+                         "mesh's data x fsdp size).")
+    flags.DEFINE_string("mesh", "fsdp:-1", "How T5 is split over this process's local devices: "
+                        "AXIS:SIZE[,...] of data / fsdp / tensor, -1 for the rest, e.g. fsdp:4 "
+                        "or data:2,tensor:2 (default: fsdp over all local devices).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "T5's compute dtype (params "
+                      "are bfloat16 either way); float32 gives the same cache on any mesh.")
+    flags.DEFINE_integer("log_every", 10, "Print progress every this many shards (0: never).")
     flags.mark_flags_as_required(["encoder", "out_dir"])
     flags.mark_flags_as_mutual_exclusive(["shapes", "dataset_dir"], required=True)
 
@@ -54,7 +62,7 @@ def main(argv) -> None:
     from absl import flags
 
     from jaxt2i.config import ConfigError
-    from jaxt2i.text.encoder import load_encoder  # pylint: disable=import-outside-toplevel
+    from jaxt2i.data.text_cache.sharded import local_mesh, load_sharded_encoder
     from jaxt2i.workdir import disk_error
 
     F = flags.FLAGS
@@ -67,12 +75,13 @@ def main(argv) -> None:
         from jaxt2i.parallel import initialize_distributed
 
         initialize_distributed(F.coordinator, F.num_processes, F.process_id)
-        encoder = load_encoder(F.encoder, "bfloat16", max_length=F.max_length)
+        encoder = load_sharded_encoder(F.encoder, local_mesh(F.mesh), dtype=F.dtype,
+                                       max_length=F.max_length)
         sizes = dataset_shard_lengths(source) if F.dataset_dir and F.aligned else None
         index = build_text_cache(encoder, source, F.out_dir, shard_size=F.shard_size,
                                  shard_sizes=sizes, batch_size=F.batch_size,
                                  process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+                                 process_count=jax.process_count(), log_every=F.log_every)
     except OSError as e:
         if disk_error(e) is not None:
             raise  # a full disk or an unwritable --out_dir: one line, exit 1 (run_app)
@@ -80,7 +89,12 @@ def main(argv) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if jax.process_index() == 0:
-        print(f"wrote {index['num_examples']} captions to {F.out_dir}", flush=True)
+        b = index["build"]
+        print(f"wrote {index['num_examples']} captions to {F.out_dir}: "
+              f"{index['bytes'] / 2**20:.1f} MiB in {len(index['shards'])} shards; encoded "
+              f"{b['captions_encoded']} at {b['captions_per_s']:.0f} captions/s "
+              f"({b['processes']} process(es) x {jax.local_device_count()} devices, mesh "
+              f"{dict(encoder.mesh.shape)})", flush=True)
 
 
 def cli() -> None:
