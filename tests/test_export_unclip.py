@@ -44,14 +44,17 @@ def clip():
     return load_frozen_clip("bundled")
 
 
-@pytest.fixture(scope="module")
-def torch_export(unclip_dir, tmp_path_factory):
-    """The docs' command, in a fresh process: (output dir, completed process)."""
-    out = tmp_path_factory.mktemp("pt") / "export_pt"
+def _cli(unclip_dir, fmt, out):
+    """docs/export.md's command, in a fresh process: (output dir, completed process)."""
     r = subprocess.run([sys.executable, "-m", "jaxt2i.export", f"--checkpoint={unclip_dir}",
-                        "--format=torch", f"--out={out}"], cwd=ROOT, capture_output=True,
+                        f"--format={fmt}", f"--out={out}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
     return out, r
+
+
+@pytest.fixture(scope="module")
+def torch_export(unclip_dir, tmp_path_factory):
+    return _cli(unclip_dir, "torch", tmp_path_factory.mktemp("pt") / "export_pt")
 
 
 def _prior_inputs(config, text_len, batch=4, seed=0):
@@ -94,6 +97,7 @@ def test_torch_cli_writes_every_piece_in_a_fresh_process(torch_export, unclip_di
     out, r = torch_export
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+    assert "exported the prior, the CLIP and 2 stage(s) as torch" in r.stdout
     record = json.loads((out / "cascade.json").read_text())
     assert record["kind"] == "unclip" and record["prior"] == "prior" and record["clip"] == "clip"
     assert record["stages"] == ["stage0_decoder_16px", "stage1_sr_32px"]
@@ -208,8 +212,10 @@ def test_onnx_prior_clip_and_decoder_match_jax(unclip_dir, pipe, clip, tmp_path)
     pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
     from jaxt2i.export.onnx_export import run_denoiser
 
-    out = tmp_path / "onnx"
-    m = export_cascade([str(unclip_dir)], "onnx", str(out), log=lambda s: None)
+    out, r = _cli(unclip_dir, "onnx", tmp_path / "export_onnx")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "exported the prior, the CLIP and 2 stage(s) as onnx" in r.stdout
+    m = json.loads((out / "manifest.json").read_text())
     record = m["cascade"]
     assert record["kind"] == "unclip" and record["clip_text"] == "clip/text.onnx"
     assert [s["stage"] for s in m["sources"]] == ["prior", "base", "sr"]

@@ -10,7 +10,8 @@ is a folder with ``model.safetensors`` and ``config.json``; load and run it with
     net = TorchUNet.from_pretrained("export_pt/stage0_base_64px").eval()
     with torch.no_grad():
         pred = net(x_t, noise_level, text_emb, text_mask)  # x_t [B, C, H, W] -> [B, C, H, W]
-        # SR stages also take lowres [B, C, h, w] and aug_level [B].
+        # SR stages also take lowres [B, C, h, w] and aug_level [B]; an unCLIP decoder
+        # (config.image_embed_dim > 0) image_embed [B, image_embed_dim].
 
 ``forward`` has the semantics of ``UNet.__call__`` (same conditioning, masks, learned null
 text token, low-res resize, output = ``config.objective``), with images in PyTorch's NCHW
