@@ -207,6 +207,7 @@ def test_torch_decoder_and_sr_match_jax(torch_export, pipe):
                                atol=TOL, rtol=0)
 
 
+@pytest.mark.slow  # the ONNX export in a fresh process: ~40 s of CPU, ~90 s on a loaded machine
 def test_onnx_prior_clip_and_decoder_match_jax(unclip_dir, pipe, clip, tmp_path):
     pytest.importorskip("jax2onnx", reason="ONNX export is a test extra: pip install -e '.[test]'")
     pytest.importorskip("onnxruntime", reason="onnxruntime is a test extra")
