@@ -137,6 +137,29 @@ def test_torch_prior_matches_jax(torch_export, pipe):
     np.testing.assert_allclose(got, _jax_prior(pipe.prior, short), atol=TOL, rtol=0)
 
 
+def test_torch_prior_bfloat16_and_load_errors(pipe, tmp_path):
+    torch = pytest.importorskip("torch")
+    from jaxt2i.export.torch_convert import save_prior_pretrained
+    from jaxt2i.export.torch_prior import TorchPrior
+
+    save_prior_pretrained(str(tmp_path / "bf16"), pipe.prior.params, pipe.prior.config,
+                          dtype="bfloat16")
+    net = TorchPrior.from_pretrained(str(tmp_path / "bf16")).eval()
+    assert next(net.parameters()).dtype == torch.bfloat16
+    x = _prior_inputs(pipe.prior.config, 32)
+    want = _jax_prior(pipe.prior, x)
+    with torch.no_grad():
+        got = net(**{k: torch.from_numpy(v) for k, v in x.items()})
+    assert got.dtype == torch.float32
+    err = np.abs(got.numpy() - want).max() / np.abs(want).max()
+    assert err < 0.05, err  # bfloat16 weights and activations: ~1e-2 relative
+    with pytest.raises(FileNotFoundError, match="not a TorchPrior export"):
+        TorchPrior.from_pretrained(str(tmp_path))
+    (tmp_path / "bf16" / "config.json").write_text(json.dumps({"unet": {}}))
+    with pytest.raises(ValueError, match="has no 'prior' entry"):
+        TorchPrior.from_pretrained(str(tmp_path / "bf16"))
+
+
 def test_transformers_clip_matches_ours(torch_export, clip):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
