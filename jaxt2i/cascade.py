@@ -110,8 +110,9 @@ class Cascade:
       uncond: (emb [1, L, D] float32, mask [1, L] bool) of the empty prompt.
     """
 
-    def __init__(self, stages: Sequence[Stage], encoder):
-        check_compatible(stages, encoder.config.d_model)
+    def __init__(self, stages: Sequence[Stage], encoder, *, unclip: bool = False):
+        check_compatible(stages, encoder.config.d_model, unclip=unclip)
+        self.unclip = unclip  # stage 0 is an unCLIP decoder (the export of an unCLIP cascade)
         self.stages = list(stages)
         self.encoder = encoder
         for s in self.stages:
@@ -130,7 +131,8 @@ class Cascade:
         """A cascade of the first `n` stages (sharing this one's encoder and params)."""
         if not 1 <= n <= len(self.stages):
             raise ConfigError(f"stages ({n}) must be between 1 and {len(self.stages)}")
-        return self if n == len(self.stages) else Cascade(self.stages[:n], self.encoder)
+        return self if n == len(self.stages) else Cascade(self.stages[:n], self.encoder,
+                                                          unclip=self.unclip)
 
     def encode_fn(self, text_params, ids, mask):
         """Traceable text encoding: [B, L] ids, mask -> (emb [B, L, D] float32, mask bool)."""

@@ -16,7 +16,9 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
     """Exports a cascade (or its first `stages` stages) to `out`; returns the manifest record.
 
     Args:
-      checkpoints: a cascade directory, or one stage export / training workdir per stage.
+      checkpoints: a cascade directory, or one stage export / training workdir per stage;
+        an unCLIP directory (cascade.json kind 'unclip') also writes its prior and CLIP
+        (`jaxt2i.export.unclip_export`).
       fmt: 'torch', 'onnx' or 'stablehlo' (`FORMATS`).
       out: output directory (empty or absent; with `overwrite`, an earlier export).
       overwrite: replace an earlier export at `out` once the new one is complete.
@@ -34,6 +36,7 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
     from jaxt2i.cli import stage_settings
     from jaxt2i.config import ConfigError
     from jaxt2i.export.common import FORMATS, staging_dir, write_manifest
+    from jaxt2i.pipelines.unclip import read_spec
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format={fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -41,7 +44,20 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
         raise ConfigError(f"--dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
     if fmt != "torch" and dtype != "float32":
         raise ConfigError(f"--dtype={dtype} applies to --format=torch only; {fmt} exports float32")
-    cascade = load_cascade(list(checkpoints), dtype="float32", text_encoder=text_encoder)
+    checkpoints = list(checkpoints)
+    prior = clip = None
+    if len(checkpoints) == 1 and read_spec(checkpoints[0]) is not None:  # unCLIP
+        if fmt == "stablehlo":
+            raise ConfigError("--format=stablehlo does not export unCLIP cascades; use "
+                              "--format=torch or --format=onnx")
+        if text_encoder:
+            raise ConfigError("--text_encoder does not apply to an unCLIP cascade (its stages "
+                              "load their own); leave it out")
+        from jaxt2i.export.unclip_export import load_parts
+
+        cascade, prior, clip = load_parts(checkpoints[0])
+    else:
+        cascade = load_cascade(checkpoints, dtype="float32", text_encoder=text_encoder)
     if fmt == "torch" and any(s.config.model_family != "efficient_unet" for s in cascade.stages):
         raise ConfigError("--format=torch writes Efficient U-Nets (TorchUNet); write DeepFloyd IF "
                           "stages as diffusers pipelines with `python -m jaxt2i.convert "
@@ -66,9 +82,17 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
             record = export_stablehlo(cascade, settings, root, platforms=platforms or PLATFORMS,
                                       progress=log)
             packages = ()
+        sources = []
+        if prior is not None:
+            from jaxt2i.export.unclip_export import export_parts, prior_source
+
+            record = export_parts(fmt, prior, clip, root, record, dtype=dtype, opset=opset,
+                                  progress=log)
+            sources.append(prior_source(prior))
         manifest = write_manifest(root, fmt=fmt, stages=cascade.stages,
                                   settings=settings if fmt == "stablehlo" else None,
-                                  packages=packages, extra={"cascade": record, "dtype": dtype})
+                                  packages=packages, extra={"cascade": record, "dtype": dtype},
+                                  sources=sources)
     return manifest
 
 

@@ -6,7 +6,9 @@ PyTorch, ONNX or StableHLO files (`jaxt2i.export.export_cascade`).
     python -m jaxt2i.export --format=stablehlo --steps=25,25 --out=export_hlo
 
 `--checkpoint` is a cascade directory (cascade.json), a stage export or a training workdir
-(repeatable, base first; default: the bundled demo cascade). The output has one folder per
+(repeatable, base first; default: the bundled demo cascade); an unCLIP cascade directory
+(torch or onnx) also writes its prior (prior/) and its CLIP (clip/, a Hugging Face CLIPModel
+directory; docs/export.md). The output has one folder per
 stage, the text encoder (a Hugging Face T5 directory with its tokenizer), a top-level
 cascade.json and manifest.json (source checkpoints, steps, config hashes, library versions,
 file hashes). A non-empty --out is refused unless --overwrite, which replaces only an earlier
@@ -46,7 +48,10 @@ def main(argv) -> None:
                               opset=F.opset, stages=F.stages, log=log,
                               text_encoder=F.text_encoder)
     size = sum(f["bytes"] for f in manifest["files"])
-    print(f"exported {len(manifest['sources'])} stage(s) as {F.format} to {paths.abspath(F.out)}"
+    stages = sum(s["stage"] != "prior" for s in manifest["sources"])
+    what = (f"the prior, the CLIP and {stages}" if manifest["cascade"].get("kind") == "unclip"
+            else stages)
+    print(f"exported {what} stage(s) as {F.format} to {paths.abspath(F.out)}"
           f" ({len(manifest['files'])} files, {size / 1e6:.1f} MB); see manifest.json", flush=True)
 
 

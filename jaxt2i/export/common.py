@@ -58,8 +58,10 @@ def versions(*packages: str) -> dict[str, str | None]:
 
 
 def stage_dir_name(k: int, unet_cfg) -> str:
-    """'stage0_base_32px', 'stage1_sr_128px': one folder per stage."""
-    kind = "sr" if unet_cfg.is_sr else "base"
+    """'stage0_base_32px', 'stage1_sr_128px' ('stage0_decoder_64px' for an unCLIP decoder):
+    one folder per stage."""
+    kind = "sr" if unet_cfg.is_sr else "decoder" if getattr(unet_cfg, "image_embed_dim", 0) \
+        else "base"
     return f"stage{k}_{kind}_{unet_cfg.image_size}px"
 
 
@@ -189,7 +191,8 @@ def _url_staging(out: str, overwrite: bool) -> Iterator[str]:
 
 
 def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequence[Any] | None,
-                   packages: Sequence[str] = (), extra: dict | None = None) -> dict:
+                   packages: Sequence[str] = (), extra: dict | None = None,
+                   sources: Sequence[dict] = ()) -> dict:
     """Writes root/manifest.json describing the export (call last: it hashes every file).
 
     Args:
@@ -199,6 +202,7 @@ def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequ
       settings: their `StageSettings` where the format bakes them in (StableHLO), else None.
       packages: extra library names whose versions matter for this format.
       extra: more top-level fields.
+      sources: more source records, listed before the stages' (e.g. an unCLIP prior's).
     """
     files = []
     for dirpath, _, names in os.walk(root):
@@ -212,7 +216,7 @@ def write_manifest(root: str, *, fmt: str, stages: Sequence[Any], settings: Sequ
         "format": fmt,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(*packages),
-        "sources": [{"path": paths.abspath(s.path), "step": s.step,
+        "sources": [*sources] + [{"path": paths.abspath(s.path), "step": s.step,
                      "config_sha256": config_hash(dict(s.config.raw)),
                      "model_size": s.config.model_size,
                      "stage": "sr" if s.is_sr else "base"} for s in stages],

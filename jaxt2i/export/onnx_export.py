@@ -7,7 +7,8 @@ Layout written by `export_onnx`:
                                         -> text_emb [B, L, D] float32 (+ HF tokenizer files)
     OUT/stageK_.../denoiser.onnx        x_t [B, H, W, C], noise_level [B], text_emb [B, L, D],
                                         text_mask [B, L] bool (+ lowres [B, h, w, C] and
-                                        aug_level [B] for SR stages) -> prediction [B, H, W, C]
+                                        aug_level [B] for SR stages, image_embed [B, P] for
+                                        an unCLIP decoder) -> prediction [B, H, W, C]
                                         (lowres [B, H, W, C] for a stage whose
                                         diffusion.aug_order is 'resize_first': the consumer
                                         upsamples, then augments, as Stage.augment does)
@@ -94,6 +95,9 @@ def denoiser_inputs(unet_cfg, text_len: int, lowres_size: int | None):
         names += ["lowres", "aug_level"]
         specs += [jax.ShapeDtypeStruct((b, lowres_size, lowres_size, c.channels), jnp.float32),
                   jax.ShapeDtypeStruct((b,), jnp.float32)]
+    if getattr(c, "image_embed_dim", 0):  # an unCLIP decoder
+        names.append("image_embed")
+        specs.append(jax.ShapeDtypeStruct((b, c.image_embed_dim), jnp.float32))
     return names, specs
 
 
@@ -101,10 +105,14 @@ def denoiser_fn(stage):
     """`stage.denoise` with its params closed over (they become ONNX initializers)."""
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), stage.params)
 
-    def fn(x_t, noise_level, text_emb, text_mask, lowres=None, aug_level=None):
+    c = stage.unet_cfg
+    extra = (["lowres", "aug_level"] if c.is_sr else []) + (
+        ["image_embed"] if getattr(c, "image_embed_dim", 0) else [])  # as denoiser_inputs
+
+    def fn(x_t, noise_level, text_emb, text_mask, *rest):
         return stage.denoise(params, x_t, noise_level, {
-            "text_emb": text_emb, "text_mask": text_mask, "lowres": lowres,
-            "aug_level": aug_level})
+            "text_emb": text_emb, "text_mask": text_mask, "lowres": None, "aug_level": None,
+            **dict(zip(extra, rest))})
     return fn
 
 

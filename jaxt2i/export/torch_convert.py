@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jaxt2i.models import prior as prior_lib
 from jaxt2i.models.unet import UNetConfig, param_shapes
 
 MODEL_FILE = "model.safetensors"
@@ -83,7 +84,7 @@ def _kind(path: tuple[str, ...], ndim: int) -> str:
         return "conv_transpose" if parent.endswith("_upsample") else "conv"
     if leaf == "kernel" and ndim == 3:
         return "conv1d"
-    if leaf in ("scale", "bias", "query", "text_null"):
+    if leaf in ("scale", "bias", "query", "text_null", "null_text_embed", "pos_embed"):
         return "copy"
     if leaf == "q" and ndim == 3:
         return "heads_in1"
@@ -172,10 +173,13 @@ def _from_torch(kind: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def _spec(config: UNetConfig) -> dict[tuple[str, ...], tuple[str, str, tuple[int, ...],
-                                                                tuple[int, ...]]]:
-    """{Flax path: (torch name, kind, Flax shape, torch shape)} for every parameter."""
-    shapes = _flatten(param_shapes(config)["params"])
+def _spec(config: UNetConfig | prior_lib.PriorConfig) -> dict[
+        tuple[str, ...], tuple[str, str, tuple[int, ...], tuple[int, ...]]]:
+    """{Flax path: (torch name, kind, Flax shape, torch shape)} for every parameter of the
+    U-Net or (a PriorConfig) the diffusion prior."""
+    shapes_of = prior_lib.param_shapes if isinstance(config, prior_lib.PriorConfig) else \
+        param_shapes
+    shapes = _flatten(shapes_of(config)["params"])
     spec = {}
     for path, leaf in shapes.items():
         shape = tuple(leaf.shape)
@@ -207,9 +211,9 @@ def _unwrap(params: Mapping[str, Any]) -> Mapping[str, Any]:
     return params
 
 
-def _mismatch(what: str, missing: list[str], unexpected: list[str]) -> None:
+def _mismatch(what: str, missing: list[str], unexpected: list[str], model: str = "U-Net") -> None:
     if missing or unexpected:
-        raise ValueError(f"{what} do not match the U-Net config: missing {sorted(missing)}; "
+        raise ValueError(f"{what} do not match the {model} config: missing {sorted(missing)}; "
                          f"unexpected (no counterpart) {sorted(unexpected)}")
 
 
@@ -231,12 +235,24 @@ def unet_state_dict(params: Mapping[str, Any], config: UNetConfig | Mapping[str,
       ValueError: for missing, unexpected or mis-shaped parameters (listed by name), an
         unknown dtype, or values that overflow float16.
     """
-    cfg = _as_config(config)
+    return _state_dict(params, _as_config(config), dtype, "U-Net")
+
+
+def prior_state_dict(params: Mapping[str, Any], config: prior_lib.PriorConfig,
+                     dtype: str = "float32") -> dict[str, np.ndarray]:
+    """Flax diffusion-prior parameters -> a state dict of ``torch_prior.TorchPrior(config)``
+    (the same naming and layouts as ``unet_state_dict``; raises as it does)."""
+    return _state_dict(params, config, dtype, "prior")
+
+
+def _state_dict(params: Mapping[str, Any], cfg: Any, dtype: str,
+                model: str) -> dict[str, np.ndarray]:
+    """``unet_state_dict`` of any model `_spec` knows."""
     np_dtype = _numpy_dtype(dtype)
     spec = _spec(cfg)
     flat = _flatten(_unwrap(params))
     _mismatch("Flax params", ["/".join(p) for p in spec if p not in flat],
-              ["/".join(p) for p in flat if p not in spec])
+              ["/".join(p) for p in flat if p not in spec], model)
     out = {}
     for path, (name, kind, shape, _) in spec.items():
         x = np.asarray(flat[path], np.float32)
@@ -318,14 +334,27 @@ def save_pretrained(directory: str, params: Mapping[str, Any],
     Returns:
       The config.json record: ``{"unet": UNetConfig.to_dict(), **extra}``.
     """
+    cfg = _as_config(unet_config_dict)
+    return _save(directory, "unet", cfg, unet_state_dict(params, cfg, dtype=dtype), extra)
+
+
+def save_prior_pretrained(directory: str, params: Mapping[str, Any],
+                          config: prior_lib.PriorConfig, dtype: str = "float32",
+                          extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``save_pretrained`` for the diffusion prior: ``model.safetensors`` + ``config.json``
+    ({"prior": PriorConfig.to_dict(), **extra}) for ``torch_prior.TorchPrior.from_pretrained``."""
+    return _save(directory, "prior", config, prior_state_dict(params, config, dtype=dtype), extra)
+
+
+def _save(directory: str, key: str, cfg: Any, tensors: dict[str, np.ndarray],
+          extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Writes `tensors` and {key: cfg.to_dict(), **extra}, each file atomically."""
     from safetensors.numpy import save_file
 
-    cfg = _as_config(unet_config_dict)
     extra = dict(extra or {})
-    if "unet" in extra:
-        raise ValueError("extra must not contain 'unet' (save_pretrained writes that key)")
-    tensors = unet_state_dict(params, cfg, dtype=dtype)
-    record = {"unet": cfg.to_dict(), **extra}
+    if key in extra:
+        raise ValueError(f"extra must not contain {key!r} (save_pretrained writes that key)")
+    record = {key: cfg.to_dict(), **extra}
     text = json.dumps(record, indent=2, default=str)
     os.makedirs(directory, exist_ok=True)
 

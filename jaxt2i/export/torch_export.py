@@ -11,7 +11,7 @@ Layout written by `export_torch`:
 
 `jaxt2i.export.torch_unet.TorchUNet.from_pretrained(OUT/stageK_...)` (the `[torch]` extra)
 builds the same U-Net in PyTorch and loads the weights with `strict=True`. Writing needs no
-torch.
+torch. An unCLIP cascade's prior and CLIP are added by `unclip_export`.
 """
 
 from __future__ import annotations

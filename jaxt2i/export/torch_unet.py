@@ -10,7 +10,8 @@ is a folder with ``model.safetensors`` and ``config.json``; load and run it with
     net = TorchUNet.from_pretrained("export_pt/stage0_base_64px").eval()
     with torch.no_grad():
         pred = net(x_t, noise_level, text_emb, text_mask)  # x_t [B, C, H, W] -> [B, C, H, W]
-        # SR stages also take lowres [B, C, h, w] and aug_level [B].
+        # SR stages also take lowres [B, C, h, w] and aug_level [B]; an unCLIP decoder
+        # (config.image_embed_dim > 0) image_embed [B, image_embed_dim].
 
 ``forward`` has the semantics of ``UNet.__call__`` (same conditioning, masks, learned null
 text token, low-res resize, output = ``config.objective``), with images in PyTorch's NCHW
@@ -29,60 +30,16 @@ by default (``torch.backends.cudnn.allow_tf32``); turn it off for bit-closer flo
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jaxt2i.export.torch_layers import (  # noqa: F401 - attend etc. re-exported
+    CONFIG_FILE, MODEL_FILE, GroupNorm, LayerNorm, Tensor, attend, load_pretrained,
+    sinusoidal_embedding)
 from jaxt2i.models.unet import AUG_LEVEL_SCALE, UNetConfig, resize_matrix
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-
-Tensor = torch.Tensor
-
-
-def sinusoidal_embedding(t: Tensor, dim: int, scale: float) -> Tensor:
-    """Sinusoidal features of a per-example scalar, as ``jaxt2i.models.layers``.
-
-    Args:
-      t: [B] values.
-      dim: even number of features.
-      scale: multiplier on ``t`` before the sinusoids.
-
-    Returns:
-      [B, dim] float32 features: sines of every frequency, then cosines.
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
-                                                        device=t.device) / half)
-    args = (t.float() * scale)[:, None] * freqs[None, :]  # [B, half]
-    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Scaled dot-product attention with float32 logits and softmax (as jax.nn's).
-
-    Args:
-      q: [B, T, heads, hd] queries.
-      k: [B, S, heads, hd] keys.
-      v: [B, S, heads, hd] values.
-      mask: [B, S] bool, True for the keys that may be attended, or None.
-
-    Returns:
-      [B, T, heads, hd] in v's dtype.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = torch.einsum("btnd,bsnd->bnts", q.float(), k.float()) * scale  # [B, N, T, S]
-    if mask is not None:
-        big = -0.7 * torch.finfo(torch.float32).max
-        logits = logits.masked_fill(~mask[:, None, None, :], big)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    return torch.einsum("bnts,bsnd->btnd", probs, v)
 
 
 def _heads(config: UNetConfig, channels: int) -> tuple[int, int]:
@@ -90,64 +47,6 @@ def _heads(config: UNetConfig, channels: int) -> tuple[int, int]:
     if config.num_heads:
         return config.num_heads, config.head_dim
     return max(1, channels // config.head_dim), config.head_dim
-
-
-class GroupNorm(nn.Module):
-    """GroupNorm over NCHW maps with float32 statistics and an optional scale and shift.
-
-    Mirrors ``jaxt2i.models.layers.GroupNorm``: ``gcd(groups, channels)`` groups, variance
-    as E[x^2] - E[x]^2 (clamped at 0), epsilon 1e-5, and ``y * (1 + s) + t`` conditioning
-    folded into one multiply-add per element.
-    """
-
-    def __init__(self, channels: int, groups: int, eps: float = 1e-5):
-        super().__init__()
-        self.groups = math.gcd(groups, channels)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor, scale_shift: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """Args: x [B, C, H, W]; scale_shift: optional ([B, C], [B, C]).
-
-        Returns:
-          [B, C, H, W] in x's dtype.
-        """
-        b, c, h, w = x.shape
-        g = self.groups
-        xf = x.float()
-        s1 = xf.sum(dim=(2, 3)).reshape(b, g, c // g)  # [B, G, C/G]
-        s2 = xf.square().sum(dim=(2, 3)).reshape(b, g, c // g)
-        n = h * w * (c // g)
-        mean = s1.sum(dim=-1, keepdim=True) / n  # [B, G, 1]
-        var = torch.clamp(s2.sum(dim=-1, keepdim=True) / n - mean.square(), min=0.0)
-        inv = torch.rsqrt(var + self.eps)
-        gamma, beta = self.weight.float(), self.bias.float()
-        a = (inv * gamma.reshape(g, -1)).reshape(b, c)  # [B, C]
-        shift = beta - (mean * inv).expand(b, g, c // g).reshape(b, c) * gamma
-        if scale_shift is not None:
-            s, t = scale_shift[0].float(), scale_shift[1].float()
-            a = a * (1 + s)
-            shift = shift * (1 + s) + t
-        return x * a[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last axis with float32 statistics (flax's fast variance)."""
-
-    def __init__(self, features: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(features))
-        self.bias = nn.Parameter(torch.zeros(features))
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., D] -> [..., D] in the parameters' dtype."""
-        xf = x.float()
-        mean = xf.mean(dim=-1, keepdim=True)
-        var = torch.clamp(xf.square().mean(dim=-1, keepdim=True) - mean.square(), min=0.0)
-        y = (xf - mean) * (torch.rsqrt(var + self.eps) * self.weight.float())
-        return (y + self.bias.float()).to(self.weight.dtype)
 
 
 class LevelEmbedding(nn.Module):
@@ -291,6 +190,11 @@ class TorchUNet(nn.Module):
         self.text_null = nn.Parameter(torch.empty(emb))
         nn.init.normal_(self.text_null, std=0.02)
         self.text_pool = AttentionPool(cfg, emb)
+        if cfg.image_embed_dim:  # unCLIP decoder
+            self.image_norm = LayerNorm(cfg.image_embed_dim)
+            self.image_proj = nn.Linear(cfg.image_embed_dim, emb)
+            if cfg.image_embed_tokens:
+                self.image_tokens = nn.Linear(cfg.image_embed_dim, cfg.image_embed_tokens * emb)
         if cfg.is_sr:
             self.aug_embed = LevelEmbedding(cfg, AUG_LEVEL_SCALE)
 
@@ -333,7 +237,8 @@ class TorchUNet(nn.Module):
 
     def forward(self, x_t: Tensor, noise_level: Tensor | float, text_emb: Tensor,
                 text_mask: Tensor, lowres: Tensor | None = None,
-                aug_level: Tensor | float | None = None) -> Tensor:
+                aug_level: Tensor | float | None = None,
+                image_embed: Tensor | None = None) -> Tensor:
         """Predicts eps, v or x0 (``config.objective``) for a noisy image.
 
         Args:
@@ -344,6 +249,8 @@ class TorchUNet(nn.Module):
           text_mask: [B, L] bool/int, 1 for real tokens; an all-zero row is allowed.
           lowres: SR stages only: [B, C, h, w] low-resolution image in [-1, 1].
           aug_level: SR stages only: [B] augmentation level in [0, 1] (zeros if None).
+          image_embed: unCLIP decoders (``config.image_embed_dim`` > 0) only, required there:
+            [B, image_embed_dim] CLIP image embedding (all zeros: the null condition).
 
         Returns:
           [B, C, H, W] float32 prediction.
@@ -369,6 +276,21 @@ class TorchUNet(nn.Module):
         emb = self.noise_embed(noise_level)  # [B, E]
         tokens, mask = self._text_tokens(text_emb, text_mask)  # [B, 1+L, E], [B, 1+L]
         emb = emb + self.text_pool(tokens, mask)
+        if cfg.image_embed_dim:  # the image embedding -> emb and extra context tokens
+            if image_embed is None or tuple(image_embed.shape) != (b, cfg.image_embed_dim):
+                got = None if image_embed is None else tuple(image_embed.shape)
+                raise ValueError(f"this unCLIP decoder needs image_embed of shape ({b}, "
+                                 f"{cfg.image_embed_dim}), got {got} (zeros = no image)")
+            z = self.image_norm(image_embed.float())
+            emb = emb + self.image_proj(z)
+            if cfg.image_embed_tokens:
+                extra = self.image_tokens(z).reshape(b, cfg.image_embed_tokens, -1)
+                tokens = torch.cat([tokens, extra.to(tokens.dtype)], dim=1)
+                mask = torch.cat([mask, torch.ones(extra.shape[:2], dtype=torch.bool,
+                                                   device=mask.device)], dim=1)
+        elif image_embed is not None:
+            raise ValueError("image_embed given to a U-Net without image conditioning "
+                             "(config.image_embed_dim == 0)")
         if cfg.is_sr:
             aug = 0.0 if aug_level is None else aug_level
             aug = torch.as_tensor(aug, dtype=torch.float32, device=dev).broadcast_to((b,))
@@ -463,32 +385,4 @@ class TorchUNet(nn.Module):
           ValueError: if config.json has no "unet" entry, or the file's tensors do not match
             the config (the missing, unexpected and mis-shaped names are listed).
         """
-        from safetensors.torch import load_file
-
-        for name in (CONFIG_FILE, MODEL_FILE):
-            if not os.path.isfile(os.path.join(directory, name)):
-                raise FileNotFoundError(f"no {name} in {directory}: not a TorchUNet export "
-                                        "(write one with jaxt2i.export.torch_convert."
-                                        "save_pretrained)")
-        with open(os.path.join(directory, CONFIG_FILE)) as f:
-            record = json.load(f)
-        if not isinstance(record, dict) or "unet" not in record:
-            raise ValueError(f"{os.path.join(directory, CONFIG_FILE)} has no 'unet' entry")
-        path = os.path.join(directory, MODEL_FILE)
-        state = load_file(path, device=str(device))
-        with torch.device("meta"):  # no memory or init cost before the weights arrive
-            net = cls(record["unet"])
-        want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-        missing = sorted(set(want) - set(state))
-        unexpected = sorted(set(state) - set(want))
-        shapes = sorted(f"{k}: file {tuple(state[k].shape)}, model {want[k]}"
-                        for k in set(want) & set(state) if tuple(state[k].shape) != want[k])
-        if missing or unexpected or shapes:
-            raise ValueError(f"{path} does not match its config.json U-Net: missing tensors "
-                             f"{missing}; unexpected tensors {unexpected}; shape mismatches "
-                             f"{shapes}")
-        dtypes = {v.dtype for v in state.values()}
-        target = dtype or (dtypes.pop() if len(dtypes) == 1 else torch.float32)
-        state = {k: v.to(target) for k, v in state.items()}
-        net.load_state_dict(state, strict=True, assign=True)
-        return net
+        return load_pretrained(cls, directory, "unet", dtype=dtype, device=device)

@@ -259,11 +259,12 @@ class DiffusionPrior(nn.Module):
         h = layers.constrain(h, layers.TOKEN_AXES)  # [B, N, W], N = L + 4
 
         n = length + NUM_EXTRA_TOKENS
-        causal = jnp.tril(jnp.ones((n, n), bool))
+        idx = jnp.arange(n)  # comparisons, not tril / eye (ONNX Runtime has no bool EyeLike)
+        causal = idx[:, None] >= idx[None, :]
         valid = jnp.concatenate([mask, jnp.ones((b, NUM_EXTRA_TOKENS), bool)], axis=1)  # [B, N]
         # Each position also sees itself, so a padded query (whose output nothing reads)
         # never has an empty row.
-        allowed = causal[None] & (valid[:, None, :] | jnp.eye(n, dtype=bool)[None])  # [B, N, N]
+        allowed = causal[None] & (valid[:, None, :] | (idx[:, None] == idx[None, :])[None])
 
         block = nn.remat(PriorBlock) if cfg.remat else PriorBlock
         for i in range(cfg.layers):

@@ -430,7 +430,9 @@ class CLIPTextTransformer(nn.Module):
         for i in range(t.layers):
             x = CLIPEncoderLayer(t, dt, pdt, name=f"layers_{i}")(x, attn_mask)
         x = _layer_norm(t.layer_norm_eps, dt, pdt, "final_layer_norm")(x)
-        pooled = x[jnp.arange(B), eos_positions(input_ids, t.eos_token_id)]  # [B, D]
+        # (take_along_axis rather than x[arange(B), eos]: it keeps B symbolic for ONNX export)
+        eos = eos_positions(input_ids, t.eos_token_id)
+        pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]  # [B, D]
         return x, pooled
 
 
