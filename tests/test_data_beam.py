@@ -7,6 +7,8 @@ apache-beam lives in a virtual environment of its own (it pins pillow<13 and pro
 the main suite skips this file; run it there:
 
     PYTHONPATH=. /work/.venv-beam/bin/python -m pytest -q -o addopts="" tests/test_data_beam.py
+
+The end-to-end example of docs/data.md (`-k e2e`) takes minutes: it trains on 2 processes.
 """
 
 import io
@@ -22,9 +24,10 @@ from PIL import Image
 pytest.importorskip("apache_beam")
 
 from jaxt2i.data import builders, pipeline, shapes  # noqa: E402
+from jaxt2i.data.shapes_shards import tar_bytes  # noqa: E402
 from test_data_builders import _jsonl_manifest, _make_images  # noqa: E402
 from test_data_builders_shards import (EXPECTED_EVENTS, EXPECTED_SKIPS, _env,  # noqa: E402
-                                       _make_img2dataset, _make_parquet, _render, _tar)
+                                       _make_img2dataset, _make_parquet, _render)
 
 # Both of the DirectRunner's parallel modes work; the tests use each.
 # PROCESSES is the command line of docs/data.md's "Building with Apache Beam".
@@ -80,8 +83,8 @@ def _more_shards(root):
 
     members = (sample("late_winner", 100, b"not an image") + sample("000010005", 101)
                + sample("twice", 102) + sample("between", 103) + sample("twice", 104))
-    (root / "00005.tar").write_bytes(_tar(members)[0])
-    (root / "00006.tar").write_bytes(_tar(sample("late_winner", 105))[0])
+    (root / "00005.tar").write_bytes(tar_bytes(members)[0])
+    (root / "00006.tar").write_bytes(tar_bytes(sample("late_winner", 105))[0])
 
 
 def test_shards_beam_equals_one_machine(tmp_path):
@@ -226,3 +229,20 @@ def test_partial_reports_merge_in_any_order():
     assert a == b and a["read"] == 12 and a["skipped"] == {"unreadable": 12}
     assert a["examples"]["unreadable"] == ["00000.tar:0", "00000.tar:1", "00000.tar:2",
                                            "00001.tar:0", "00001.tar:1"]
+
+
+@pytest.mark.slow
+def test_e2e_doc_example_with_beam(tmp_path):
+    """docs/data.md's "End to end" example exactly as shown (the build with --beam on the
+    DirectRunner's 2 processes, then the 2-process T5 cache and 2-process training in this
+    venv), checked as the main suite checks its one-machine run; the Beam build equals a
+    one-machine build of the same shards, report and examples."""
+    from test_data_e2e import check_example, run_example
+
+    outs, logs = run_example(tmp_path, beam=True)
+    dataset = check_example(tmp_path, outs, logs)
+    plain = builders.shards_builder(str(tmp_path / "plain"), str(tmp_path / "e2e" / "shards"))
+    want = builders.build(plain, num_shards=4)
+    with open(os.path.join(dataset, builders.REPORT_FILE)) as f:
+        assert json.load(f) == want.to_json()
+    assert _examples(dataset) == _examples(plain.data_dir)

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from jaxt2i.data import builders, pipeline, shapes, shards
+from jaxt2i.data.shapes_shards import encode_image as _enc
+from jaxt2i.data.shapes_shards import sample_members, tar_bytes, write_shard
 
 RES = 32
 _WORLD = shapes.ShapesSource(RES, 200, "train", seed=3)
@@ -23,39 +24,9 @@ def _render(i):
     return ex["image"], ex["caption"]
 
 
-def _enc(img, fmt, **kw):
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
-def _tar(members):
-    """[(name, bytes)] -> tar bytes, and {name: (header offset, data offset)}."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    buf.seek(0)
-    with tarfile.open(fileobj=buf) as tf:
-        where = {m.name: (m.offset, m.offset_data) for m in tf.getmembers()}
-    return buf.getvalue(), where
-
-
-def _sample_members(key, image_name, image, caption, meta_caption="same"):
-    """img2dataset's three members of a sample (the caption as bytes; None: no .txt)."""
-    out = []
-    if image_name is not None:
-        out.append((f"{key}.{image_name}", image))
-    if caption is not None:
-        out.append((f"{key}.txt", caption))
-    meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success",
-            "error_message": None, "width": RES, "height": RES,
-            "caption": (caption.decode("utf-8", "replace") if meta_caption == "same"
-                        and caption is not None else None)}
-    out.append((f"{key}.json", json.dumps(meta, indent=4).encode()))
-    return out
+def _members(key, ext, image, caption):
+    """img2dataset's members of a sample of RES x RES pixels."""
+    return sample_members(key, ext, image, caption, (RES, RES))
 
 
 def _make_img2dataset(root):
@@ -122,24 +93,24 @@ def _make_img2dataset(root):
             capb = b""
         elif i == 15:  # caption and metadata but no image
             name = None
-        members += _sample_members(key, name, data, capb)
-    _write_shard(root, 0, members, n_urls=26)
+        members += _members(key, name, data, capb)
+    write_shard(root, 0, members, n_urls=26)
     # --- shard 1: a key that shard 0 already has -------------------------------------------
     members = []
     for i in range(20):
         key = "000000000" if i == 3 else f"00001{i:04d}"
         img, cap = _render(30 + i)
-        members += _sample_members(key, "jpg", _enc(Image.fromarray(img), "JPEG"), cap.encode())
-    _write_shard(root, 1, members)
+        members += _members(key, "jpg", _enc(Image.fromarray(img), "JPEG"), cap.encode())
+    write_shard(root, 1, members)
     # --- shard 2: cut in the middle of its 11th sample's image -----------------------------
     members = []
     for i in range(20):
         img, cap = _render(60 + i)
-        members += _sample_members(f"00002{i:04d}", "jpg", _enc(Image.fromarray(img), "JPEG"),
+        members += _members(f"00002{i:04d}", "jpg", _enc(Image.fromarray(img), "JPEG"),
                                    cap.encode())
-    data, where = _tar(members)
+    data, where = tar_bytes(members)
     start = where["000020010.jpg"][1]
-    _write_shard(root, 2, members, tar_bytes=data[:start + 100])
+    write_shard(root, 2, members, data=data[:start + 100])
     # --- shard 3: not a tar at all ---------------------------------------------------------
     with open(os.path.join(root, "00003.tar"), "wb") as f:
         f.write(b"\x89garbage" * 300)
@@ -147,29 +118,11 @@ def _make_img2dataset(root):
     members = []
     for i in range(8):
         img, cap = _render(90 + i)
-        members += _sample_members(f"00004{i:04d}", "jpg", _enc(Image.fromarray(img), "JPEG"),
+        members += _members(f"00004{i:04d}", "jpg", _enc(Image.fromarray(img), "JPEG"),
                                    cap.encode())
-    data, where = _tar(members)
-    _write_shard(root, 4, members, tar_bytes=data[:where["000040005.jpg"][0]])
+    data, where = tar_bytes(members)
+    write_shard(root, 4, members, data=data[:where["000040005.jpg"][0]])
     return expect
-
-
-def _write_shard(root, n, members, n_urls=None, tar_bytes=None):
-    if tar_bytes is None:
-        tar_bytes = _tar(members)[0]
-    with open(os.path.join(root, f"{n:05d}.tar"), "wb") as f:
-        f.write(tar_bytes)
-    metas = [json.loads(d) for name, d in members if name.endswith(".json")]
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(metas), os.path.join(root, f"{n:05d}.parquet"))
-    ok = len(metas)
-    status = {"success": ok}
-    if n_urls:
-        status["failed_to_download"] = n_urls - ok
-    with open(os.path.join(root, f"{n:05d}_stats.json"), "w") as f:
-        json.dump({"count": n_urls or ok, "successes": ok, "status_dict": status}, f)
 
 
 EXPECTED_SKIPS = {"empty_file": 1, "missing_caption": 1, "too_small": 1, "extreme_aspect": 1,
@@ -294,7 +247,7 @@ def test_plain_webdataset_caption_from_a_json_field(tmp_path):
                     (f"{key}.json", json.dumps({"TEXT": cap, "score": 0.3}).encode()),
                     (f"{key}.cls", b"3")]
     members.append(("train/img_9.json", b"{not json"))  # no image and bad JSON
-    (root / "part-a.tar").write_bytes(_tar(members)[0])
+    (root / "part-a.tar").write_bytes(tar_bytes(members)[0])
     items = list(shards.read_shard(str(root / "part-a.tar"), "webdataset",
                                    caption_field="json:TEXT"))
     assert [s.key for s in items] == [f"train/img_{i}" for i in range(6)] + ["train/img_9"]
@@ -304,7 +257,7 @@ def test_plain_webdataset_caption_from_a_json_field(tmp_path):
     # The same tar gzipped reads the same; a garbage header ends the shard, counted.
     import gzip
 
-    data, where = _tar(members)
+    data, where = tar_bytes(members)
     gz = tmp_path / "other" / "a.tar.gz"
     gz.parent.mkdir()
     gz.write_bytes(gzip.compress(data))

@@ -15,9 +15,10 @@ import pytest
 
 from jaxt2i import paths
 from jaxt2i.data import builders, inputs, pipeline, shards
+from jaxt2i.data.shapes_shards import tar_bytes
 
 from test_data_builders import _caption_bytes, _jsonl_manifest, _make_images
-from test_data_builders_shards import EXPECTED_SKIPS, _make_img2dataset, _tar
+from test_data_builders_shards import EXPECTED_SKIPS, _make_img2dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +182,7 @@ def test_tar_damage_is_told_apart_in_memory_too(memory):
     import gzip
 
     members = [(f"k{i}.{f}", f"{f} {i}".encode()) for i in range(4) for f in ("jpg", "txt")]
-    data, where = _tar(members)
+    data, where = tar_bytes(members)
     fs, root = paths.filesystem(memory)
     fs.pipe(f"{root}/whole.tar", data)
     fs.pipe(f"{root}/at_member.tar", data[:where["k2.jpg"][0]])

@@ -19,7 +19,8 @@ OWN_FLAG = {
     "jaxt2i.train.__main__": "--workdir", "jaxt2i.checkpoint.__main__": "--step", "jaxt2i.sample": "--steps",
     "jaxt2i.eval.__main__": "--num_prompts", "jaxt2i.encode": "--max_length",
     "jaxt2i.export.__main__": "--guidance", "jaxt2i.data.builders.__main__": "--data_dir",
-    "jaxt2i.data.text_cache.__main__": "--encoder", "jaxt2i.assets.__main__": "--out",
+    "jaxt2i.data.text_cache.__main__": "--encoder", "jaxt2i.data.shapes_shards": "--per_shard",
+    "jaxt2i.assets.__main__": "--out",
     "jaxt2i.bench.__main__": "--phases", "jaxt2i.aot.__main__": "--topology",
     "jaxt2i.convert": "--variant",
 }

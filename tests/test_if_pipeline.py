@@ -11,7 +11,6 @@ the converted cascade, and `--to=diffusers` writes pipelines diffusers loads.
 import dataclasses
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ spm = pytest.importorskip("sentencepiece")
 from diffusers import (DDPMScheduler, IFPipeline, IFSuperResolutionPipeline,  # noqa: E402
                        UNet2DConditionModel)
 
+from doc_commands import bash_block  # noqa: E402
 from jaxt2i.models.if_unet import SIZES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -317,12 +317,7 @@ def test_stage_two_augmentation_and_reverse_process_match_diffusers(pipelines, c
 # ----------------------------------------------------------------------- the commands
 def _doc_commands():
     """The shell commands of docs/deepfloyd-if.md's "Convert and sample" section."""
-    text = open(DOC).read()
-    section = text[text.index("## Convert and sample"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    lines = [ln for ln in block.replace("\\\n", " ").splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    return [ln.split() for ln in lines]
+    return [ln.split() for ln in bash_block("deepfloyd-if.md", "## Convert and sample")]
 
 
 def test_doc_commands_convert_sample_and_convert_back(pipelines, tmp_path):

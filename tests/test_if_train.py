@@ -19,6 +19,7 @@ pytest.importorskip("diffusers")
 scipy_special = pytest.importorskip("scipy.special")
 
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from doc_commands import bash_block  # noqa: E402
 from test_if_pipeline import DOC, _run, converted, pipelines  # noqa: E402,F401  (fixtures)
 
 from jaxt2i import diffusion  # noqa: E402
@@ -189,12 +190,7 @@ def test_lora_config_errors_are_one_line():
 # ------------------------------------------------------------------- through the CLI
 def _doc_commands():
     """The shell commands of docs/deepfloyd-if.md's "Fine-tune" section."""
-    text = open(DOC).read()
-    section = text[text.index("## Fine-tune"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    lines = [ln for ln in block.replace("\\\n", " ").splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
-    return [shlex.split(ln) for ln in lines]
+    return [shlex.split(ln) for ln in bash_block("deepfloyd-if.md", "## Fine-tune")]
 
 
 def _cli(args, devices=1):

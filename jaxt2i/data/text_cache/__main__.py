@@ -32,7 +32,8 @@ def _source_from_flags(args):
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("encoder", None, "Hugging Face T5 directory (jaxt2i.text.encoder).")
+    flags.DEFINE_string("encoder", None, "Hugging Face T5 directory (jaxt2i.text.encoder), or "
+                        "'bundled': the package's small shapes-world T5 (text.encoder's default).")
     flags.DEFINE_string("out_dir", None, "Where to write the cache.")
     flags.DEFINE_string("shapes", None, "SPLIT:SIZE[:SEED] of the shapes world, e.g. "
                         "train:10000.")
@@ -61,6 +62,7 @@ def main(argv) -> None:
     """Encodes a dataset's captions into a cache, as the flags say."""
     from absl import flags
 
+    from jaxt2i import assets
     from jaxt2i.config import ConfigError
     from jaxt2i.data.text_cache.sharded import local_mesh, load_sharded_encoder
     from jaxt2i.workdir import disk_error
@@ -75,7 +77,8 @@ def main(argv) -> None:
         from jaxt2i.parallel import initialize_distributed
 
         initialize_distributed(F.coordinator, F.num_processes, F.process_id)
-        encoder = load_sharded_encoder(F.encoder, local_mesh(F.mesh), dtype=F.dtype,
+        path = assets.text_encoder_dir() if F.encoder == "bundled" else F.encoder
+        encoder = load_sharded_encoder(path, local_mesh(F.mesh), dtype=F.dtype,
                                        max_length=F.max_length)
         sizes = dataset_shard_lengths(source) if F.dataset_dir and F.aligned else None
         index = build_text_cache(encoder, source, F.out_dir, shard_size=F.shard_size,
