@@ -4,9 +4,12 @@ the row without webdataset, and the scratch folder's removal."""
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tarfile
+import tomllib
 
 import pytest
 
@@ -15,14 +18,33 @@ from jaxt2i.bench import data_jobs, runner
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _doc_block() -> list[str]:
+    """The command lines of docs/benchmarks.md's data section."""
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        section = f.read().split("## Input throughput", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [ln.split("#", 1)[0].strip() for ln in block.strip().splitlines()]
+
+
+def test_docs_install_line_is_the_bench_extra():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert _doc_block()[0] == "pip install 'jaxt2i[bench]'"
+    assert [r.split(">")[0] for r in extras["bench"]] == ["webdataset"]
+    assert extras["bench"][0] in extras["test"]
+
+
 def test_data_phase_in_a_fresh_process(tmp_path):
-    """--tiny --quick, without the two train-step compiles (--nodata_vs_train): the table and
-    the JSON line, every rate positive, both readers seeing every sample of the shards."""
+    """The docs' command at tiny size (--tiny, and without the two train-step compiles:
+    --nodata_vs_train): the table and the JSON line, every rate positive, both readers seeing
+    every sample of the shards."""
     data_dir, out = tmp_path / "data", tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, "-m", "jaxt2i.bench", "--phases=data", "--quick",
-                        "--tiny", "--nodata_vs_train", f"--bench_data_dir={data_dir}",
-                        f"--json={out}"], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+    cmd = shlex.split(_doc_block()[1])
+    assert cmd[:3] == ["python", "-m", "jaxt2i.bench"] and "--phases=data" in cmd
+    p = subprocess.run([sys.executable, *cmd[1:], "--tiny", "--nodata_vs_train",
+                        f"--bench_data_dir={data_dir}", f"--json={out}"], capture_output=True,
+                       text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for title in ("== data: images per CPU-second", "== array_record dataset -> training",
                   "== builds", "tar shards: read + decode + resize to 16 px"):
