@@ -14,6 +14,7 @@ import tomllib
 import pytest
 
 from jaxt2i.bench import data_jobs, runner
+from jaxt2i.data.shapes import ShapesSource
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +63,12 @@ def test_data_phase_in_a_fresh_process(tmp_path):
     assert [t.name for t in tars] == ["00000.tar", "00001.tar"]
     with tarfile.open(tars[1]) as tf:
         names = tf.getnames()
+        caption = tf.extractfile("000010002.txt").read().decode()
+        meta = json.loads(tf.extractfile("000010002.json").read())
     assert names[:3] == ["000010000.jpg", "000010000.txt", "000010000.json"]
+    world = ShapesSource(8, n, "train", 0)  # sample k of shard s is scene s * per_shard + k
+    assert caption == meta["caption"] == world.caption_at(n // 2 + 2)
+    assert meta["key"] == "000010002" and meta["status"] == "success"
     assert len(names) == 3 * n // 2
     assert rec["shards"]["shard_bytes"] == sum(t.stat().st_size for t in tars)
 
