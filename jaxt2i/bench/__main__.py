@@ -5,6 +5,7 @@ memory, optionally side by side with imagen-pytorch on the same machine in the s
     python -m jaxt2i.bench --phases=train,mfu --quick      # fewer iterations
     python -m jaxt2i.bench --vs-imagen-pytorch             # + the PyTorch reference, interleaved
     python -m jaxt2i.bench --json=bench.json               # all results in one file
+    python -m jaxt2i.bench --phases=data --quick           # input throughput per core
 
 Phases (each prints a table and one JSON line `{"bench": "jaxt2i", "phase": ...}`):
   train    steady-state train step of bench_23m (64 px, batch 8) and bench_sr22m (64->256,
@@ -19,6 +20,13 @@ Phases (each prints a table and one JSON line `{"bench": "jaxt2i", "phase": ...}
   quality  shapes-evaluator scores of the bundled demo: dpmpp_2m / dpmpp_3m / heun / euler /
            ddim at 10 and 15 steps against DPM-Solver++(2M) at 25 (not in the default set: it
            samples 2 x 200 prompts x 11 runs; --quality_stages=1 for the base stage only)
+  data     input throughput per core (a child pinned to one core, one thread): img2dataset-
+           style webdataset shards of 256-px shapes JPEGs read + decoded + resized to the demo
+           stages' 32 / 128 px by our reader and by webdataset's (`pip install
+           'jaxt2i[bench]'`; without it the ratio is left out), the array_record dataset
+           built from them through the training input pipeline, the build and the T5 cache
+           build (captions/s, bytes per caption), and the pipeline's images/s over the demo
+           train steps' (data / train > 1: training never waits). Not in the default set.
 
 Every job runs in a fresh child process, one at a time, so peak RSS is per job and jobs never
 share the CPU. With --vs-imagen-pytorch, the vendored anchor script
@@ -47,7 +55,8 @@ def main(argv) -> None:
             or None, "memory_devices": FLAGS.memory_devices,
             "quality_stages": FLAGS.quality_stages or None, "dtype": FLAGS.dtype or None,
             "quality_samplers": tuple(FLAGS.quality_samplers or ()) or None,
-            "quality_steps": tuple(int(v) for v in FLAGS.quality_steps or ()) or None}
+            "quality_steps": tuple(int(v) for v in FLAGS.quality_steps or ()) or None,
+            "bench_data_dir": FLAGS.bench_data_dir, "data_vs_train": FLAGS.data_vs_train}
     if FLAGS.job:  # a child process started by run_child
         print(CHILD_TAG + json.dumps(run_job(FLAGS.job, FLAGS.quick, opts)), flush=True)
         return
@@ -84,6 +93,11 @@ def _define_flags() -> None:
     flags.DEFINE_list("quality_steps", [], "Step counts of `quality` (default: 10,15).")
     flags.DEFINE_bool("tiny", False, "Test-sized models instead of the benchmark ones (smoke "
                       "runs; the figures mean nothing).")
+    flags.DEFINE_string("bench_data_dir", None, "Where the data phase writes its shards, "
+                        "dataset and text cache (default: a temporary folder, removed after; "
+                        "a folder given here is rebuilt and kept).")
+    flags.DEFINE_bool("data_vs_train", True, "The data phase also times the demo stages' "
+                      "train steps (two compiles) for its data / train ratio.")
     flags.DEFINE_string("json", None, "Also write every result to this JSON file.")
     flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "Compute dtype of the train_base "
                       "/ train_sr U-Nets (default: their configs'); the paper phase is bfloat16.")

@@ -15,6 +15,9 @@ Jobs (see `JOBS`):
                          (`paper_base64`, bfloat16, remat) on a simulated FSDP mesh: bytes per device.
   quality                the shapes evaluator on the demo cascade: DPM-Solver++(2M) at 25 steps vs
                          250-step ancestral sampling.
+  train_demo_base / train_demo_sr  the demo stages' train steps at their configs' batch (the
+                         data phase divides the input pipeline's rate by them); the data phase's
+                         own jobs are in `data_jobs`.
 
 Text conditioning is random [B, 32, 512] embeddings (like the imagen-pytorch anchor's
 precomputed `text_embeds`); the frozen encoder inside the train step only embeds the empty
@@ -31,6 +34,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+from jaxt2i.bench import data_jobs
 
 TEXT_LEN, TEXT_DIM = 32, 512
 BATCH = {"train_base": 8, "train_sr": 4, "sample": 4,
@@ -63,8 +68,11 @@ def configs_dir() -> str:
 
 # The benchmarked models, and the test-sized stand-ins of `--tiny` (smoke runs, the test suite).
 SPECS = {"base": "base.py:size=bench_23m", "sr": "sr.py:size=bench_sr22m",
-         "paper": "base.py:size=paper_base64"}
-TINY_SPECS = {"base": "base.py:size=tiny", "sr": "sr.py:size=tiny_sr", "paper": "base.py:size=tiny"}
+         "paper": "base.py:size=paper_base64",
+         # the data phase's train steps: the shipped demo stages, their batch and optimizer
+         "demo_base": "base.py:size=demo", "demo_sr": "sr.py:size=demo_sr"}
+TINY_SPECS = {"base": "base.py:size=tiny", "sr": "sr.py:size=tiny_sr", "paper": "base.py:size=tiny",
+              "demo_base": "base.py:size=tiny", "demo_sr": "sr.py:size=tiny_sr"}
 
 
 def spec_of(kind: str, tiny: bool) -> str:
@@ -89,13 +97,15 @@ def _median_times(fn: Callable[[], Any], warmup: int, iters: int) -> dict:
         jax.block_until_ready(fn())
         warm.append(time.perf_counter() - t0)
     times = []
+    c0 = time.process_time()
     for _ in range(iters):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
             "n": len(times), "warmup_s": [round(t, 3) for t in warm],
-            "all_s": [round(t, 3) for t in times]}
+            "all_s": [round(t, 3) for t in times],
+            "cpu_s_per_iter": (time.process_time() - c0) / max(iters, 1)}
 
 
 def random_encoder(width: int = TEXT_DIM, max_length: int = TEXT_LEN):
@@ -203,21 +213,25 @@ def job_train(which: str, quick: bool, tiny: bool = False, dtype: str | None = N
     """Compile + steady-state time of the full train step, FLOPs, matmul peak and MFU.
 
     `train_paper` is the paper's 2B base step (its own optimizer, bfloat16 and remat) at a
-    one-accelerator batch; `dtype` overrides the U-Net's compute dtype of the others."""
+    one-accelerator batch; `dtype` overrides the U-Net's compute dtype of the others.
+    `train_demo_base` / `train_demo_sr` are the demo stages as their configs train them
+    (batch, optimizer), for the data phase: time only, no FLOPs or MFU."""
     import jax
     import jax.numpy as jnp
 
     from jaxt2i.data.pipeline import to_global_array
     from jaxt2i.train import Trainer
 
-    spec = spec_of({"train_base": "base", "train_sr": "sr", "train_paper": "paper"}[which], tiny)
+    spec = spec_of(which.removeprefix("train_"), tiny)
     cfg = stage_config(spec)
-    b = BATCH[which] if not (tiny and which == "train_paper") else 4
+    demo = which.startswith("train_demo_")
+    b = (cfg.train.batch_size if demo else BATCH[which] if not (tiny and which == "train_paper")
+         else 4)
     cfg.train.batch_size = b
     if which == "train_paper":  # the paper's numerics (the tiny stand-in gets them too)
         cfg.model.dtype, cfg.model.remat = "bfloat16", True
         cfg.text.max_length = TEXT_LEN  # random [B, 32, D] embeddings, as for the others
-    else:
+    elif not demo:
         cfg.train.optimizer, cfg.train.lr, cfg.train.b2 = "adamw", 1e-4, 0.99  # the anchor's Adam
     if dtype:
         cfg.model.dtype = dtype
@@ -240,7 +254,7 @@ def job_train(which: str, quick: bool, tiny: bool = False, dtype: str | None = N
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    analytic = jaxpr_flops(trainer.step_jaxpr(*args))
+    analytic = None if demo else jaxpr_flops(trainer.step_jaxpr(*args))  # before donation
     holder = {"state": state}
 
     def step():
@@ -250,6 +264,18 @@ def job_train(which: str, quick: bool, tiny: bool = False, dtype: str | None = N
 
     warmup, iters = (1, 3) if quick else (2, 8)
     times = _median_times(step, warmup, iters)
+    if demo:  # what the step reaches on this CPU, for the data phase's data / train ratio
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        # every core busy for the step's CPU time: the idle-machine rate it cannot beat (on a
+        # shared machine the wall-clock rate is lower, and would flatter the ratio)
+        bound = b * cores / times["cpu_s_per_iter"]
+        return {"model": spec, "batch": b, "image_size": c.image_size, "dtype": c.dtype,
+                "optimizer": cfg.train.optimizer, "compile_s": round(t2 - t0, 2), **times,
+                "cores": cores, "wall_images_per_s": b / times["median_s"],
+                "cpu_bound_images_per_s": bound,
+                "images_per_s": max(b / times["median_s"], bound),
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
     peak = matmul_peak(c.dtype if c.dtype != "float32" else "float32")
     hw = xla_flops(compiled)
     med = times["median_s"]
@@ -468,6 +494,8 @@ JOBS = {
     "train_base": lambda q, o: job_train("train_base", q, o.get("tiny", False), o.get("dtype")),
     "train_sr": lambda q, o: job_train("train_sr", q, o.get("tiny", False), o.get("dtype")),
     "train_paper": lambda q, o: job_train("train_paper", q, o.get("tiny", False)),
+    "train_demo_base": lambda q, o: job_train("train_demo_base", q, o.get("tiny", False)),
+    "train_demo_sr": lambda q, o: job_train("train_demo_sr", q, o.get("tiny", False)),
     "sample_base": lambda q, o: job_sample("sample_base", q, o.get("tiny", False)),
     "sample_sr": lambda q, o: job_sample("sample_sr", q, o.get("tiny", False)),
     "cascade": lambda q, o: job_cascade(q, o.get("cascade_steps", 4), o.get("tiny", False)),
@@ -475,4 +503,5 @@ JOBS = {
     "quality": lambda q, o: job_quality(q, o.get("quality_prompts"), o.get("quality_stages"),
                                         o.get("report"), o.get("quality_samplers"),
                                         o.get("quality_steps")),
+    **{job: (lambda job: lambda q, o: data_jobs.run(job, q, o))(job) for job in data_jobs.JOBS},
 }

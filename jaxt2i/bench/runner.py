@@ -8,14 +8,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
+from jaxt2i.bench import data_jobs
 from jaxt2i.config import ConfigError
 
-PHASES = ("train", "sample", "compile", "mfu", "memory", "quality", "paper")
+PHASES = ("train", "sample", "compile", "mfu", "memory", "quality", "paper", "data")
 DEFAULT_PHASES = ("train", "sample", "compile", "mfu", "memory")
+DATA_TRAIN_JOBS = ("train_demo_base", "train_demo_sr")  # --nodata_vs_train leaves them out
 # The jobs each phase needs (a job runs once per invocation and serves every phase).
 PHASE_JOBS = {
     "train": ("train_base", "train_sr"),
@@ -25,6 +29,9 @@ PHASE_JOBS = {
     "memory": ("memory_paper",),
     "quality": ("quality",),
     "paper": ("train_paper",),  # the 2B base step on one accelerator (GPU runs; --tiny on CPU)
+    # input throughput per core vs the demo stages' train steps (not in the default set: it
+    # writes and builds a dataset, and compiles two more train steps)
+    "data": (*data_jobs.JOBS, *DATA_TRAIN_JOBS),
 }
 # Our job -> the anchor script's phase measuring the same thing.
 ANCHOR_PHASE = {"train_base": "train_base", "train_sr": "train_sr", "sample_base": "sample_base",
@@ -72,6 +79,7 @@ def run_child(job: str, opts: dict, timeout: int) -> dict:
            f"--quality_samplers={','.join(opts.get('quality_samplers') or ())}",
            f"--quality_steps={','.join(map(str, opts.get('quality_steps') or ()))}"]
     cmd += (["--quick"] if opts["quick"] else []) + (["--tiny"] if opts.get("tiny") else [])
+    cmd += [f"--bench_data_dir={opts['bench_data_dir']}"] if opts.get("bench_data_dir") else []
     return _run(cmd, env, timeout, CHILD_TAG, lambda d: d)
 
 
@@ -270,6 +278,9 @@ def report(phase: str, ours: dict, theirs: dict) -> tuple[str, dict]:
         text = _table("paper: the 2B base train step on one device (its optimizer, bf16, remat)",
                       ["model", "params", "batch", "dtype", "s/step", "img/s", "TFLOP/s",
                        "MFU (measured peak)", "MFU (nominal bf16 peak)"], rows)
+    elif phase == "data":
+        text, fields = data_jobs.report(ours, _table)
+        rec.update(fields)
     else:  # quality
         q = ours.get("quality", {})
         rows = []
@@ -325,20 +336,30 @@ def run_benchmarks(phases, opts: dict, *, quick: bool, timeout: int,
     jobs = []
     for p in phases:
         jobs += [j for j in PHASE_JOBS[p] if j not in jobs]
+    if not opts.get("data_vs_train", True):
+        jobs = [j for j in jobs if j not in DATA_TRAIN_JOBS]
     ours, theirs = {}, {}
     started = time.perf_counter()
-    for i, job in enumerate(jobs):
-        print(f"[{i + 1}/{len(jobs)}] {job} ...", file=sys.stderr, flush=True)
-        ours[job] = run_child(job, opts, timeout)
-        print(f"    ours: {ours[job].get('wall_s', '-')} s"
-              + (f"  ERROR {ours[job]['error']}" if "error" in ours[job] else ""),
-              file=sys.stderr, flush=True)
-        if vs_imagen_pytorch and job in ANCHOR_PHASE:
-            theirs[job] = run_anchor(ANCHOR_PHASE[job], anchor_script, quick, timeout,
-                                     anchor_python)
-            print(f"    imagen-pytorch: {theirs[job].get('wall_s', '-')} s"
-                  + (f"  ERROR {theirs[job]['error']}" if "error" in theirs[job] else ""),
+    scratch = None
+    if "data" in phases and not opts.get("bench_data_dir"):  # its shards and dataset
+        scratch = tempfile.mkdtemp(prefix="jaxt2i_bench_data_")
+        opts = {**opts, "bench_data_dir": scratch}
+    try:
+        for i, job in enumerate(jobs):
+            print(f"[{i + 1}/{len(jobs)}] {job} ...", file=sys.stderr, flush=True)
+            ours[job] = run_child(job, opts, timeout)
+            print(f"    ours: {ours[job].get('wall_s', '-')} s"
+                  + (f"  ERROR {ours[job]['error']}" if "error" in ours[job] else ""),
                   file=sys.stderr, flush=True)
+            if vs_imagen_pytorch and job in ANCHOR_PHASE:
+                theirs[job] = run_anchor(ANCHOR_PHASE[job], anchor_script, quick, timeout,
+                                         anchor_python)
+                print(f"    imagen-pytorch: {theirs[job].get('wall_s', '-')} s"
+                      + (f"  ERROR {theirs[job]['error']}" if "error" in theirs[job] else ""),
+                      file=sys.stderr, flush=True)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "host": _host(), "versions": _versions(),
             "quick": quick, "total_s": round(time.perf_counter() - started, 1)}
     if theirs:
