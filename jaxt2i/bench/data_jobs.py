@@ -29,12 +29,9 @@ every core.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import shutil
 import sys
-import tarfile
 import time
 
 SHARD_PX = 256  # img2dataset's default --image_size
@@ -87,46 +84,18 @@ def _paths(data_dir: str) -> dict:
 
 def write_shapes_shards(out_dir: str, num_shards: int, per_shard: int, *,
                         resolution: int = SHARD_PX, seed: int = 0) -> list[str]:
-    """Writes img2dataset-style webdataset shards of shapes-world scenes.
-
-    Args:
-      out_dir: folder for `00000.tar`, ... and img2dataset's `00000_stats.json` beside each.
-      num_shards, per_shard: shards and samples per shard.
-      resolution: image side (JPEG, quality 95 as img2dataset encodes).
-      seed: the shapes world's seed.
+    """Writes img2dataset-style webdataset shards of shapes-world scenes into the new folder
+    `out_dir` (`jaxt2i.data.shapes_shards.write_shards`, no bad members): JPEGs at quality 95
+    as img2dataset encodes them; sample k of shard s has key f"{s:05d}{k:04d}" and members
+    KEY.jpg, KEY.txt (the caption) and KEY.json (img2dataset's metadata, caption included).
 
     Returns:
-      The tar paths. Sample k of shard s has key f"{s:05d}{k:04d}" and members KEY.jpg,
-      KEY.txt (the caption) and KEY.json (img2dataset's metadata, caption included).
+      The tar paths.
     """
-    from PIL import Image
+    from jaxt2i.data.shapes_shards import write_shards
 
-    from jaxt2i.data.shapes import ShapesSource
-
-    os.makedirs(out_dir, exist_ok=True)
-    world = ShapesSource(resolution, num_shards * per_shard, "train", seed)
-    paths = []
-    for s in range(num_shards):
-        path = os.path.join(out_dir, f"{s:05d}.tar")
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for k in range(per_shard):
-                ex, key = world[s * per_shard + k], f"{s:05d}{k:04d}"
-                buf = io.BytesIO()
-                Image.fromarray(ex["image"]).save(buf, "JPEG", quality=95)
-                meta = {"url": f"https://example.com/{key}.jpg", "key": key,
-                        "status": "success", "error_message": None, "width": resolution,
-                        "height": resolution, "original_width": resolution,
-                        "original_height": resolution, "caption": ex["caption"]}
-                for field, data in (("jpg", buf.getvalue()), ("txt", ex["caption"].encode()),
-                                    ("json", json.dumps(meta).encode())):
-                    info = tarfile.TarInfo(f"{key}.{field}")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o444
-                    tf.addfile(info, io.BytesIO(data))
-        with open(os.path.join(out_dir, f"{s:05d}_stats.json"), "w") as f:
-            json.dump({"count": per_shard, "successes": per_shard,
-                       "status_dict": {"success": per_shard}}, f)
-        paths.append(path)
-    return paths
+    write_shards(out_dir, num_shards, per_shard, resolution=resolution, seed=seed)
+    return [os.path.join(out_dir, f"{s:05d}.tar") for s in range(num_shards)]
 
 
 def _shard_paths(data_dir: str) -> list[str]:
