@@ -99,7 +99,8 @@ def check_example(tmp_path, outs, logs):
     assert [cache.key(i) for i in range(WRITTEN)] == [zlib.crc32(c.encode()) for c in captions]
     assert all(cache[i][1].sum() > 0 for i in range(WRITTEN))  # every caption has tokens
     # each process encodes every other shard: process 0 the 1st and 3rd, process 1 the rest
-    assert cache.index["build"]["captions_encoded_process_0"] == lengths[0] + lengths[2]
+    assert [p["encoded"] for p in cache.index["build"]["per_process"]] == [
+        lengths[0] + lengths[2], lengths[1] + lengths[3]]
     assert f"wrote {WRITTEN} captions" in logs[2][0] and "Traceback" not in logs[2][1]
 
     run = work / "run"
