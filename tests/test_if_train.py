@@ -326,10 +326,12 @@ def test_config_and_lora_errors_are_one_line(converted):
     assert "\n" not in str(e.value)
 
 
-def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
+def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted, tmp_path):
     """A LoRA step over 2 micro-batches: the loss is the micro-batches' mean, the gradient norm
     is that of the adapters' mean gradient (the frozen base has none), the base is unchanged
-    bit for bit and every adapter's B moves."""
+    bit for bit and every adapter's B moves. The state's EMA (and optimizer moments) are
+    adapter-sized: the base is held once; the EMA follows the adapters; a step from the
+    state saved and restored by Orbax equals the step from the state itself, bit for bit."""
     import importlib
 
     import optax
@@ -365,6 +367,33 @@ def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
     moved = [np.any(np.asarray(a) != np.asarray(b)) for (p, a), b in
              zip(flat_new, jax.tree.leaves(before["lora"])) if "lora_b" in str(p[-1])]
     assert moved and all(moved)
+
+    # the EMA: the adapters' tree alone, in the state and its layout; it moved towards them
+    from jaxt2i.checkpoint import Checkpointer
+
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert jax.tree.structure(new.ema_params) == jax.tree.structure(new.params["lora"])
+    assert jax.tree.structure(trainer.abstract_state.ema_params) == jax.tree.structure(
+        new.ema_params)
+    n_lora, n_base = size(new.params["lora"]), size(new.params["base"])
+    assert size(new.ema_params) == n_lora < n_base / 10
+    moments = [x for x in jax.tree.leaves(new.opt_state) if np.ndim(x) > 0]
+    assert size(moments) == 2 * n_lora
+    d = min(cfg.train.ema_decay, 1 / 10)  # the EMA's warm-up decay at step 0
+    jax.tree.map(lambda e, p, p0: np.testing.assert_allclose(e, d * p0 + (1 - d) * p, atol=1e-7),
+                 new.ema_params, new.params["lora"], before["lora"])
+    merged = lora.ema_tree(new.params, new.ema_params)
+    assert merged["base"] is new.params["base"] and merged["lora"] is new.ema_params
+
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, new, None, cfg.to_dict(), force=True)
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(trainer.abstract_state, cfg.to_dict())
+    ckpt.close()
+    global_batch = lambda: to_global_array(batch, trainer.mesh)  # noqa: E731  (donated)
+    a, _ = trainer.step(restored, global_batch(), jax.random.key(3), 1)
+    b, _ = trainer.step(new, global_batch(), jax.random.key(3), 1)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
 def test_named_if_sizes_build_from_scratch_for_aot():

@@ -10,7 +10,8 @@ W'^T = W^T + scale * B^T A^T: their lora_A is our A^T, their lora_B our B^T.
 
 Training with adapters keeps the params as {'base': the frozen network params, 'lora': the
 adapters}; `merge` gives the network's params, `masked` makes an optimizer that updates only
-the adapters (the base has no optimizer state), and `export` writes a stage export of the
+the adapters (the base has no optimizer state), the EMA averages the adapters alone
+(`trainable`, `ema_tree`: the base is not held twice), and `export` writes a stage export of the
 merged params plus the adapters alone (`ADAPTERS_FILE`, small) beside it. The adapters mirror
 the base's module paths: lora['down_blocks_1']['attentions_0']['to_q'] = {'lora_a', 'lora_b'}.
 Their in / out axes keep the kernel's logical axis names (the rank axis is never sharded), so
@@ -183,6 +184,22 @@ def network_params(params, cfg: LoraConfig | None):
     return merge(jax.lax.stop_gradient(params["base"]), params["lora"], cfg.scale)
 
 
+def trainable(params):
+    """The adapters of a {'base', 'lora'} tree: what a LoRA run trains, and all its EMA holds
+    (`jaxt2i.train_state.create_train_state(..., trainable=)`; the base is frozen, so it is its
+    own average and is not held twice)."""
+    return params["lora"]
+
+
+def ema_tree(params, ema):
+    """The params a run samples and exports from its state's (params, ema_params): the EMA; for
+    a LoRA run, whose EMA holds the adapters alone, {'base': the frozen base, 'lora': the EMA
+    adapters}. A LoRA checkpoint written when the EMA held the base too is read as it is."""
+    if is_lora_tree(params) and not is_lora_tree(ema):
+        return {"base": params["base"], "lora": ema}
+    return ema
+
+
 def masked(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
     """`tx` on the adapters of a {'base', 'lora'} `params` tree (arrays or their shapes) only;
     the base gets no update and holds no optimizer state."""
@@ -243,5 +260,5 @@ def load_adapters(path: str) -> tuple[dict, LoraConfig]:
 
 
 __all__ = ["ADAPTERS_FILE", "DEFAULT_TARGETS", "LoraConfig", "TARGETS", "adapted", "delta",
-           "export", "init", "is_lora_tree", "load_adapters", "masked", "merge",
-           "network_params", "save_adapters"]
+           "ema_tree", "export", "init", "is_lora_tree", "load_adapters", "masked", "merge",
+           "network_params", "save_adapters", "trainable"]
