@@ -396,6 +396,64 @@ def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted, t
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
 
 
+def test_doc_command_merges_adapters_into_a_stage(converted, tmp_path):
+    """docs' `python -m jaxt2i.convert --merge_lora=...` in a fresh process: every adapted
+    kernel is W + scale A B (numpy, float64), everything else the base bit for bit, the text
+    encoder path absolute; adapters that do not fit the stage are one error line."""
+    from jaxt2i.checkpoint import flatten, load_exported
+    from jaxt2i.stage import Stage
+
+    cmd = shlex.split(re.search(r"```bash\n\s*(python -m jaxt2i.convert --merge_lora[^\n]*)",
+                                open(DOC).read()).group(1))
+    stage_dir = converted["out"] / "stage_I"
+    base, _, _ = load_exported(str(stage_dir))
+    cfg = lora.LoraConfig(rank=2, alpha=6.0, targets=("to_q", "add_v_proj", "to_out_0"))
+    rng = np.random.default_rng(0)
+    adapters = {}
+    for path, n_in in lora.adapted(base, cfg):
+        shape = lora._get(base, path)["kernel"].shape
+        lora._set(adapters, path, {
+            "lora_a": rng.standard_normal((*shape[:n_in], 2)).astype(np.float32),
+            "lora_b": rng.standard_normal((2, *shape[n_in:])).astype(np.float32)})
+    lora.save_adapters(adapters, cfg, str(tmp_path / "lora.safetensors"))
+    names = {"runs/if-lora/export/lora.safetensors": tmp_path / "lora.safetensors",
+             "if-cascade/stage_I": stage_dir, "stage_I-merged": tmp_path / "merged"}
+    args = cmd[2:]
+    for old, new in names.items():
+        args = [a.replace(old, str(new)) for a in args]
+    _cli(args)
+
+    merged, config, _ = load_exported(str(tmp_path / "merged"))
+    fm, fb, fa = flatten(merged), flatten(base), flatten(adapters)
+    assert fm.keys() == fb.keys() and len(fa) == 2 * len(lora.adapted(base, cfg)) > 0
+    for name, w in fb.items():
+        module = name.rsplit("/", 1)[0]
+        if f"{module}/lora_a" in fa and name.endswith("/kernel"):
+            a, b = (np.asarray(fa[f"{module}/lora_{x}"], np.float64) for x in "ab")
+            want = w + 3.0 * (a.reshape(-1, 2) @ b.reshape(2, -1)).reshape(w.shape)
+            np.testing.assert_allclose(fm[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(fm[name], w, err_msg=name)
+    assert os.path.isabs(config["text"]["encoder"])
+    Stage.read(str(tmp_path / "merged"))  # a stage export that loads
+
+    path, _ = lora.adapted(base, cfg)[0]  # one adapter one input row too wide
+    a = lora._get(adapters, path)["lora_a"]
+    lora._get(adapters, path)["lora_a"] = np.concatenate([a, a[:1]])
+    lora.save_adapters(adapters, cfg, str(tmp_path / "bad.safetensors"))
+    swap = {str(tmp_path / "lora.safetensors"): str(tmp_path / "bad.safetensors"),
+            str(tmp_path / "merged"): str(tmp_path / "bad")}
+    bad = [functools.reduce(lambda x, kv: x.replace(*kv), swap.items(), a) for a in args]
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", *bad], cwd=os.path.dirname(DOC) + "/..",
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2 and "does not fit the stage" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
 def test_named_if_sizes_build_from_scratch_for_aot():
     """configs/if.py:model=IF-I-XL (no weights; what the pod compile uses) has IF-I-XL's
     published parameter count (4.3B; 4,304,695,110 is what diffusers' UNet2DConditionModel
