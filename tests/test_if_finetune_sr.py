@@ -2,10 +2,14 @@
 the tiny random stage II of `test_if_pipeline` (a diffusers UNet2DConditionModel with IF-II's
 config, converted by `python -m jaxt2i.convert --from=diffusers`), trained on the shapes world
 with its low-res input upsampled and noise-augmented as IF does (the level is the U-Net's
-class label), in a fresh process.
+class label), in a fresh process; and the shapes evaluator's command of docs/deepfloyd-if.md
+on the converted cascade.
 """
 
 import importlib
+import json
+import re
+import shlex
 
 import jax
 import numpy as np
@@ -15,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from diffusers import UNet2DConditionModel  # noqa: E402
-from test_if_pipeline import SIZE_I, SIZE_II, converted, pipelines  # noqa: E402,F401
+from test_if_pipeline import DOC, SIZE_I, SIZE_II, converted, pipelines  # noqa: E402,F401
 from test_if_train import _cli, _held_out_losses  # noqa: E402
 
 from jaxt2i.models.if_unet import IFUNet  # noqa: E402
@@ -56,3 +60,20 @@ def test_stage_two_fine_tunes_and_exports_to_diffusers(converted, tmp_path):
                    class_labels=torch.tensor(level)).sample
     np.testing.assert_allclose(np.asarray(out), ref.permute(0, 2, 3, 1).numpy(), atol=1e-4,
                                rtol=1e-4)
+
+
+def test_doc_command_evaluates_a_converted_cascade(converted):
+    """docs' `python -m jaxt2i.eval --checkpoint=if-cascade ...` in a fresh process, on both
+    stages of the tiny converted cascade (4 held-out prompts, 2 steps each): one scored
+    32 px image per prompt."""
+    cmd = shlex.split(re.search(r"```bash\n(python -m jaxt2i.eval --checkpoint=if-cascade[^\n]*)",
+                                open(DOC).read()).group(1))
+    args = [a.replace("if-cascade", str(converted["out"])) for a in cmd[2:]]
+    args = [a for a in args if not a.startswith(("--stages", "--num_prompts", "--steps"))]
+    r = _cli(args + ["--stages=2", "--num_prompts=4", "--batch_size=4", "--steps=2,2",
+                     "--splits=held_out"])
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["image_size"] == SIZE_II and record["num_prompts"] == 4
+    row = record["results"]["held_out"]
+    assert row["n"] == 4 and all(0 <= row[k] <= 1 for k in ("colour", "background", "whole")
+                                 if row[k] is not None)
