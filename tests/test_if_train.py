@@ -291,6 +291,17 @@ def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
         else:  # frozen: bit for bit
             np.testing.assert_array_equal(merged[name], w, err_msg=name)
 
+    # the checkpoint's export (its state holds the base once, the EMA of the adapters alone)
+    # is the run's own
+    from jaxt2i.checkpoint import export_checkpoint
+
+    again, _ = export_checkpoint(str(tmp_path / "lora"), out_dir=str(tmp_path / "again"))
+    for x, y in ((merged, flatten(load_exported(again)[0])),
+                 (fa, flatten(lora.load_adapters(os.path.join(again, lora.ADAPTERS_FILE))[0]))):
+        assert x.keys() == y.keys()
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers" / "stage_I" / "unet")
     ours = converted["cascade"].stages[0].config.model.unet
     rng = np.random.default_rng(0)
