@@ -8,6 +8,10 @@
     # a jaxt2i cascade of IF stages -> diffusers pipeline directories (out/stage_I, stage_II)
     python -m jaxt2i.convert --to=diffusers if-cascade --out=if-diffusers
 
+    # LoRA adapters (a LoRA run's export/lora.safetensors) merged into a stage export
+    python -m jaxt2i.convert --merge_lora=runs/if-lora/export/lora.safetensors \
+        if-cascade/stage_I --out=stage_I-merged
+
 --out must be new or empty; it is written beside and renamed into place when complete, so a
 failed conversion leaves nothing behind. The work is `jaxt2i.pipelines.deepfloyd_if`.
 """
@@ -27,6 +31,8 @@ def main(argv) -> None:
 
     F = flags.FLAGS
     src_format, dst_format, sources = F["from"].value, F.to, argv[1:]
+    if F.merge_lora:
+        return _merge_lora(F, sources)
     if (src_format is None) == (dst_format is None):
         raise ConfigError("pass exactly one of --from=diffusers (diffusers -> jaxt2i) and "
                           "--to=diffusers (jaxt2i -> diffusers)")
@@ -55,6 +61,21 @@ def main(argv) -> None:
               flush=True)
 
 
+def _merge_lora(F, sources) -> None:
+    from jaxt2i.models import lora
+
+    if F["from"].value or F.to or F.text_encoder or F.variant:
+        raise ConfigError("--merge_lora takes a stage export and --out alone (no --from, --to, "
+                          "--text_encoder or --variant)")
+    if len(sources) != 1 or not F.out:
+        raise ConfigError("--merge_lora=ADAPTERS needs one stage export and --out: python -m "
+                          "jaxt2i.convert --merge_lora=lora.safetensors STAGE_DIR --out=DIR")
+    lora.merge_into_export(F.merge_lora, sources[0], F.out,
+                           log=lambda msg: print(msg, flush=True))
+    print(f"wrote the stage export {F.out}; sample it with python -m jaxt2i.sample "
+          f"--checkpoint={F.out} --prompt TEXT", flush=True)
+
+
 def _define_flags() -> None:
     flags.DEFINE_string("from", None, "Convert from this format into a jaxt2i cascade: "
                         "'diffusers' (the positional arguments are a DeepFloyd IF stage-I "
@@ -63,6 +84,9 @@ def _define_flags() -> None:
                         "cascade directory, or one stage export per stage) into this format: "
                         "'diffusers'.")
     flags.DEFINE_string("out", None, "The directory to write (new or empty).")
+    flags.DEFINE_string("merge_lora", None, "LoRA adapters (a LoRA run's export/"
+                        "lora.safetensors) to merge into the stage export given as the "
+                        "positional argument (W + scale A B); writes a stage export.")
     flags.DEFINE_string("variant", None, "--from=diffusers: the weight variant to read, e.g. "
                         "fp16 (diffusion_pytorch_model.fp16.safetensors, model.fp16*.safetensors).")
     flags.DEFINE_string("text_encoder", None, "--from=diffusers: a transformers T5 directory "

@@ -29,6 +29,7 @@ from diffusers import (DDPMScheduler, IFPipeline, IFSuperResolutionPipeline,  # 
                        UNet2DConditionModel)
 
 from doc_commands import bash_block  # noqa: E402
+from jaxt2i.data import shapes  # noqa: E402
 from jaxt2i.models.if_unet import SIZES  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,16 +69,26 @@ def _unet(config, seed):
     return model
 
 
+def _shapes_captions(n):
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([1, i])
+        out.append(shapes.caption(shapes.sample_scene(rng, shapes.SPLITS[i % 3]), rng))
+    return out
+
+
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     """Stage-I and stage-II diffusers pipeline directories and their live objects."""
     root = tmp_path_factory.mktemp("if")
     spiece = root / "spiece"
     spiece.mkdir()
-    (spiece / "corpus.txt").write_text("\n".join(CORPUS * 10))
+    # Whole words (as split by spaces), the shapes world's among them: its captions
+    # (fine-tuning and the shapes evaluator in test_if_train) stay well under IF's 77 tokens.
+    (spiece / "corpus.txt").write_text("\n".join(CORPUS * 10 + _shapes_captions(300)))
     spm.SentencePieceTrainer.train(
         input=str(spiece / "corpus.txt"), model_prefix=str(spiece / "spiece"), vocab_size=80,
-        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+        model_type="word", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
         hard_vocab_limit=False, minloglevel=2)
     (spiece / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer",
                                                               "extra_ids": 0}))

@@ -287,6 +287,17 @@ def test_doc_commands_fine_tune_full_and_lora(converted, tmp_path):
         else:  # frozen: bit for bit
             np.testing.assert_array_equal(merged[name], w, err_msg=name)
 
+    # the checkpoint's export (its state holds the base once, the EMA of the adapters alone)
+    # is the run's own
+    from jaxt2i.checkpoint import export_checkpoint
+
+    again, _ = export_checkpoint(str(tmp_path / "lora"), out_dir=str(tmp_path / "again"))
+    for x, y in ((merged, flatten(load_exported(again)[0])),
+                 (fa, flatten(lora.load_adapters(os.path.join(again, lora.ADAPTERS_FILE))[0]))):
+        assert x.keys() == y.keys()
+        for name in x:
+            np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "diffusers" / "stage_I" / "unet")
     ours = converted["cascade"].stages[0].config.model.unet
     rng = np.random.default_rng(0)
@@ -322,10 +333,12 @@ def test_config_and_lora_errors_are_one_line(converted):
     assert "\n" not in str(e.value)
 
 
-def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
+def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted, tmp_path):
     """A LoRA step over 2 micro-batches: the loss is the micro-batches' mean, the gradient norm
     is that of the adapters' mean gradient (the frozen base has none), the base is unchanged
-    bit for bit and every adapter's B moves."""
+    bit for bit and every adapter's B moves. The state's EMA (and optimizer moments) are
+    adapter-sized: the base is held once; the EMA follows the adapters; a step from the
+    state saved and restored by Orbax equals the step from the state itself, bit for bit."""
     import importlib
 
     import optax
@@ -361,6 +374,91 @@ def test_lora_step_with_grad_accumulation_trains_the_adapters_alone(converted):
     moved = [np.any(np.asarray(a) != np.asarray(b)) for (p, a), b in
              zip(flat_new, jax.tree.leaves(before["lora"])) if "lora_b" in str(p[-1])]
     assert moved and all(moved)
+
+    # the EMA: the adapters' tree alone, in the state and its layout; it moved towards them
+    from jaxt2i.checkpoint import Checkpointer
+
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert jax.tree.structure(new.ema_params) == jax.tree.structure(new.params["lora"])
+    assert jax.tree.structure(trainer.abstract_state.ema_params) == jax.tree.structure(
+        new.ema_params)
+    n_lora, n_base = size(new.params["lora"]), size(new.params["base"])
+    assert size(new.ema_params) == n_lora < n_base / 10
+    moments = [x for x in jax.tree.leaves(new.opt_state) if np.ndim(x) > 0]
+    assert size(moments) == 2 * n_lora
+    d = min(cfg.train.ema_decay, 1 / 10)  # the EMA's warm-up decay at step 0
+    jax.tree.map(lambda e, p, p0: np.testing.assert_allclose(e, d * p0 + (1 - d) * p, atol=1e-7),
+                 new.ema_params, new.params["lora"], before["lora"])
+    merged = lora.ema_tree(new.params, new.ema_params)
+    assert merged["base"] is new.params["base"] and merged["lora"] is new.ema_params
+
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    ckpt.save(1, new, None, cfg.to_dict(), force=True)
+    ckpt.wait()
+    _, restored, _, _ = ckpt.restore(trainer.abstract_state, cfg.to_dict())
+    ckpt.close()
+    global_batch = lambda: to_global_array(batch, trainer.mesh)  # noqa: E731  (donated)
+    a, _ = trainer.step(restored, global_batch(), jax.random.key(3), 1)
+    b, _ = trainer.step(new, global_batch(), jax.random.key(3), 1)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(a), jax.device_get(b))
+
+
+def test_doc_command_merges_adapters_into_a_stage(converted, tmp_path):
+    """docs' `python -m jaxt2i.convert --merge_lora=...` in a fresh process: every adapted
+    kernel is W + scale A B (numpy, float64), everything else the base bit for bit, the text
+    encoder path absolute; adapters that do not fit the stage are one error line."""
+    from jaxt2i.checkpoint import flatten, load_exported
+    from jaxt2i.stage import Stage
+
+    cmd = shlex.split(re.search(r"```bash\n\s*(python -m jaxt2i.convert --merge_lora[^\n]*)",
+                                open(DOC).read()).group(1))
+    stage_dir = converted["out"] / "stage_I"
+    base, _, _ = load_exported(str(stage_dir))
+    cfg = lora.LoraConfig(rank=2, alpha=6.0, targets=("to_q", "add_v_proj", "to_out_0"))
+    rng = np.random.default_rng(0)
+    adapters = {}
+    for path, n_in in lora.adapted(base, cfg):
+        shape = lora._get(base, path)["kernel"].shape
+        lora._set(adapters, path, {
+            "lora_a": rng.standard_normal((*shape[:n_in], 2)).astype(np.float32),
+            "lora_b": rng.standard_normal((2, *shape[n_in:])).astype(np.float32)})
+    lora.save_adapters(adapters, cfg, str(tmp_path / "lora.safetensors"))
+    names = {"runs/if-lora/export/lora.safetensors": tmp_path / "lora.safetensors",
+             "if-cascade/stage_I": stage_dir, "stage_I-merged": tmp_path / "merged"}
+    args = cmd[2:]
+    for old, new in names.items():
+        args = [a.replace(old, str(new)) for a in args]
+    _cli(args)
+
+    merged, config, _ = load_exported(str(tmp_path / "merged"))
+    fm, fb, fa = flatten(merged), flatten(base), flatten(adapters)
+    assert fm.keys() == fb.keys() and len(fa) == 2 * len(lora.adapted(base, cfg)) > 0
+    for name, w in fb.items():
+        module = name.rsplit("/", 1)[0]
+        if f"{module}/lora_a" in fa and name.endswith("/kernel"):
+            a, b = (np.asarray(fa[f"{module}/lora_{x}"], np.float64) for x in "ab")
+            want = w + 3.0 * (a.reshape(-1, 2) @ b.reshape(2, -1)).reshape(w.shape)
+            np.testing.assert_allclose(fm[name], want, rtol=1e-5, atol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(fm[name], w, err_msg=name)
+    assert os.path.isabs(config["text"]["encoder"])
+    Stage.read(str(tmp_path / "merged"))  # a stage export that loads
+
+    path, _ = lora.adapted(base, cfg)[0]  # one adapter one input row too wide
+    a = lora._get(adapters, path)["lora_a"]
+    lora._get(adapters, path)["lora_a"] = np.concatenate([a, a[:1]])
+    lora.save_adapters(adapters, cfg, str(tmp_path / "bad.safetensors"))
+    swap = {str(tmp_path / "lora.safetensors"): str(tmp_path / "bad.safetensors"),
+            str(tmp_path / "merged"): str(tmp_path / "bad")}
+    bad = [functools.reduce(lambda x, kv: x.replace(*kv), swap.items(), a) for a in args]
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", *bad], cwd=os.path.dirname(DOC) + "/..",
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2 and "does not fit the stage" in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 def test_named_if_sizes_build_from_scratch_for_aot():

@@ -453,7 +453,8 @@ def export_checkpoint(workdir: str, step: int | None = None, out_dir: str | None
     _check_not_older(out_dir, int(s), explicit=step is not None)
     from jaxt2i.models import lora  # a LoRA run: merged params + its adapters alone
 
-    return lora.export(out.state["ema_params"], dict(out.config), out_dir, step=int(s)), int(s)
+    ema = lora.ema_tree(out.state["params"], out.state["ema_params"])
+    return lora.export(ema, dict(out.config), out_dir, step=int(s)), int(s)
 
 
 def _check_not_older(out_dir: str, step: int, *, explicit: bool) -> None:

@@ -10,7 +10,8 @@ W'^T = W^T + scale * B^T A^T: their lora_A is our A^T, their lora_B our B^T.
 
 Training with adapters keeps the params as {'base': the frozen network params, 'lora': the
 adapters}; `merge` gives the network's params, `masked` makes an optimizer that updates only
-the adapters (the base has no optimizer state), and `export` writes a stage export of the
+the adapters (the base has no optimizer state), the EMA averages the adapters alone
+(`trainable`, `ema_tree`: the base is not held twice), and `export` writes a stage export of the
 merged params plus the adapters alone (`ADAPTERS_FILE`, small) beside it. The adapters mirror
 the base's module paths: lora['down_blocks_1']['attentions_0']['to_q'] = {'lora_a', 'lora_b'}.
 Their in / out axes keep the kernel's logical axis names (the rank axis is never sharded), so
@@ -183,6 +184,22 @@ def network_params(params, cfg: LoraConfig | None):
     return merge(jax.lax.stop_gradient(params["base"]), params["lora"], cfg.scale)
 
 
+def trainable(params):
+    """The adapters of a {'base', 'lora'} tree: what a LoRA run trains, and all its EMA holds
+    (`jaxt2i.train_state.create_train_state(..., trainable=)`; the base is frozen, so it is its
+    own average and is not held twice)."""
+    return params["lora"]
+
+
+def ema_tree(params, ema):
+    """The params a run samples and exports from its state's (params, ema_params): the EMA; for
+    a LoRA run, whose EMA holds the adapters alone, {'base': the frozen base, 'lora': the EMA
+    adapters}. A LoRA checkpoint written when the EMA held the base too is read as it is."""
+    if is_lora_tree(params) and not is_lora_tree(ema):
+        return {"base": params["base"], "lora": ema}
+    return ema
+
+
 def masked(tx: optax.GradientTransformation, params) -> optax.GradientTransformation:
     """`tx` on the adapters of a {'base', 'lora'} `params` tree (arrays or their shapes) only;
     the base gets no update and holds no optimizer state."""
@@ -242,6 +259,48 @@ def load_adapters(path: str) -> tuple[dict, LoraConfig]:
     return unflatten(tensors), LoraConfig.from_config(json.loads(meta["lora"]))
 
 
+def merge_into_export(adapters_path: str, base_dir: str, out: str, log=print) -> str:
+    """Writes a stage export to `out`: the stage export `base_dir` with the adapters of
+    `adapters_path` (`save_adapters` output, e.g. a LoRA run's export/lora.safetensors) merged,
+    W + scale A B. The base may be another stage than the one the adapters were trained on;
+    its adapted kernels' shapes must fit. `out` must be new or empty (written beside and
+    renamed when complete). A text encoder path relative to the base is made absolute.
+
+    Raises ConfigError (one line) for an unreadable file or an adapter that does not fit."""
+    import os
+
+    from jaxt2i.checkpoint import export_params, flatten, load_exported
+    from jaxt2i.export.common import staging_dir
+    from jaxt2i.stage import resolve_export_dir
+
+    adapters, cfg = load_adapters(adapters_path)
+    base_dir = resolve_export_dir(base_dir)
+    base, config, step = load_exported(base_dir)
+    fb = flatten(base)
+    for name, a in flatten(adapters).items():
+        module, which = name.rsplit("/", 1)
+        kernel = fb.get(f"{module}/kernel")
+        n_in = TARGETS.get(module.rsplit("/", 1)[-1], 1)
+        fits = kernel is not None and a.shape[-1 if which == "lora_a" else 0] == cfg.rank and (
+            a.shape[:-1] == kernel.shape[:n_in] if which == "lora_a"
+            else a.shape[1:] == kernel.shape[n_in:])
+        if not fits:
+            got = "no such kernel" if kernel is None else f"its kernel is {kernel.shape}"
+            raise ConfigError(f"{adapters_path}: adapter {name} {a.shape} (rank {cfg.rank}) does "
+                              f"not fit the stage {base_dir} ({got}); merge adapters into the "
+                              "architecture they were trained on")
+    text = config.get("text", {})
+    beside = os.path.join(base_dir, str(text.get("encoder", "")))
+    if text.get("encoder") and not os.path.isabs(text["encoder"]) and os.path.isdir(beside):
+        config = {**config, "text": {**text, "encoder": os.path.abspath(beside)}}
+    log(f"merging {len(flatten(adapters)) // 2} adapters (rank {cfg.rank}, scale "
+        f"{cfg.scale:g}) into {base_dir}")
+    merged = merge(base, jax.tree_util.tree_map(np.asarray, adapters), cfg.scale)
+    with staging_dir(out, log=log) as root:
+        export_params(merged, config, root, step)
+    return out
+
+
 __all__ = ["ADAPTERS_FILE", "DEFAULT_TARGETS", "LoraConfig", "TARGETS", "adapted", "delta",
-           "export", "init", "is_lora_tree", "load_adapters", "masked", "merge",
-           "network_params", "save_adapters"]
+           "ema_tree", "export", "init", "is_lora_tree", "load_adapters", "masked", "merge",
+           "merge_into_export", "network_params", "save_adapters", "trainable"]

@@ -372,7 +372,8 @@ def _train_locked(cfg, workdir: str, encoder, devices, progress) -> dict:
         _write_samples(trainer, state, it, workdir, writer, preview)
     if "export" in end:
         # a LoRA run exports the merged params, and its adapters alone beside them
-        lora.export(state.ema_params, config_dict, paths.join(workdir, "export"), step=it)
+        lora.export(lora.ema_tree(state.params, state.ema_params), config_dict,
+                    paths.join(workdir, "export"), step=it)
     writer.close()
     ckpt.close()
     data.close()
@@ -388,8 +389,8 @@ def _write_samples(trainer: Trainer, state, step: int, workdir: str, writer, pre
     """A grid of EMA samples of the preview prompts (SR: of the preview low-res inputs; a
     decoder: of the preview images' CLIP embeddings)."""
     prompts, conditions = preview
-    images = trainer.sample(state.ema_params, prompts, jax.random.key(trainer.cfg.train.seed + 2),
-                            **conditions)
+    images = trainer.sample(lora.ema_tree(state.params, state.ema_params), prompts,
+                            jax.random.key(trainer.cfg.train.seed + 2), **conditions)
     images = to_uint8(host_gather(images))
     if jax.process_index() == 0:
         grid = save_grid(images, paths.join(workdir, "samples", f"step_{step:07d}.png"))

@@ -7,7 +7,8 @@ the token ids (or cached embeddings), condition dropout, noise-conditioning augm
 the diffusion loss (the hybrid loss of `jaxt2i.diffusion.vlb` for a network with a learned
 variance, DeepFloyd IF), gradient accumulation, the optimizer, EMA, and skipping of non-finite
 updates. With `train.lora.rank > 0` the params are {'base', 'lora'}: the frozen network and
-its LoRA adapters (`jaxt2i.models.lora`), the optimizer masked to the adapters.
+its LoRA adapters (`jaxt2i.models.lora`), the optimizer masked to the adapters, the EMA of
+the adapters alone (`lora.ema_tree` gives the params to sample and export).
 `lower_step` / `step_jaxpr` expose the step for compile-only analysis.
 """
 
@@ -115,6 +116,8 @@ class Trainer:
         stage_cfg = StageConfig.from_dict(cfg.to_dict(), where="--config")
         # train.lora.rank > 0: params are {'base' (frozen), 'lora' (adapters)} (`lora_lib`)
         self.lora = lora_lib.LoraConfig.from_config(cfg.train.get("lora"))
+        # the params the optimizer moves and the EMA averages (None: all of them)
+        self.trainable = lora_lib.trainable if self.lora is not None else None
         if self.lora is not None and not cfg.train.get("init_from"):
             raise ConfigError("train.lora.rank > 0 adapts a trained stage: set "
                               "train.init_from=STAGE_EXPORT (or set train.lora.rank=0)")
@@ -174,11 +177,11 @@ class Trainer:
                                                       jax.random.fold_in(rng, 1))}
 
     def _init_state(self, rng) -> TrainState:
-        return create_train_state(nn.unbox(self._init_params(rng)), self.tx)
+        return create_train_state(nn.unbox(self._init_params(rng)), self.tx, self.trainable)
 
     def _build_state_shardings(self) -> None:
         self.state_shardings, self.abstract_state, self.num_params = state_layout(
-            self._init_params, self.tx, self.mesh, self.rules)
+            self._init_params, self.tx, self.mesh, self.rules, self.trainable)
 
     def _place_text_encoder(self) -> None:
         enc = self.encoder
@@ -291,9 +294,8 @@ class Trainer:
             return unflatten({n: a if n not in got else place(got[n], a)
                               for n, a in flatten(tree).items()})
 
-        if self.lora:
-            params, ema = ({**tree, "base": fill(tree["base"])}
-                           for tree in (state.params, state.ema_params))
+        if self.lora:  # the EMA holds the adapters alone: their init
+            params, ema = {**state.params, "base": fill(state.params["base"])}, state.ema_params
         else:
             params, ema = fill(state.params), fill(state.ema_params)
         log.warning("initialised params and EMA from %s (step %s)%s%s", path, step,
@@ -375,7 +377,8 @@ class Trainer:
             (loss, acc), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), trained(zeros)),
                                           (micro, jnp.arange(k)))
             grads = {**zeros, "lora": acc} if self.lora else acc
-        new_state, gnorm = apply_gradients(state, grads, loss, self.tx, self.cfg.train.ema_decay)
+        new_state, gnorm = apply_gradients(state, grads, loss, self.tx, self.cfg.train.ema_decay,
+                                           self.trainable)
         metrics = {"loss": loss, "grad_norm": gnorm, "skipped": new_state.skipped,
                    "total_skipped": new_state.total_skipped}
         return new_state, metrics
