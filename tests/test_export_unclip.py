@@ -19,22 +19,10 @@ from jaxt2i.config import ConfigError
 from jaxt2i.export import export_cascade
 from jaxt2i.export.common import file_sha256
 
-from unclip_helpers import ROOT, build_unclip_dir
+from unclip_helpers import ROOT, pipe, unclip_dir  # noqa: F401 (fixtures)
 
 TOL = 1e-4  # float32 max abs error (the U-Net tests' tolerance); outputs are O(0.1 - 1)
 PROMPTS = ["a red circle above a blue square", "two small green stars", ""]
-
-
-@pytest.fixture(scope="module")
-def unclip_dir(tmp_path_factory):
-    return build_unclip_dir(tmp_path_factory.mktemp("unclip"))
-
-
-@pytest.fixture(scope="module")
-def pipe(unclip_dir):
-    from jaxt2i.pipelines.unclip import load_unclip
-
-    return load_unclip(str(unclip_dir))
 
 
 @pytest.fixture(scope="module")

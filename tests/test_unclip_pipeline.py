@@ -11,24 +11,12 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from unclip_helpers import build_unclip_dir
+from unclip_helpers import pipe, unclip_dir  # noqa: F401 (fixtures)
 
 from jaxt2i.config import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red circle above a blue square", "two green triangles"]
-
-
-@pytest.fixture(scope="module")
-def unclip_dir(tmp_path_factory):
-    return build_unclip_dir(tmp_path_factory.mktemp("unclip"))
-
-
-@pytest.fixture(scope="module")
-def pipe(unclip_dir):
-    from jaxt2i.pipelines.unclip import load_unclip
-
-    return load_unclip(str(unclip_dir))
 
 
 def test_docs_show_the_command():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from unclip_helpers import build_unclip_dir
+from unclip_helpers import build_unclip_dir, pipe  # noqa: F401 (a fixture)
 
 from jaxt2i.config import ConfigError
 
@@ -34,13 +34,6 @@ def unclip_dir(tmp_path_factory):
     for name, seed in (("a.png", 1), ("b.png", 2)):
         Image.fromarray(_image(seed)).save(root / name)
     return root
-
-
-@pytest.fixture(scope="module")
-def pipe(unclip_dir):
-    from jaxt2i.pipelines.unclip import load_unclip
-
-    return load_unclip(str(unclip_dir))
 
 
 def _cli(*args):

@@ -8,6 +8,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from jaxt2i.config import load_config_file
 
@@ -58,3 +59,17 @@ def build_unclip_dir(root):
     with open(root / "cascade.json", "w") as f:
         json.dump({"kind": "unclip", "prior": "prior", "stages": ["decoder", "sr"]}, f)
     return root
+
+
+@pytest.fixture(scope="module")
+def unclip_dir(tmp_path_factory):
+    """A tiny random unCLIP cascade directory (`build_unclip_dir`), once per test module."""
+    return build_unclip_dir(tmp_path_factory.mktemp("unclip"))
+
+
+@pytest.fixture(scope="module")
+def pipe(unclip_dir):
+    """The `UnCLIP` pipeline of the module's `unclip_dir`."""
+    from jaxt2i.pipelines.unclip import load_unclip
+
+    return load_unclip(str(unclip_dir))
