@@ -144,8 +144,7 @@ def _export_onnx(prior, clip, root: str, pdir: str, meta: dict, opset: int | Non
                   "the CLIP text tower", opset), os.path.join(cdir, "text.onnx"))
     size = clip.config.vision.image_size
     say("CLIP: converting the vision tower to ONNX")
-    _save(convert(lambda px: clip.module.apply({"params": cparams}, px,
-                                               method="encode_image")[1].astype(jnp.float32),
+    _save(convert(lambda px: clip.pixel_embeds(cparams, px).astype(jnp.float32),
                   [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)], ["pixel_values"],
                   ["image_embeds"], "the CLIP vision tower", opset),
           os.path.join(cdir, "vision.onnx"))

@@ -220,7 +220,11 @@ class CLIP:
     def image_embeds(self, params, images) -> jax.Array:
         """Traceable: [B, H, W, 3] images in [0, 1] (any size; `preprocess_images`) -> the
         projected, unnormalised image embedding [B, P]."""
-        pixels = preprocess_images(images, self.config.vision.image_size)
+        return self.pixel_embeds(params, preprocess_images(images, self.config.vision.image_size))
+
+    def pixel_embeds(self, params, pixels) -> jax.Array:
+        """Traceable: [B, S, S, 3] preprocessed pixels (`preprocess_images`) -> the projected,
+        unnormalised image embedding [B, P]."""
         return self.module.apply({"params": params}, pixels, method="encode_image")[1]
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
