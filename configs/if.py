@@ -98,7 +98,7 @@ def _named(name: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"configs/if.py: model={name!r}; allowed: {', '.join(sizes)}")
     unet = dataclasses.replace(SIZES[name], dtype="bfloat16", remat=True)
     c = common.stage_config("tiny")  # the text, data, train, mesh and sharding sections
-    common.paper(c)  # T5-XXL, batch 2048, bfloat16, remat, fully sharded
+    common.paper(c)  # T5-XXL, batch 2048, bfloat16, remat, data 4 x fsdp
     c.model_family = "if"
     c.model_size = name
     c.model = ml_collections.ConfigDict(IFModelConfig(unet=unet, image_size=64).to_dict())
