@@ -41,8 +41,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
         if num_devices % known:
             raise ValueError(
                 f"mesh {dict(zip(MESH_AXES, shape))} needs a multiple of {known} devices, "
-                f"but there are {num_devices}; set --config.mesh.data / fsdp / tensor to sizes "
-                f"whose product divides {num_devices}")
+                f"but there are {num_devices}; give sizes whose product divides {num_devices}")
         shape[free[0]] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ValueError(
