@@ -719,6 +719,21 @@ class ShapesSource:
                 f"split={self.split!r}, seed={self.seed}{kinds}{language})")
 
 
+# Chinese words of the templates and of `parse_caption` beyond its object words.
+_ZH_FUNCTION_WORDS = ("的", "在", "位于", "有", "是", "为", "和", "、", "，", "图中", "图里",
+                      "图片中", "图片里", "画面中", "画面里", "画面上", "画中", "背景", "上",
+                      "中", "里")
+
+
+def vocabulary_zh() -> list[str]:
+    """The Chinese words of the shapes world: every word `caption(..., language='zh')` writes
+    and `parse_caption` reads ('一', '个', '红色', '圆形', '上面', '背景', '，', ...), longest
+    first. Segmenting a Chinese caption greedily by them leaves nothing over (a test checks)."""
+    words = (set(_ZH_LEXICON) | set(_ZH_BACKGROUND_WORDS) | set(_ZH_WHERE)
+             | set(_ZH_FUNCTION_WORDS))
+    return sorted((w for w in words if not w.isascii()), key=lambda w: (-len(w), w))
+
+
 def vocabulary(num_captions: int = 2000) -> list[str]:
     """Every word the caption templates produce (for a closed-vocabulary tokenizer).
 

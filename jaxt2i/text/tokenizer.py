@@ -36,22 +36,35 @@ _MAX_UNKNOWN_WARNINGS = 10
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002ffff]")
 
 
-def demo_vocabulary_hint(prompt: str) -> str:
+def demo_vocabulary_hint(prompt: str, reads_chinese: bool = True) -> str:
     """What the bundled demo can draw and how to go further, with an example prompt in the
     prompt's language (Chinese when it has Han characters): the tail of the one-line error for
-    text its closed vocabulary does not know."""
-    if _HAN.search(prompt):
+    text its closed vocabulary does not know. `reads_chinese`: the closed vocabulary has the
+    shapes world's Chinese words (today's bundled encoder; not an English-only copy of it)."""
+    if not reads_chinese:  # the English-only bundled encoder (copied into older exports)
+        if _HAN.search(prompt):
+            return ("the bundled demo encoder knows only the shapes-world English vocabulary: "
+                    "the demo draws coloured shapes on plain backgrounds from English prompts "
+                    "such as 'a red circle above a blue square' and cannot read Chinese yet (the "
+                    "shapes world's Chinese captions, e.g. '一个红色的圆形在一个蓝色的正方形上面', "
+                    "need a model trained on them); for other prompts sample a real model "
+                    "(--checkpoint=DIR), for Chinese one trained with a multilingual text "
+                    "encoder: mT5, umT5 or ByT5 (see docs/text-encoder.md)")
         return ("the bundled demo encoder knows only the shapes-world English vocabulary: the "
-                "demo draws coloured shapes on plain backgrounds from English prompts such as "
-                "'a red circle above a blue square' and cannot read Chinese yet (the shapes "
-                "world's Chinese captions, e.g. '一个红色的圆形在一个蓝色的正方形上面', need a "
-                "model trained on them); for other prompts sample a real model (--checkpoint="
-                "DIR), for Chinese one trained with a multilingual text encoder: mT5, umT5 or "
-                "ByT5 (see docs/text-encoder.md)")
-    return ("the bundled demo encoder knows only the shapes-world English vocabulary: the demo "
-            "draws coloured shapes on plain backgrounds, so write the prompt in plain English, "
-            "e.g. 'a red circle above a blue square' or 'two green triangles'; for other prompts "
-            "sample a real model (--checkpoint=DIR, see docs/text-encoder.md)")
+                "demo draws coloured shapes on plain backgrounds, so write the prompt in plain "
+                "English, e.g. 'a red circle above a blue square' or 'two green triangles'; for "
+                "other prompts sample a real model (--checkpoint=DIR, see docs/text-encoder.md)")
+    if _HAN.search(prompt):
+        return ("the bundled demo encoder knows only the shapes world's words: the demo draws "
+                "coloured shapes on plain backgrounds, from Chinese prompts such as "
+                "'一个红色的圆形在一个蓝色的正方形上面' or '白色背景上的两个绿色的三角形' (or "
+                "English ones); for other prompts sample a real model (--checkpoint=DIR) with "
+                "a multilingual text encoder: mT5, umT5 or ByT5 (see docs/text-encoder.md)")
+    return ("the bundled demo encoder knows only the shapes world's words: the demo draws "
+            "coloured shapes on plain backgrounds, so write the prompt in plain English, e.g. "
+            "'a red circle above a blue square' or 'two green triangles' (or in Chinese, e.g. "
+            "'两个绿色的三角形'); for other prompts sample a real model (--checkpoint=DIR, see "
+            "docs/text-encoder.md)")
 
 
 class UnknownTextError(ValueError):
@@ -104,6 +117,13 @@ class Tokenizer:
         self._unknown_warned: set[str] = set()  # prompts already named in a warning
         self._known_words: dict[str, bool] = {}  # closed vocabulary: word -> one token
 
+    @property
+    def reads_chinese(self) -> bool:
+        """The vocabulary has Chinese words (the bundled encoder's closed vocabulary does)."""
+        if not hasattr(self, "_reads_chinese"):
+            self._reads_chinese = any(_HAN.search(p) for p in self.hf.get_vocab())
+        return self._reads_chinese
+
     def unknown_text(self, prompt: str) -> tuple[list[str], list[str]]:
         """(characters, words) of `prompt` that the tokenizer maps to <unk>, each once, in order.
 
@@ -152,7 +172,7 @@ class Tokenizer:
         more = f" (and {rows.size - 1} more prompt(s))" if rows.size > 1 else ""
         if self.closed_vocabulary:
             raise UnknownTextError(f"{self._describe_unknown(first)}{more}; "
-                                   f"{demo_vocabulary_hint(first)}")
+                                   f"{demo_vocabulary_hint(first, self.reads_chinese)}")
         if len(self._unknown_warned) >= _MAX_UNKNOWN_WARNINGS:
             return
         fresh = [prompts[i] for i in rows if prompts[i] not in self._unknown_warned]
@@ -168,9 +188,10 @@ class Tokenizer:
     def unknown_words(self, prompt: str) -> list[str]:
         """Words of `prompt` (runs of letters and digits) that are not one token of the
         vocabulary, each once, in order: a closed vocabulary can spell 'cat' out of pieces, but
-        the model never saw the word."""
+        the model never saw the word. Chinese text has no spaces to find words by: it is
+        known when every character is in a vocabulary word (no <unk>)."""
         out = []
-        for w in dict.fromkeys(re.findall(r"\w+", prompt)):
+        for w in dict.fromkeys(re.findall(r"\w+", _HAN.sub(" ", prompt))):
             if w not in self._known_words:
                 self._known_words[w] = len(self.hf.tokenize(w)) == 1
             if not self._known_words[w]:
@@ -187,7 +208,7 @@ class Tokenizer:
             raise UnknownTextError(
                 f"prompt {_short(first)!r} has words the tokenizer does not know: {shown}"
                 f"{f' (and {more} more prompt(s))' if more else ''}; "
-                f"{demo_vocabulary_hint(first)}")
+                f"{demo_vocabulary_hint(first, self.reads_chinese)}")
 
     def lengths(self, prompts: Sequence[str]) -> list[int]:
         """Untruncated token counts (including </s>) of each prompt: what `max_length` bounds.
@@ -293,7 +314,8 @@ def load_tokenizer(path: str, max_length: int,
     return Tokenizer(hf, max_length, closed_vocabulary=bool(closed_vocabulary))
 
 
-def build_word_tokenizer(words: Sequence[str], out_dir: str | None = None):
+def build_word_tokenizer(words: Sequence[str], out_dir: str | None = None,
+                         unspaced_words: Sequence[str] = ()):
     """A T5-style (Unigram, SentencePiece conventions) tokenizer for a closed vocabulary.
 
     Each word of `words` is one token; other words of ASCII letters, digits and punctuation fall
@@ -303,6 +325,9 @@ def build_word_tokenizer(words: Sequence[str], out_dir: str | None = None):
     Args:
       words: the whole-word vocabulary.
       out_dir: if given, the tokenizer is saved there (`save_pretrained`).
+      unspaced_words: words of a language written without spaces (Chinese): one token each,
+        found inside a run of text by the fewest pieces; their ids come after every other
+        token's, so adding them changes no id of a tokenizer built without them.
 
     Returns:
       The transformers tokenizer.
@@ -321,6 +346,10 @@ def build_word_tokenizer(words: Sequence[str], out_dir: str | None = None):
             if piece not in seen:
                 vocab.append((piece, -8.0))
                 seen.add(piece)
+    for w in unspaced_words:
+        if w not in seen:
+            vocab.append((w, -1.0))
+            seen.add(w)
     tok = T5Tokenizer(vocab=vocab, extra_ids=0)
     if out_dir is not None:
         tok.save_pretrained(out_dir)
