@@ -88,7 +88,12 @@ def test_export_commands_load_in_their_consumers(tiny_cascade_dir, tmp_path):
     np.testing.assert_array_equal(run_exported(str(tmp_path / "hlo"), prompts, seed=3), want)
 
 
-def test_assets_command_rebuilds_the_shipped_text_encoder_byte_for_byte(tmp_path):
+def test_assets_command_rebuilds_the_shipped_text_encoder_but_its_learned_rows(tmp_path):
+    """`python -m jaxt2i.assets --out=DIR` writes the shipped encoder's files: the tokenizer byte
+    for byte, every weight but the Chinese words' embedding rows (learned afterwards by
+    `jaxt2i.train.align_text`, docs/text-encoder.md), and config.json but the record of that."""
+    from safetensors.numpy import load_file
+
     from jaxt2i import assets
 
     _run("jaxt2i.assets", f"--out={tmp_path / 'enc'}")
@@ -96,8 +101,24 @@ def test_assets_command_rebuilds_the_shipped_text_encoder_byte_for_byte(tmp_path
     names = sorted(os.listdir(shipped))
     assert names and sorted(os.listdir(tmp_path / "enc")) == names
     for n in names:
-        with open(os.path.join(shipped, n), "rb") as a, open(tmp_path / "enc" / n, "rb") as b:
-            assert a.read() == b.read(), n
+        if n.startswith("tokenizer"):
+            with open(os.path.join(shipped, n), "rb") as a, open(tmp_path / "enc" / n, "rb") as b:
+                assert a.read() == b.read(), n
+    with open(os.path.join(shipped, "config.json")) as f:
+        cfg = json.load(f)
+    record = cfg.pop("jaxt2i_learned_rows")
+    assert cfg == json.loads((tmp_path / "enc" / "config.json").read_text())
+    first, rows = cfg[assets.LEARNED_ROWS_KEY], record["rows"]
+    want, got = load_file(str(tmp_path / "enc" / "model.safetensors")), load_file(
+        os.path.join(shipped, "model.safetensors"))
+    assert sorted(want) == sorted(got)
+    for k in want:
+        if k != "shared.weight":  # the token embedding (Hugging Face's name)
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+        else:
+            np.testing.assert_array_equal(got[k][:first], want[k][:first])
+            np.testing.assert_array_equal(got[k][first + rows:], want[k][first + rows:])
+            assert not np.array_equal(got[k][first:first + rows], want[k][first:first + rows])
 
 
 def test_encode_command_with_an_empty_prompt_and_a_prompts_file(tmp_path):

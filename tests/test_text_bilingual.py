@@ -1,0 +1,135 @@
+"""Issue #28: the bundled encoder reads the shapes world in Chinese as well as English, and
+`python -m jaxt2i.train.align_text` learns the Chinese words' rows through a frozen cascade."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxt2i import assets
+from jaxt2i.data import shapes
+from jaxt2i.text import load_encoder
+from jaxt2i.text.tokenizer import UnknownTextError, build_word_tokenizer
+
+from bilingual_helpers import english_only_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _captions(language: str, n: int = 600) -> list[str]:
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([7, i])
+        out.append(shapes.caption(shapes.sample_scene(rng, shapes.SPLITS[i % 3]), rng, language))
+    return out
+
+
+def test_chinese_words_are_whole_tokens_after_every_english_id():
+    english = build_word_tokenizer(assets.vocabulary())
+    both = build_word_tokenizer(assets.vocabulary(), unspaced_words=shapes.vocabulary_zh())
+    en = _captions("en")
+    assert both(en)["input_ids"] == english(en)["input_ids"]
+    assert len(english) == 256 and len(both) == 256 + len(shapes.vocabulary_zh())
+    words = set(shapes.vocabulary_zh())
+    for c in _captions("zh"):
+        pieces = both.tokenize(c)
+        assert pieces[0] == "\u2581" and set(pieces[1:]) <= words, (c, pieces)
+        assert "".join(pieces[1:]) == c
+        assert all(i >= 256 for i in both(c, add_special_tokens=False)["input_ids"][1:])
+
+
+def test_the_bundled_encoder_encodes_english_as_before_and_reads_chinese():
+    enc = load_encoder(assets.text_encoder_dir())
+    ref = english_only_encoder()
+    prompts = _captions("en", 64) + ["", "a cross"]
+    got, mask = enc.encode(prompts)
+    want, want_mask = ref.encode(prompts)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit for bit
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
+    emb, mask = enc.encode(_captions("zh", 64))
+    assert np.isfinite(np.asarray(emb)).all() and np.asarray(mask).sum(1).min() > 3
+    # The learned rows moved from where `python -m jaxt2i.assets` starts them.
+    with open(os.path.join(assets.text_encoder_dir(), "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg[assets.LEARNED_ROWS_KEY] == 256
+    assert cfg["jaxt2i_learned_rows"]["command"].startswith("python -m jaxt2i.train.align_text")
+
+
+@pytest.mark.parametrize("prompt,unknown", [("一只可爱的猫", "'只', '可', '爱', '猫'"),
+                                            ("一个红色的心形", "'心'")])
+def test_chinese_outside_the_world_is_one_line_in_chinese(prompt, unknown):
+    enc = load_encoder(assets.text_encoder_dir())
+    with pytest.raises(UnknownTextError) as e:
+        enc.encode([prompt])
+    msg = str(e.value)
+    assert "\n" not in msg and unknown in msg and repr(prompt) in msg
+    assert "'一个红色的圆形在一个蓝色的正方形上面'" in msg and "mT5, umT5 or ByT5" in msg
+
+
+def _run(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_align_text_command_learns_only_the_new_rows_and_resumes(tiny_cascade_dir, tmp_path):
+    """docs/text-encoder.md's two commands on the tiny cascade: the loss falls, every other
+    weight is the input's, English encodes as before; a second run resumes."""
+    enc_dir, out = tmp_path / "zh_encoder", tmp_path / "zh_aligned"
+    r = _run("jaxt2i.assets", f"--out={enc_dir}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    args = ["jaxt2i.train.align_text", f"--checkpoint={tiny_cascade_dir}",
+            f"--text_encoder={enc_dir}", f"--out={out}", "--batch_size=8", "--lr=0.1",
+            "--log_every=10", "--save_every=20"]
+    r = _run(*args, "--steps=40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "aligning 82 token rows (ids 256..337) through 1 frozen stage(s)" in r.stdout
+    assert re.search(r"step 40/40: loss stage1=[0-9.]+; [0-9.]+ steps/s, ETA", r.stdout)
+    record = json.loads((out / "config.json").read_text())["jaxt2i_learned_rows"]
+    losses = [row[1] for row in record["losses"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    before, after = load_encoder(str(enc_dir)), load_encoder(str(out))
+    flat = lambda p: {k: np.asarray(v) for k, v in jax_flat(p)}  # noqa: E731
+    b, a = flat(before.params), flat(after.params)
+    for k in b:
+        if k != "token_embedding":
+            np.testing.assert_array_equal(a[k], b[k])
+    tb, ta = b["token_embedding"], a["token_embedding"]
+    np.testing.assert_array_equal(ta[:256], tb[:256])
+    np.testing.assert_array_equal(ta[338:], tb[338:])
+    assert np.abs(ta[256:338] - tb[256:338]).max() > 0.1
+    np.testing.assert_array_equal(np.asarray(after.encode(["a red circle"])[0]),
+                                  np.asarray(before.encode(["a red circle"])[0]))
+
+    zh = "一个红色的圆形在一个蓝色的正方形上面"
+    r = _run("jaxt2i.sample", f"--checkpoint={tiny_cascade_dir}", f"--text_encoder={out}",
+             "--prompt", zh, "--num_images=2", "--steps=2", f"--out={tmp_path / 'samples'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "samples" / "sample.json").read_text())["prompts"][0] == zh
+
+    r = _run(*args, "--steps=60")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming {out} at step 40 of 60" in r.stdout and "step 50/60" in r.stdout
+    record = json.loads((out / "config.json").read_text())["jaxt2i_learned_rows"]
+    assert [row[0] for row in record["losses"]] == [10, 20, 30, 40, 50, 60]
+
+    r = _run("jaxt2i.train.align_text", f"--text_encoder={enc_dir}", f"--out={enc_dir}")
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "holds no align_state.npz" in lines[0]
+    r = _run("jaxt2i.train.align_text", f"--out={tmp_path / 'new'}", "--stages=3",
+             f"--text_encoder={enc_dir}", f"--checkpoint={tiny_cascade_dir}")
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert r.returncode == 2 and lines == ["error: --stages=3: the cascade has stages 1..2"]
+
+
+def jax_flat(params, prefix=""):
+    for k, v in params.items():
+        if isinstance(v, dict):
+            yield from jax_flat(v, f"{prefix}{k}/")
+        else:
+            yield f"{prefix}{k}", v
