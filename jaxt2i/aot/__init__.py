@@ -154,6 +154,7 @@ def compile_train_step(cfg, devices, *, text_cache: bool = False) -> dict:
     flops = float(jaxpr_flops(trainer.step_jaxpr(*args))["total"])
     about = dict(mesh=dict(trainer.mesh.shape), params=trainer.num_params,  # fits or not
                  dtype=trainer.unet_cfg.dtype, remat=bool(trainer.unet_cfg.remat),
+                 remat_policy=trainer.unet_cfg.remat_policy if trainer.unet_cfg.remat else None,
                  optimizer=cfg.train.optimizer, grad_accum=int(cfg.train.grad_accum),
                  text_in_step=not text_cache)
     t0 = time.perf_counter()
