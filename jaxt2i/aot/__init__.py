@@ -233,7 +233,8 @@ def format_report(r: dict) -> str:
 
     head = (f"{r['what']} on {r['devices']} x {r['topology_kind']}"
             + (f" (mesh {r['mesh']})" if r.get("mesh") else "") + f", global batch "
-            f"{r['global_batch']}")
+            f"{r['global_batch']}" + (f", remat policy {r['remat_policy']}"
+                                      if r.get("remat_policy") else ""))
     if r.get("reason"):
         return (f"{head}\n  does not fit: {r['reason']}\n  HBM per device "
                 f"{gib(r['hbm_bytes_per_device'])}")

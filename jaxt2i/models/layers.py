@@ -35,11 +35,11 @@ _ones = nn.initializers.ones_init()
 
 
 # What the backward pass keeps of a rematerialised block's forward pass (`remat_policy` of the
-# model configs; it applies only when `remat` is on); everything else is recomputed. Names are
-# jax.checkpoint_policies' own where one exists:
+# model configs; it applies only when `remat` is on); everything else is recomputed. Each is
+# one of jax.checkpoint_policies:
 #   'full'           nothing but the block's inputs: least memory, one more forward pass.
-#   'dots'           also every matmul and convolution output (`dots_saveable`): most memory
-#                    of the four, least recompute (norms, activations and softmaxes only).
+#   'dots'           also every matmul and convolution output (`dots_saveable`): most device
+#                    memory of the four, least recompute (norms, activations, softmaxes).
 #   'dots_no_batch'  also the matmul outputs without batch dimensions (`dots_with_no_batch_
 #                    dims_saveable`): the dense / q-k-v / output projections; attention's
 #                    batched score and value matmuls and every convolution are recomputed.
