@@ -111,21 +111,20 @@ def _policies(jaxpr) -> list:
 
 @pytest.mark.parametrize("family", ["if", "prior"])
 def test_the_if_unet_and_the_prior_remat_with_the_policy(family):
-    for name in ("dots_no_batch",):  # a policy that is not None, so it must be passed on
-        if family == "if":
-            config = get_if_unet_config("tiny", remat=True, remat_policy=name)
-            model, inputs = IFUNet(config), if_example_inputs(config, 1, 4)
-            params = nn.unbox(if_param_shapes(config))
-            blocks = 2 * sum(config.layers_per_block) + len(config.layers_per_block)  # at least
-        else:
-            config = prior_lib.get_prior_config("tiny", remat=True, remat_policy=name)
-            model, inputs = prior_lib.DiffusionPrior(config), prior_lib.example_inputs(config, 1, 4)
-            params = nn.unbox(prior_lib.param_shapes(config))
-            blocks = config.layers
-        jaxpr = jax.make_jaxpr(lambda p: model.apply(p, **inputs))(params).jaxpr
-        got = _policies(jaxpr)
-        assert len(got) >= blocks and all(p is layers.REMAT_POLICIES[name] for p in got), got
-        assert config.to_dict()["remat_policy"] == name
+    name = "dots_no_batch"  # a policy that is not None, so it must be passed on
+    if family == "if":
+        config = get_if_unet_config("tiny", remat=True, remat_policy=name)
+        model, inputs = IFUNet(config), if_example_inputs(config, 1, 4)
+        params = nn.unbox(if_param_shapes(config))
+        blocks = 2 * sum(config.layers_per_block) + len(config.layers_per_block)  # at least
+    else:
+        config = prior_lib.get_prior_config("tiny", remat=True, remat_policy=name)
+        model, inputs = prior_lib.DiffusionPrior(config), prior_lib.example_inputs(config, 1, 4)
+        params = nn.unbox(prior_lib.param_shapes(config))
+        blocks = config.layers
+    got = _policies(jax.make_jaxpr(lambda p: model.apply(p, **inputs))(params).jaxpr)
+    assert len(got) >= blocks and all(p is layers.REMAT_POLICIES[name] for p in got), got
+    assert config.to_dict()["remat_policy"] == name
 
 
 def test_configs_without_the_field_load_as_before():
