@@ -18,6 +18,8 @@ def stage_config(size: str) -> ml_collections.ConfigDict:
     # Every UNetConfig field, so `--config.model.base_channels=64` works and the JSON beside a
     # checkpoint describes the model completely.
     c.model = ml_collections.ConfigDict(unet.to_dict())
+    # A later field (to_dict leaves it out at its default), here so that it can be overridden.
+    c.model.remat_policy = unet.remat_policy
 
     c.text = ml_collections.ConfigDict()
     c.text.encoder = "bundled"  # 'bundled' (the shapes encoder) or a HF T5 directory / hub id

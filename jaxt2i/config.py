@@ -77,6 +77,8 @@ CHOICES: dict[str, Any] = {
     "text.dtype": _lazy("jaxt2i.text.t5", "COMPUTE_DTYPES"),
     "model.dtype": _lazy("jaxt2i.models.unet", "DTYPES"),
     "model.objective": _lazy("jaxt2i.models.unet", "OBJECTIVES"),
+    "model.remat_policy": _lazy("jaxt2i.models.layers", "REMAT_POLICY_NAMES"),
+    "model.unet.remat_policy": _lazy("jaxt2i.models.layers", "REMAT_POLICY_NAMES"),  # 'if'
     "diffusion.schedule": _lazy("jaxt2i.diffusion", "SCHEDULE_NAMES"),
     # the augmentation level in [0, 1] is a continuous schedule's time, or a discrete one's
     # timestep / num_train_timesteps (DeepFloyd IF's image-noising DDPM)

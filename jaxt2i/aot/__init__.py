@@ -154,6 +154,7 @@ def compile_train_step(cfg, devices, *, text_cache: bool = False) -> dict:
     flops = float(jaxpr_flops(trainer.step_jaxpr(*args))["total"])
     about = dict(mesh=dict(trainer.mesh.shape), params=trainer.num_params,  # fits or not
                  dtype=trainer.unet_cfg.dtype, remat=bool(trainer.unet_cfg.remat),
+                 remat_policy=trainer.unet_cfg.remat_policy if trainer.unet_cfg.remat else None,
                  optimizer=cfg.train.optimizer, grad_accum=int(cfg.train.grad_accum),
                  text_in_step=not text_cache)
     t0 = time.perf_counter()
@@ -232,7 +233,8 @@ def format_report(r: dict) -> str:
 
     head = (f"{r['what']} on {r['devices']} x {r['topology_kind']}"
             + (f" (mesh {r['mesh']})" if r.get("mesh") else "") + f", global batch "
-            f"{r['global_batch']}")
+            f"{r['global_batch']}" + (f", remat policy {r['remat_policy']}"
+                                      if r.get("remat_policy") else ""))
     if r.get("reason"):
         return (f"{head}\n  does not fit: {r['reason']}\n  HBM per device "
                 f"{gib(r['hbm_bytes_per_device'])}")

@@ -42,7 +42,8 @@ CORRUPT_DIR = "corrupt_checkpoints"
 # (Configs before format version 2 also had `stage`, which model.lowres_size decides.)
 IDENTITY_FIELDS = ("model", "train.optimizer", "diffusion.schedule", "diffusion.aug_order")
 # ... except these, which change how the same state is computed, not what it is.
-FREE_FIELDS = ("model.dtype", "model.remat")
+FREE_FIELDS = ("model.dtype", "model.remat", "model.remat_policy", "model.unet.dtype",
+               "model.unet.remat", "model.unet.remat_policy")
 
 
 class CheckpointError(ConfigError):

@@ -101,6 +101,10 @@ class IFModelConfig:
         return self.unet.remat
 
     @property
+    def remat_policy(self) -> str:
+        return self.unet.remat_policy
+
+    @property
     def crop_size(self) -> int:
         return 0
 

@@ -102,6 +102,8 @@ class IFUNetConfig:
       conv_in_kernel / conv_out_kernel: odd kernel sizes of the first and last convs.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
       remat: rematerialise every resnet and attention block in the backward pass.
+      remat_policy: what the backward pass keeps of them (``layers.REMAT_POLICIES``; only
+        when ``remat`` is on).
     """
     sample_size: int | None = 64
     in_channels: int = 3
@@ -140,6 +142,7 @@ class IFUNetConfig:
     conv_out_kernel: int = 3
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -178,7 +181,8 @@ class IFUNetConfig:
                    ("cross_attention_norm", (None, "group_norm")),
                    ("class_embed_type", (None, "timestep")),
                    ("addition_embed_type", (None, "text")),
-                   ("time_embedding_act_fn", (None,) + ACTIVATIONS), ("dtype", DTYPES))
+                   ("time_embedding_act_fn", (None,) + ACTIVATIONS), ("dtype", DTYPES),
+                   ("remat_policy", layers.REMAT_POLICY_NAMES))
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 _fail(name, getattr(self, name), f"one of {allowed}")
@@ -447,9 +451,7 @@ class AddedKVAttention(nn.Module):
 
 def _blocks(cfg: IFUNetConfig):
     """The resnet and attention module classes, rematerialised if the config says so."""
-    if cfg.remat:
-        return nn.remat(ResnetBlock), nn.remat(AddedKVAttention)
-    return ResnetBlock, AddedKVAttention
+    return layers.remat(ResnetBlock, cfg), layers.remat(AddedKVAttention, cfg)
 
 
 class DownBlock(nn.Module):

@@ -34,6 +34,42 @@ _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
 
 
+# What the backward pass keeps of a rematerialised block's forward pass (`remat_policy` of the
+# model configs; it applies only when `remat` is on); everything else is recomputed. Each is
+# one of jax.checkpoint_policies:
+#   'full'           nothing but the block's inputs: least memory, one more forward pass.
+#   'dots'           also every matmul and convolution output (`dots_saveable`): most device
+#                    memory of the four, least recompute (norms, activations, softmaxes).
+#   'dots_no_batch'  also the matmul outputs without batch dimensions (`dots_with_no_batch_
+#                    dims_saveable`): the dense / q-k-v / output projections; attention's
+#                    batched score and value matmuls and every convolution are recomputed.
+#   'offload_dots_no_batch'  the same outputs, kept in host memory instead of the device's
+#                    (`offload_dot_with_no_batch_dims('device', 'pinned_host')`).
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
+}
+REMAT_POLICY_NAMES = tuple(REMAT_POLICIES)
+
+
+def remat(module_cls: type[nn.Module], cfg: Any) -> type[nn.Module]:
+    """``module_cls``, rematerialised with ``cfg.remat_policy`` when ``cfg.remat`` is on.
+
+    Args:
+      module_cls: a block's module class (its call arguments are arrays only).
+      cfg: a model config with ``remat`` (bool) and ``remat_policy`` (a REMAT_POLICIES name).
+
+    Returns:
+      ``module_cls`` itself, or ``nn.remat`` of it.
+    """
+    if not cfg.remat:
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[cfg.remat_policy])
+
+
 def partitioned(init: Any, names: Sequence[str | None]) -> Any:
     """Wraps an initializer so the created parameter carries logical axis names."""
     return nn.with_logical_partitioning(init, tuple(names))

@@ -76,6 +76,8 @@ class PriorConfig:
       normalize_embeds: work on sqrt(clip_dim) * z / |z| (see the module docstring).
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
       remat: rematerialise every Transformer block in the backward pass.
+      remat_policy: what the backward pass keeps of them (``layers.REMAT_POLICIES``; only
+        when ``remat`` is on).
     """
     clip_dim: int = 1024
     text_dim: int = 1024
@@ -89,6 +91,7 @@ class PriorConfig:
     normalize_embeds: bool = True
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
 
     def __post_init__(self):
         for name in ("clip_dim", "text_dim", "max_text_len", "width", "layers", "heads",
@@ -103,6 +106,8 @@ class PriorConfig:
             _fail("objective", self.objective, f"one of {OBJECTIVES}")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"one of {DTYPES}")
+        if self.remat_policy not in layers.REMAT_POLICY_NAMES:
+            _fail("remat_policy", self.remat_policy, f"one of {layers.REMAT_POLICY_NAMES}")
 
     @property
     def compute_dtype(self) -> Any:
@@ -266,7 +271,7 @@ class DiffusionPrior(nn.Module):
         # never has an empty row.
         allowed = causal[None] & (valid[:, None, :] | (idx[:, None] == idx[None, :])[None])
 
-        block = nn.remat(PriorBlock) if cfg.remat else PriorBlock
+        block = layers.remat(PriorBlock, cfg)
         for i in range(cfg.layers):
             h = block(cfg, name=f"block{i}")(h, allowed)
         h = layers.layer_norm(cfg, name="final_norm")(h)

@@ -11,9 +11,9 @@ abstract params, and apply the network to a `Stage`'s inputs:
 
 Every family's config exposes what the cascade, the samplers and the exporters read of a
 stage: `image_size`, `lowres_size`, `is_sr`, `channels`, `text_dim`, `objective`, `dtype`,
-`remat`, `crop_size` and `to_dict()`; `family.learned_variance(cfg)` says whether the network
-also predicts a variance (then the network returns 2C channels: the prediction, then IF's
-learned-range interpolation v in [-1, 1]). Families:
+`remat`, `remat_policy`, `crop_size` and `to_dict()`; `family.learned_variance(cfg)` says
+whether the network also predicts a variance (then the network returns 2C channels: the
+prediction, then IF's learned-range interpolation v in [-1, 1]). Families:
 
   'efficient_unet'  Imagen's Efficient U-Net (`jaxt2i.models.unet`); every config without a
                     `model_family` is one.

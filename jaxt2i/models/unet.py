@@ -93,6 +93,9 @@ class UNetConfig:
       objective: what the output predicts: 'eps', 'v' or 'x0'.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters stay float32).
       remat: rematerialise every residual / attention block in the backward pass.
+      remat_policy: what the backward pass keeps of a rematerialised block's forward pass:
+        one of ``layers.REMAT_POLICIES`` ('full': nothing, 'dots', 'dots_no_batch',
+        'offload_dots_no_batch'); applies only when ``remat`` is on.
       image_embed_dim: width of a CLIP image embedding the model is conditioned on (the unCLIP
         decoder); 0 = none. Its LayerNorm makes the conditioning independent of the
         embedding's length, and an all-zero embedding (the classifier-free null, see
@@ -123,6 +126,7 @@ class UNetConfig:
     objective: str = "eps"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
     image_embed_dim: int = 0
     image_embed_tokens: int = 4
 
@@ -178,6 +182,8 @@ class UNetConfig:
             _fail("objective", self.objective, f"one of {OBJECTIVES}")
         if self.dtype not in DTYPES:
             _fail("dtype", self.dtype, f"one of {DTYPES}")
+        if self.remat_policy not in layers.REMAT_POLICY_NAMES:
+            _fail("remat_policy", self.remat_policy, f"one of {layers.REMAT_POLICY_NAMES}")
 
     @property
     def is_sr(self) -> bool:
@@ -232,7 +238,7 @@ class UNetConfig:
 
 
 # Later fields and their defaults (written by to_dict only when set).
-_LATER_FIELDS = {"image_embed_dim": 0, "image_embed_tokens": 4}
+_LATER_FIELDS = {"image_embed_dim": 0, "image_embed_tokens": 4, "remat_policy": "full"}
 
 
 def _check_fields(d: Mapping[str, Any]) -> None:
@@ -307,8 +313,8 @@ class UNet(nn.Module):
             emb = emb + layers.LevelEmbedding(cfg, AUG_LEVEL_SCALE, name="aug_embed")(aug)
         emb = nn.silu(emb)
 
-        res_block = nn.remat(layers.ResBlock) if cfg.remat else layers.ResBlock
-        attn_block = nn.remat(layers.AttentionBlock) if cfg.remat else layers.AttentionBlock
+        res_block = layers.remat(layers.ResBlock, cfg)
+        attn_block = layers.remat(layers.AttentionBlock, cfg)
 
         def stage(h, i, j, prefix):
             h = res_block(cfg, cfg.widths[i], name=f"{prefix}{i}_res{j}")(h, emb)
