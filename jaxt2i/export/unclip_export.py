@@ -36,6 +36,7 @@ embedding input itself and the pipeline feeds the decoder unit-norm image embedd
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -129,7 +130,6 @@ def _export_onnx(prior, clip, root: str, pdir: str, meta: dict, opset: int | Non
 
     opset = opset or OPSET
     L = text_length(clip)
-    (b,) = jax.export.symbolic_shape("B")
     os.makedirs(pdir, exist_ok=True)
     say("prior: converting the denoiser to ONNX")
     params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), prior.params)
@@ -142,26 +142,37 @@ def _export_onnx(prior, clip, root: str, pdir: str, meta: dict, opset: int | Non
         "output": f"prediction ({prior.config.objective}) [B, {prior.config.clip_dim}]",
         "noise_level": "jaxt2i.diffusion.get_schedule(schedule).model_t(t)"})
 
-    cparams = jax.tree_util.tree_map(lambda p: jnp.asarray(p, jnp.float32), clip.params)
-    cdir = os.path.join(root, CLIP_DIR)
-    say("CLIP: converting the text tower to ONNX")
-
-    def text(ids, mask):
-        states, _, embeds = clip.text_features(cparams, ids, mask)
-        return states.astype(jnp.float32), embeds.astype(jnp.float32)
-
-    _save(convert(text, [jax.ShapeDtypeStruct((b, L), jnp.int32),
-                         jax.ShapeDtypeStruct((b, L), jnp.bool_)],
-                  ["input_ids", "attention_mask"], ["text_states", "text_embeds"],
-                  "the CLIP text tower", opset), os.path.join(cdir, "text.onnx"))
-    size = clip.config.vision.image_size
-    say("CLIP: converting the vision tower to ONNX")
-    _save(convert(lambda px: clip.pixel_embeds(cparams, px).astype(jnp.float32),
-                  [jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)], ["pixel_values"],
-                  ["image_embeds"], "the CLIP vision tower", opset),
-          os.path.join(cdir, "vision.onnx"))
+    cparams, towers = clip_towers(clip)
+    for name, (fn, specs, inputs, outputs) in towers.items():
+        say(f"CLIP: converting the {name} tower to ONNX")
+        _save(convert(functools.partial(fn, cparams), specs, inputs, outputs,
+                      f"the CLIP {name} tower", opset),
+              os.path.join(root, CLIP_DIR, f"{name}.onnx"))
     return {"clip_text": f"{CLIP_DIR}/text.onnx", "clip_vision": f"{CLIP_DIR}/vision.onnx",
-            "clip_image_size": size}
+            "clip_image_size": clip.config.vision.image_size}
+
+
+def clip_towers(clip):
+    """(float32 params, {'text' | 'vision': (fn(params, *inputs), input ShapeDtypeStructs with
+    symbolic batch B, input names, output names)}): the CLIP towers as the exports write them."""
+    f32 = jnp.float32
+    L, size = text_length(clip), clip.config.vision.image_size
+    (b,) = jax.export.symbolic_shape("B")
+
+    def text(params, ids, mask):  # [B, L] -> (states [B, L, Dt], embeds [B, P])
+        states, _, embeds = clip.text_features(params, ids, mask)
+        return states.astype(f32), embeds.astype(f32)
+
+    def vision(params, pixels):  # [B, S, S, 3] preprocessed -> [B, P]
+        return clip.pixel_embeds(params, pixels).astype(f32)
+
+    params = jax.tree_util.tree_map(lambda p: jnp.asarray(p, f32), clip.params)
+    return params, {
+        "text": (text, [jax.ShapeDtypeStruct((b, L), jnp.int32),
+                        jax.ShapeDtypeStruct((b, L), jnp.bool_)],
+                 ["input_ids", "attention_mask"], ["text_states", "text_embeds"]),
+        "vision": (vision, [jax.ShapeDtypeStruct((b, size, size, 3), f32)], ["pixel_values"],
+                   ["image_embeds"])}
 
 
 def _export_stablehlo(prior, clip, root: str, pdir: str, meta: dict, platforms, say) -> dict:
@@ -171,8 +182,6 @@ def _export_stablehlo(prior, clip, root: str, pdir: str, meta: dict, platforms, 
 
     platforms = tuple(platforms or hlo.PLATFORMS)
     L, P, s = text_length(clip), prior.config.clip_dim, prior.settings
-    (b,) = jax.export.symbolic_shape("B")
-    f32 = jnp.float32
     say(f"prior: lowering the {s.sampler} sampler ({s.steps} steps, {s.num_candidates} "
         "candidates)")
 
@@ -182,7 +191,7 @@ def _export_stablehlo(prior, clip, root: str, pdir: str, meta: dict, platforms, 
 
     _, specs = prior_inputs(prior.config, L)
     exp = hlo.export_fn(sample, [hlo.params_spec(prior.params), *specs[2:5],
-                               jax.ShapeDtypeStruct((2,), jnp.uint32)], platforms, "the prior")
+                                 jax.ShapeDtypeStruct((2,), jnp.uint32)], platforms, "the prior")
     hlo.save_sampler(pdir, exp, prior.params, {
         **meta, "prior": prior.config.to_dict(), "settings": vars(s),
         "inputs": ["params", f"text_tokens [B, {L}, {prior.config.text_dim}] float32 (CLIP "
@@ -191,27 +200,19 @@ def _export_stablehlo(prior, clip, root: str, pdir: str, meta: dict, platforms, 
         "output": f"[B, {P}] float32 unit-norm CLIP image embeddings (the decoder's "
         "image_embed)"}, platforms)
 
-    cparams = jax.tree_util.tree_map(lambda p: jnp.asarray(p, f32), clip.params)
     cdir = os.path.join(root, CLIP_DIR)
-    size = clip.config.vision.image_size
     say("CLIP: lowering the text and vision towers")
-
-    def text(params, ids, mask):  # -> (states [B, L, Dt], embeds [B, P])
-        states, _, embeds = clip.text_features(params, ids, mask)
-        return states.astype(f32), embeds.astype(f32)
-
-    towers = {"text": (text, [jax.ShapeDtypeStruct((b, L), jnp.int32),
-                              jax.ShapeDtypeStruct((b, L), jnp.bool_)]),
-              "vision": (lambda params, px: clip.pixel_embeds(params, px).astype(f32),
-                         [jax.ShapeDtypeStruct((b, size, size, 3), f32)])}
-    for name, (fn, specs) in towers.items():
+    cparams, towers = clip_towers(clip)
+    for name, (fn, specs, _, _) in towers.items():
         exp = hlo.export_fn(fn, [hlo.params_spec(cparams), *specs], platforms,
-                          f"the CLIP {name} tower")
+                            f"the CLIP {name} tower")
         hlo.write_exported(exp, os.path.join(cdir, f"{name}{EXPORTED}"))
     hlo.save_params(cparams, os.path.join(cdir, hlo.PARAMS_FILE))
     return {"prior_sampler": f"{PRIOR_DIR}/{hlo.SAMPLER_FILE}",
-            "clip_text": f"{CLIP_DIR}/text{EXPORTED}", "clip_vision": f"{CLIP_DIR}/vision{EXPORTED}",
-            "clip_params": f"{CLIP_DIR}/{hlo.PARAMS_FILE}", "clip_image_size": size,
+            "clip_text": f"{CLIP_DIR}/text{EXPORTED}",
+            "clip_vision": f"{CLIP_DIR}/vision{EXPORTED}",
+            "clip_params": f"{CLIP_DIR}/{hlo.PARAMS_FILE}",
+            "clip_image_size": clip.config.vision.image_size,
             "prior_key_data": "jax.random.key_data(jax.random.split(jax.random.key(seed))[0])",
             "key_data": "jax.random.key_data(jax.random.fold_in(jax.random.split("
             "jax.random.key(seed))[1], stage_index))"}
