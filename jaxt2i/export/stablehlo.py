@@ -12,16 +12,19 @@ Layout written by `export_stablehlo`:
         config.json                   the stage config, settings, input and output shapes
 
 A sampler takes (params, emb [B, L, D], mask [B, L], u_emb [B, L, D], u_mask [B, L] (the
-empty or negative prompts), key_data uint32[2], lowres [B, h, w, C] for SR stages, then the
+empty or negative prompts), key_data uint32[2], lowres [B, h, w, C] for SR stages (an unCLIP
+decoder: image_embed [B, P], the prior's unit-norm CLIP image embeddings), then the
 edit inputs init [B, H, W, C] float32 in [-1, 1], inpaint_mask [B, H, W, 1] float32 (1 =
 generate) and strength float32 scalar) and returns [B, H, W, C] float32 images in [-1, 1];
 B is symbolic, so one artifact serves every batch size. Plain sampling passes any init, an
-all-ones mask and strength 1 (`plain_edit_inputs`), which gives the plain images exactly. The key of stage k is
-`jax.random.key_data(jax.random.fold_in(jax.random.key(seed), k))`, exactly as
+all-ones mask and strength 1 (`plain_edit_inputs`), which gives the plain images (exactly
+in the Imagen tests; the unCLIP test's decoder differs by float32 rounding, ~1e-6). The key of
+stage k is `jax.random.key_data(jax.random.fold_in(jax.random.key(seed), k))`, exactly as
 `Cascade.sample` derives it, so `run_exported(OUT, prompts, seed)` reproduces the images of
 `python -m jaxt2i.sample` bit for bit on the same platform. Artifacts are lowered for every
 platform in `platforms` (cpu, cuda, tpu by default) and load with `jax.export.deserialize`
-without jaxt2i; only tokenisation needs the tokenizer files.
+without jaxt2i; only tokenisation needs the tokenizer files. An unCLIP cascade adds its
+prior's sampler and the CLIP towers (`unclip_export`; `run_exported` runs them too).
 """
 
 from __future__ import annotations
