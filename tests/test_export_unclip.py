@@ -266,8 +266,8 @@ def test_onnx_prior_clip_and_decoder_match_jax(unclip_dir, pipe, clip, tmp_path)
 
 
 @pytest.mark.parametrize("fmt, kwargs, expected", [
-    ("stablehlo", {}, "does not export unCLIP cascades"),
     ("torch", {"text_encoder": "bundled"}, "--text_encoder does not apply"),
+    ("stablehlo", {"text_encoder": "bundled"}, "--text_encoder does not apply"),
 ])
 def test_refusals_are_one_line(unclip_dir, tmp_path, fmt, kwargs, expected):
     with pytest.raises(ConfigError, match=expected) as e:

@@ -47,9 +47,6 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
     checkpoints = list(checkpoints)
     prior = clip = None
     if len(checkpoints) == 1 and read_spec(checkpoints[0]) is not None:  # unCLIP
-        if fmt == "stablehlo":
-            raise ConfigError("--format=stablehlo does not export unCLIP cascades; use "
-                              "--format=torch or --format=onnx")
         if text_encoder:
             raise ConfigError("--text_encoder does not apply to an unCLIP cascade (its stages "
                               "load their own); leave it out")
@@ -87,7 +84,7 @@ def export_cascade(checkpoints, fmt: str, out: str, *, overwrite: bool = False,
             from jaxt2i.export.unclip_export import export_parts, prior_source
 
             record = export_parts(fmt, prior, clip, root, record, dtype=dtype, opset=opset,
-                                  progress=log)
+                                  platforms=platforms, progress=log)
             sources.append(prior_source(prior))
         manifest = write_manifest(root, fmt=fmt, stages=cascade.stages,
                                   settings=settings if fmt == "stablehlo" else None,

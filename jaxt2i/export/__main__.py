@@ -7,8 +7,8 @@ PyTorch, ONNX or StableHLO files (`jaxt2i.export.export_cascade`).
 
 `--checkpoint` is a cascade directory (cascade.json), a stage export or a training workdir
 (repeatable, base first; default: the bundled demo cascade); an unCLIP cascade directory
-(torch or onnx) also writes its prior (prior/) and its CLIP (clip/, a Hugging Face CLIPModel
-directory; docs/export.md). The output has one folder per
+also writes its prior (prior/) and its CLIP (clip/, a Hugging Face CLIPModel directory, plus
+the towers as ONNX or StableHLO; docs/export.md). The output has one folder per
 stage, the text encoder (a Hugging Face T5 directory with its tokenizer), a top-level
 cascade.json and manifest.json (source checkpoints, steps, config hashes, library versions,
 file hashes). A non-empty --out is refused unless --overwrite, which replaces only an earlier
