@@ -209,3 +209,31 @@ def test_two_processes_build_a_cache_of_a_built_dataset(tmp_path):
     for i in range(30):
         for a, b in zip(one[i], two[i]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_training_refuses_a_cache_of_another_length_or_width(tmp_path):
+    """A cache built at another max_length (or by an encoder of another width) than the stage's
+    would not fit the compiled train step: training stops in one line naming both and the
+    command that rebuilds it; a cache that fits is opened."""
+    from jaxt2i.config import ConfigError, load_config_file
+    from jaxt2i.train.loop import _pipeline
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config_file(os.path.join(root, "configs/base.py:tiny"))
+    cfg.data.num_examples = 8
+    text_cache.build_text_cache(FakeEncoder(), shapes.ShapesSource(8, 8), str(tmp_path))
+    cfg.text.cache, cfg.text.encoder = str(tmp_path), "/models/umt5-base"
+    for length, width, stage in [(16, 8, "length 16 (text.max_length) and width 8"),
+                                 (12, 32, "length 12 (text.max_length) and width 32")]:
+        trainer = types.SimpleNamespace(
+            unet_cfg=types.SimpleNamespace(image_size=16, lowres_size=0, text_dim=width),
+            encoder=types.SimpleNamespace(max_length=length))
+        with pytest.raises(ConfigError) as e:
+            _pipeline(trainer, cfg)
+        assert str(e.value) == (
+            f"data: text cache {tmp_path} holds embeddings of length 12 and width 8, but the "
+            f"stage takes {stage} (model.text_dim); rebuild it with `python -m "
+            f"jaxt2i.data.text_cache --encoder=/models/umt5-base --max_length={length}`")
+    trainer.unet_cfg.text_dim, trainer.encoder.max_length = 8, 12
+    with _pipeline(trainer, cfg) as data:
+        assert next(data)["text_emb"].shape == (4, 12, 8)

@@ -21,6 +21,9 @@ from jaxt2i.text.tokenizer import is_byte_level
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from multilingual_helpers import (save_unigram_tokenizer, save_with_tokenizer,  # noqa: E402
+                                  small_config, umt5, unigram_tokenizer)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ZH = ["一只红色的猫坐在蓝色的桌子上", "两个绿色的三角形在白色的背景上", "一个红色的圆在蓝色的正方形上面",
@@ -32,13 +35,6 @@ MIX = ["一只 red 猫 above a 蓝色的 square", "Imagen 画了一个紫色的�
 CORPUS = ZH + EN + MIX
 # Chinese, English, mixed, the unconditional prompt, and new combinations of known pieces.
 PROMPTS = [ZH[0], EN[1], MIX[0], "", "一只紫色的猫", MIX[1]]
-
-
-def _small(cfg_cls, **kw):
-    """A tiny transformers config (3 layers, width 32, 16 buckets up to distance 20)."""
-    return cfg_cls(d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
-                   relative_attention_num_buckets=16, relative_attention_max_distance=20,
-                   dropout_rate=0.0, decoder_start_token_id=0, **kw)
 
 
 def _reference(model, ids, mask):
@@ -87,30 +83,11 @@ def spm_dir(tmp_path_factory):
     return d
 
 
-def _unigram_tokenizer():
-    """A `tokenizers` Unigram (tokenizer.json, umT5's hub format) trained on the same text."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
-
-    tok = RustTokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(CORPUS * 20, trainers.UnigramTrainer(
-        vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
-    tok.post_processor = TemplateProcessing(single="$A </s>",
-                                            special_tokens=[("</s>", tok.token_to_id("</s>"))])
-    return tok
-
-
 @pytest.fixture(scope="module")
 def unigram_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("unigram_zh")
-    raw = _unigram_tokenizer()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>",
-                                                eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(str(d))
-    return d, raw
+    """A `tokenizers` Unigram (tokenizer.json, umT5's hub format) trained on the same text."""
+    raw = unigram_tokenizer(CORPUS * 20)
+    return save_unigram_tokenizer(raw, tmp_path_factory.mktemp("unigram_zh")), raw
 
 
 def _padded(rows, length):
@@ -150,23 +127,16 @@ def test_tokenizers_unigram_ids_match_on_chinese_english_and_mixed_text(unigram_
 # mT5
 # ---------------------------------------------------------------------------------------------
 
-def _save(model, tok_dir, out, **kw):
-    model.save_pretrained(str(out), **kw)
-    transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True) \
-        .save_pretrained(str(out))
-    return out
-
-
 def _mt5(vocab, ff="gated-gelu", cls=None):
     torch.manual_seed(0)
-    cfg = _small(transformers.MT5Config, vocab_size=vocab, feed_forward_proj=ff)
+    cfg = small_config(transformers.MT5Config, vocab_size=vocab, feed_forward_proj=ff)
     return (cls or transformers.MT5EncoderModel)(cfg).eval()
 
 
 @pytest.mark.parametrize("ff", ["gated-gelu", "relu"])
 def test_mt5_encoder_matches_transformers(ff, spm_dir, tmp_path):
     model = _mt5(100, ff)
-    d = _save(model, spm_dir, tmp_path / "mt5")
+    d = save_with_tokenizer(model, spm_dir, tmp_path / "mt5")
     assert json.loads((d / "config.json").read_text())["model_type"] == "mt5"
     enc = load_encoder(str(d), max_length=40)
     assert not enc.config.bias_per_layer and enc.config.feed_forward_proj == ff
@@ -175,7 +145,7 @@ def test_mt5_encoder_matches_transformers(ff, spm_dir, tmp_path):
 
 def test_full_mt5_checkpoint_loads_its_encoder(spm_dir, tmp_path):
     full = _mt5(100, cls=transformers.MT5ForConditionalGeneration)
-    d = _save(full, spm_dir, tmp_path / "mt5_full")
+    d = save_with_tokenizer(full, spm_dir, tmp_path / "mt5_full")
     enc = load_encoder(str(d), max_length=40)
     _check_parity(enc, full.encoder, label="mT5 (full checkpoint)")
 
@@ -184,16 +154,11 @@ def test_full_mt5_checkpoint_loads_its_encoder(spm_dir, tmp_path):
 # umT5
 # ---------------------------------------------------------------------------------------------
 
-def _umt5(vocab, cls=None):
-    torch.manual_seed(0)
-    cfg = _small(transformers.UMT5Config, vocab_size=vocab, feed_forward_proj="gated-gelu")
-    return (cls or transformers.UMT5EncoderModel)(cfg).eval()
-
-
 @pytest.fixture(scope="module")
 def umt5_dir(unigram_dir, tmp_path_factory):
-    model = _umt5(len(transformers.AutoTokenizer.from_pretrained(str(unigram_dir[0]))) + 6)
-    return _save(model, unigram_dir[0], tmp_path_factory.mktemp("umt5") / "m"), model
+    model = umt5(len(transformers.AutoTokenizer.from_pretrained(str(unigram_dir[0]))) + 6)
+    return save_with_tokenizer(model, unigram_dir[0],
+                               tmp_path_factory.mktemp("umt5") / "m"), model
 
 
 def test_umt5_encoder_matches_transformers(umt5_dir):
@@ -232,8 +197,8 @@ def test_umt5_is_not_t5_with_a_shared_table(umt5_dir, tmp_path):
 
 
 def test_full_umt5_checkpoint_loads_its_encoder(unigram_dir, tmp_path):
-    full = _umt5(160, cls=transformers.UMT5ForConditionalGeneration)
-    d = _save(full, unigram_dir[0], tmp_path / "umt5_full")
+    full = umt5(160, cls=transformers.UMT5ForConditionalGeneration)
+    d = save_with_tokenizer(full, unigram_dir[0], tmp_path / "umt5_full")
     names = convert.read_hf_tensors(str(d), wanted=())[1]
     assert any(n.startswith("decoder.block.1.") and "relative_attention_bias" in n for n in names)
     enc = load_encoder(str(d), max_length=48)
@@ -326,8 +291,8 @@ def _byte_ids(prompt):
 def byt5_dir(tmp_path_factory):
     """A tiny ByT5 as on the hub: T5 config with vocab 384, ByT5Tokenizer, no vocabulary file."""
     torch.manual_seed(0)
-    cfg = _small(transformers.T5Config, vocab_size=384, feed_forward_proj="gated-gelu",
-                 tokenizer_class="ByT5Tokenizer")
+    cfg = small_config(transformers.T5Config, vocab_size=384, feed_forward_proj="gated-gelu",
+                       tokenizer_class="ByT5Tokenizer")
     model = transformers.T5EncoderModel(cfg).eval()
     d = tmp_path_factory.mktemp("byt5") / "m"
     model.save_pretrained(str(d))

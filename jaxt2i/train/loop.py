@@ -68,6 +68,25 @@ def _source(trainer: Trainer, cfg):
     return source
 
 
+def _text_cache(trainer: Trainer, cfg):
+    """The run's text cache (None without one); one built at another length than
+    text.max_length, or by an encoder of another width than model.text_dim, is refused in one
+    line (its embeddings would not fit the compiled step)."""
+    if not cfg.text.cache:
+        return None
+    from jaxt2i.data.text_cache import TextCache
+
+    cache = TextCache(cfg.text.cache)
+    want = (trainer.encoder.max_length, trainer.unet_cfg.text_dim)
+    if (cache.max_length, cache.d_model) != want:
+        raise ValueError(
+            f"text cache {cfg.text.cache} holds embeddings of length {cache.max_length} and "
+            f"width {cache.d_model}, but the stage takes length {want[0]} (text.max_length) "
+            f"and width {want[1]} (model.text_dim); rebuild it with `python -m "
+            f"jaxt2i.data.text_cache --encoder={cfg.text.encoder} --max_length={want[0]}`")
+    return cache
+
+
 def _pipeline(trainer: Trainer, cfg):
     from jaxt2i.data import pipeline as data_pipeline
 
@@ -76,7 +95,7 @@ def _pipeline(trainer: Trainer, cfg):
         return data_pipeline.make_pipeline(
             _source(trainer, cfg), resolution=c.image_size, batch_size=cfg.train.batch_size,
             seed=cfg.data.seed, lowres=c.lowres_size or None, random_crop=cfg.data.random_crop,
-            text_cache=cfg.text.cache or None, worker_count=cfg.data.worker_count,
+            text_cache=_text_cache(trainer, cfg), worker_count=cfg.data.worker_count,
             tokenizer=None if cfg.text.cache else trainer.encoder.tokenizer,
             split=cfg.data.split)
     except (FileNotFoundError, ValueError) as e:  # a user's data / cache path or size
