@@ -78,22 +78,25 @@ def _run(*args, timeout=600):
 
 @pytest.mark.slow
 def test_align_text_command_learns_only_the_new_rows_and_resumes(tiny_cascade_dir, tmp_path):
-    """docs/text-encoder.md's two commands on the tiny cascade: the loss falls, every other
-    weight is the input's, English encodes as before; a second run resumes."""
+    """docs/text-encoder.md's three commands (fewer, smaller steps; the sample on the tiny
+    cascade): the loss falls, every other weight is the input's, English encodes as before, the
+    aligned encoder samples a Chinese prompt; a second run resumes."""
     enc_dir, out = tmp_path / "zh_encoder", tmp_path / "zh_aligned"
     r = _run("jaxt2i.assets", f"--out={enc_dir}")
     assert r.returncode == 0, r.stderr[-2000:]
-    args = ["jaxt2i.train.align_text", f"--checkpoint={tiny_cascade_dir}",
-            f"--text_encoder={enc_dir}", f"--out={out}", "--batch_size=8", "--lr=0.1",
-            "--log_every=10", "--save_every=20"]
+    args = ["jaxt2i.train.align_text", f"--text_encoder={enc_dir}", f"--out={out}",
+            "--batch_size=8", "--lr=0.05", "--log_every=10", "--save_every=20"]  # the demo
     r = _run(*args, "--steps=40")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "aligning 82 token rows (ids 256..337) through 1 frozen stage(s)" in r.stdout
     assert re.search(r"step 40/40: loss stage1=[0-9.]+; [0-9.]+ steps/s, ETA", r.stdout)
     record = json.loads((out / "config.json").read_text())["jaxt2i_learned_rows"]
-    losses = [row[1] for row in record["losses"]]
-    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert [row[0] for row in record["losses"]] == [10, 20, 30, 40]
     before, after = load_encoder(str(enc_dir)), load_encoder(str(out))
+    # The learned rows bring the demo's predictions from Chinese captions closer to those from
+    # English ones, on batches the run never drew (40 steps of 8 moved it 15%).
+    held = [_held_out_loss(enc) for enc in (before, after)]
+    assert held[1] < 0.92 * held[0], held
     flat = lambda p: {k: np.asarray(v) for k, v in jax_flat(p)}  # noqa: E731
     b, a = flat(before.params), flat(after.params)
     for k in b:
@@ -122,9 +125,28 @@ def test_align_text_command_learns_only_the_new_rows_and_resumes(tiny_cascade_di
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "holds no align_state.npz" in lines[0]
     r = _run("jaxt2i.train.align_text", f"--out={tmp_path / 'new'}", "--stages=3",
-             f"--text_encoder={enc_dir}", f"--checkpoint={tiny_cascade_dir}")
+             f"--text_encoder={enc_dir}")
     lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
     assert r.returncode == 2 and lines == ["error: --stages=3: the cascade has stages 1..2"]
+
+
+def _held_out_loss(encoder) -> float:
+    """The alignment loss of `encoder` through the bundled demo's base on 4 fixed batches of 32
+    caption pairs (seeds the command never uses)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxt2i.cascade import load_cascade
+    from jaxt2i.train.align_text import Aligner
+
+    cascade = load_cascade(assets.demo_cascade_dir(), encoder=encoder)
+    al = Aligner(cascade, 256, 0.01, 10)
+    losses = []
+    for r in range(4):
+        batch = al.batch(np.random.default_rng([123, r]), 32, None)
+        losses.append(float(al._loss(jnp.asarray(al.rows0), [al.stages[0].params], batch,
+                                     jax.random.key(r))[0]))
+    return float(np.mean(losses))
 
 
 def jax_flat(params, prefix=""):
