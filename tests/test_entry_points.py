@@ -20,7 +20,7 @@ OWN_FLAG = {
     "jaxt2i.eval.__main__": "--num_prompts", "jaxt2i.encode": "--max_length",
     "jaxt2i.export.__main__": "--guidance", "jaxt2i.data.builders.__main__": "--data_dir",
     "jaxt2i.data.text_cache.__main__": "--encoder", "jaxt2i.data.shapes_shards": "--per_shard",
-    "jaxt2i.assets.__main__": "--out",
+    "jaxt2i.assets.__main__": "--out", "jaxt2i.train.align_text": "--first_row",
     "jaxt2i.bench.__main__": "--phases", "jaxt2i.aot.__main__": "--topology",
     "jaxt2i.convert": "--variant",
 }
