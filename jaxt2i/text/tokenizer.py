@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import os
 import re
 import string
@@ -117,12 +118,10 @@ class Tokenizer:
         self._unknown_warned: set[str] = set()  # prompts already named in a warning
         self._known_words: dict[str, bool] = {}  # closed vocabulary: word -> one token
 
-    @property
+    @functools.cached_property
     def reads_chinese(self) -> bool:
         """The vocabulary has Chinese words (the bundled encoder's closed vocabulary does)."""
-        if not hasattr(self, "_reads_chinese"):
-            self._reads_chinese = any(_HAN.search(p) for p in self.hf.get_vocab())
-        return self._reads_chinese
+        return any(_HAN.search(p) for p in self.hf.get_vocab())
 
     def unknown_text(self, prompt: str) -> tuple[list[str], list[str]]:
         """(characters, words) of `prompt` that the tokenizer maps to <unk>, each once, in order.

@@ -178,6 +178,8 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
 
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"--steps={steps} and --batch_size={batch_size} must be at least 1")
+    if not lr > 0:
+        raise ConfigError(f"--lr={lr} must be positive, e.g. --lr=0.02")
     resume = os.path.exists(os.path.join(out, STATE_FILE))
     if not resume and os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"--out={out} exists and holds no {STATE_FILE} to resume from; "
