@@ -181,3 +181,13 @@ def test_aot_command_of_the_docs_records_the_policy(tmp_path):
     assert rec["remat"] is True and rec["remat_policy"] == "dots"
     assert "remat policy dots" in r.stdout
     assert rec["bytes_per_device"] > 0 and rec["flops_per_step"] > 0
+
+
+def test_the_paper_variants_default_to_dots_and_small_configs_to_full():
+    """The paper stages keep matmul / conv outputs (the compiler's choice on the paper's pod,
+    BENCHMARKS.md); configs that do not remat keep the old default."""
+    for paper in ("base.py:size=paper_base64", "sr.py:size=paper_sr256",
+                  "sr.py:size=paper_sr1024"):
+        cfg = load_config_file(os.path.join(ROOT, "configs", paper))
+        assert cfg.model.remat and cfg.model.remat_policy == "dots", paper
+    assert load_config_file(os.path.join(ROOT, "configs/base.py:demo")).model.remat_policy == "full"
