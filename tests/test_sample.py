@@ -415,6 +415,24 @@ def test_eval_aug_level_sweep_cli(cascade_dir, tmp_path):
     assert "--aug_levels: 2.0 is not an augmentation level in [0, 1]" in bad.stderr
 
 
+def test_fewer_prompts_than_a_batch_sample_no_padding(cascade, monkeypatch):
+    """--num_prompts=3 with the default --batch_size=32 samples batches of 3, not 32 padded
+    images; more prompts than a batch still pad the last batch to the same shape."""
+    from jaxt2i.eval.evaluate import evaluate_cascade
+
+    sizes, real = [], cascade.sample
+    monkeypatch.setattr(cascade, "sample",
+                        lambda prompts, *a, **k: sizes.append(len(prompts)) or real(prompts, *a, **k))
+    plain = [s.replace(steps=2) for s in cascade.settings()]
+    kw = dict(splits=["test"], settings=plain, progress=False)
+    few = evaluate_cascade(cascade, num_prompts=3, **kw)  # batch_size: the default 32
+    assert sizes == [3] and few["results"]["test"]["n"] == 3
+    sizes.clear()
+    more = evaluate_cascade(cascade, num_prompts=5, batch_size=2, **kw)
+    assert sizes == [2, 2, 2] and more["results"]["test"]["n"] == 5
+    assert len(more["per_image"]["test"]) == 5
+
+
 def test_aug_level_sweep_rows_equal_plain_runs_at_each_level(cascade):
     """The sweep samples the base once and the SR stage per level: each level's images are
     the ones a plain evaluation at that level gives."""

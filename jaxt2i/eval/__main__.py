@@ -98,7 +98,7 @@ def _define_flags() -> None:
     flags.DEFINE_string("splits", ",".join(SPLITS), "Comma list of shapes splits to draw "
                         "prompts from: held_out (unseen combinations), test (seen ones), train.")
     flags.DEFINE_integer("num_prompts", 100, "Prompts (one image each) per split.")
-    flags.DEFINE_integer("batch_size", 32, "Images per sampler call.")
+    flags.DEFINE_integer("batch_size", 32, "Images per sampler call (at most --num_prompts).")
     flags.DEFINE_integer("seed", 0, "Seed of the prompts and of sampling.")
     flags.DEFINE_integer("stages", None, "Stages to run (1 = score the base stage's images).")
     flags.DEFINE_string("dtype", None, "Compute dtype: float32 | bfloat16.")

@@ -96,7 +96,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       cascade: a loaded `jaxt2i.cascade.Cascade`.
       splits: shapes splits to draw prompts from ('held_out', 'test', 'train').
       num_prompts: prompts (= images) per split.
-      batch_size: images per sampler call; the last batch is padded so nothing recompiles.
+      batch_size: images per sampler call, at most `num_prompts` (fewer prompts than a batch
+        sample no padding); the last batch is padded so nothing recompiles.
       seed: prompt and sampling seed (batch b of split s samples with seed + 1000 * s + b).
       settings: per-stage `StageSettings` (default: each stage's saved config).
       num_stages: stages to run (default: all).
@@ -137,6 +138,7 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
         raise ConfigError("--renders_only samples nothing: drop --true_lowres / --aug_levels")
     if batch_size < 1:
         raise ConfigError(f"--batch_size ({batch_size}) must be at least 1")
+    batch_size = min(batch_size, num_prompts)  # 4 prompts sample 4 images, not a padded 32
     n_stages = num_stages or len(cascade.stages)
     if true_lowres and n_stages < 2:
         raise ConfigError("--true_lowres needs a super-resolution stage after the base "
