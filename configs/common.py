@@ -158,7 +158,8 @@ def paper(c: ml_collections.ConfigDict) -> None:
     at batch 2048, every paper stage and IF-I-XL prefer it to FSDP over all devices (XLA's
     roofline: base 247 vs 286 ms, 64->256 159 vs 170 ms, 256->1024 137 vs 191 ms; IF-I-XL fits
     only so on 128 chips; BENCHMARKS.md). On a small slice (it holds 4x more params per device)
-    pass --config.mesh.data=1.
+    pass --config.mesh.data=1. Tensor parallelism stays off: the U-Nets' channels are too
+    narrow for it to pay (v5p, 64->256: 78.9 ms with tensor 2, 64.9 ms without).
 
     Remat policy: `dots` (keep each block's matmul and convolution outputs, recompute the
     elementwise work). On that mesh it beats `full` in the compiler's roofline for the base
