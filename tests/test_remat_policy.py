@@ -191,3 +191,32 @@ def test_the_paper_variants_default_to_dots_and_small_configs_to_full():
         cfg = load_config_file(os.path.join(ROOT, "configs", paper))
         assert cfg.model.remat and cfg.model.remat_policy == "dots", paper
     assert load_config_file(os.path.join(ROOT, "configs/base.py:demo")).model.remat_policy == "full"
+
+
+def test_aot_model_flops_leave_out_what_remat_recomputes():
+    """`jaxt2i.aot`'s `flops_per_step` is the step's count without remat (model FLOPs, what
+    its utilisation divides by) and `flops_per_step_with_remat` the count with it: `full`
+    recomputes each block's convolutions and matmuls (more), `dots` keeps them (the same as no
+    remat). Counted here from each config's own step, traced without compiling."""
+    from jaxt2i.aot import compile_train_step
+    from jaxt2i.bench.jobs import jaxpr_flops
+    from jaxt2i.train import Trainer
+
+    def config(remat, policy="full"):
+        cfg = load_config_file(os.path.join(ROOT, "configs/base.py:tiny"))
+        cfg.model.remat, cfg.model.remat_policy = remat, policy
+        return cfg
+
+    def count(cfg):
+        trainer = Trainer(cfg, devices=jax.devices()[:1], abstract=True)
+        args = (trainer.abstract_state, trainer.abstract_batch(),
+                jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+                jax.ShapeDtypeStruct((), jnp.int32))
+        return float(jaxpr_flops(trainer.step_jaxpr(*args))["total"])
+
+    plain, full, dots = count(config(False)), count(config(True)), count(config(True, "dots"))
+    assert full > 1.1 * plain and dots == plain, (plain, full, dots)
+    rec = compile_train_step(config(True), jax.devices()[:1])
+    assert rec["flops_per_step"] == plain and rec["flops_per_step_with_remat"] == full
+    rec = compile_train_step(config(False), jax.devices()[:1])
+    assert rec["flops_per_step"] == rec["flops_per_step_with_remat"] == plain
