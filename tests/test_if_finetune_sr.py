@@ -69,7 +69,8 @@ def test_doc_command_evaluates_a_converted_cascade(converted):
     cmd = shlex.split(re.search(r"```bash\n(python -m jaxt2i.eval --checkpoint=if-cascade[^\n]*)",
                                 open(DOC).read()).group(1))
     args = [a.replace("if-cascade", str(converted["out"])) for a in cmd[2:]]
-    args = [a for a in args if not a.startswith(("--stages", "--num_prompts", "--steps"))]
+    args = [a for a in args
+            if not a.startswith(("--stages", "--num_prompts", "--steps", "--splits"))]
     r = _cli(args + ["--stages=2", "--num_prompts=4", "--batch_size=4", "--steps=2,2",
                      "--splits=held_out"])
     record = json.loads(r.stdout.strip().splitlines()[-1])
