@@ -130,11 +130,44 @@ def test_align_text_command_learns_only_the_new_rows_and_resumes(tiny_cascade_di
     assert r.returncode == 2 and lines == ["error: --stages=3: the cascade has stages 1..2"]
 
 
+@pytest.mark.slow
+def test_align_text_with_layers_trains_them_and_holds_english(tmp_path):
+    """`--layers_lr`: the encoder's layers train beside the Chinese rows (through the bundled
+    demo's base), the English rows stay bit for bit, the English encodings move only a little
+    (the keep_english term), and a resume with another --layers_lr is one error line."""
+    enc_dir, out = tmp_path / "zh_encoder", tmp_path / "zh_layers"
+    assert _run("jaxt2i.assets", f"--out={enc_dir}").returncode == 0
+    args = ["jaxt2i.train.align_text", f"--text_encoder={enc_dir}", f"--out={out}",
+            "--batch_size=8", "--lr=0.05", "--layers_lr=3e-4", "--log_every=5", "--steps=10"]
+    r = _run(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "aligning 82 token rows (ids 256..337) and the encoder's layers" in r.stdout
+    assert re.search(r"step 10/10: loss stage1=[0-9.]+ keep_english=[0-9.]+;", r.stdout)
+    record = json.loads((out / "config.json").read_text())["jaxt2i_learned_rows"]
+    assert record["layers_lr"] == 3e-4 and record["text_encoder"] == str(enc_dir)
+    before, after = load_encoder(str(enc_dir)), load_encoder(str(out))
+    b, a = ({k: np.asarray(v) for k, v in jax_flat(e.params)} for e in (before, after))
+    assert b.keys() == a.keys()
+    moved = [k for k in b if k != "token_embedding" and not np.array_equal(a[k], b[k])]
+    assert len(moved) > len(b) // 2, moved  # the layers trained
+    np.testing.assert_array_equal(a["token_embedding"][:256], b["token_embedding"][:256])
+    prompts = _captions("en", 64)
+    (old, mask), (new, _) = before.encode(prompts), after.encode(prompts)
+    w = np.asarray(mask)[..., None]
+    rel = np.sum(w * (np.asarray(new) - old) ** 2) / np.sum(w * np.asarray(old) ** 2)
+    assert 0 < rel < 0.05, rel
+
+    r = _run("jaxt2i.train.align_text", f"--out={out}", "--steps=20")
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert r.returncode == 2 and lines == [
+        f"error: --layers_lr=0.0: {out} was started with --layers_lr=0.0003; resume it with "
+        "that value"], lines
+
+
 def _held_out_loss(encoder) -> float:
     """The alignment loss of `encoder` through the bundled demo's base on 4 fixed batches of 32
     caption pairs (seeds the command never uses)."""
     import jax
-    import jax.numpy as jnp
 
     from jaxt2i.cascade import load_cascade
     from jaxt2i.train.align_text import Aligner
@@ -144,7 +177,7 @@ def _held_out_loss(encoder) -> float:
     losses = []
     for r in range(4):
         batch = al.batch(np.random.default_rng([123, r]), 32, None)
-        losses.append(float(al._loss(jnp.asarray(al.rows0), [al.stages[0].params], batch,
+        losses.append(float(al._loss(al.initial(), [al.stages[0].params], batch,
                                      jax.random.key(r))[0]))
     return float(np.mean(losses))
 

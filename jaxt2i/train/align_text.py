@@ -13,6 +13,12 @@ cascade was trained on, held fixed) and on the Chinese one (the student); the lo
 squared difference of the two predictions. The U-Nets, the encoder's layers and every English
 row stay as they are, so English prompts are encoded, and sampled, bit for bit as before.
 
+`--layers_lr=LR` (> 0) also trains the encoder's layers (attention, feed-forward, norms;
+the English rows stay frozen), at that peak learning rate: word order and function words that
+new rows alone cannot absorb. English prompts then no longer encode bit for bit; a second term,
+`--keep_english` times the mean squared change of the English captions' encodings (relative to
+their mean square under the starting encoder), holds them where they were.
+
 `--out` is a Hugging Face encoder directory (`--text_encoder=` of `jaxt2i.sample` and
 `jaxt2i.eval`), rewritten every `--save_every` steps with `align_state.npz` (the rows, the
 optimizer's state and the step): running the same command again resumes from it. Its
@@ -68,7 +74,8 @@ class Aligner:
     """The alignment loss and step over a cascade's stages (see the module docstring)."""
 
     def __init__(self, cascade, first_row: int, lr: float, steps: int, warmup: int = 50,
-                 stages: tuple[int, ...] = (0,)):
+                 stages: tuple[int, ...] = (0,), layers_lr: float = 0.0,
+                 keep_english: float = 1.0, reference_layers: dict | None = None):
         self.cascade, self.encoder = cascade, cascade.encoder
         self.stages = [cascade.stages[k] for k in stages]
         table = np.asarray(jax.device_get(self.encoder.params["token_embedding"]))
@@ -82,13 +89,42 @@ class Aligner:
         self.head, self.tail = table[:first_row], table[used:]
         self.rows0 = table[first_row:used]
         self.aug_max = {id(s): _trained_with(s)[1] for s in self.stages}
-        self.tx = optax.adam(optax.warmup_cosine_decay_schedule(
-            0.0, lr, min(warmup, max(steps // 10, 1)), max(steps, 2), lr * 0.05))
+        self.layers_lr, self.keep_english = float(layers_lr), float(keep_english)
+        # the English encodings' reference: the layers the run started from
+        self.reference_layers = reference_layers or self.frozen_text
+
+        def adam(peak):
+            return optax.adam(optax.warmup_cosine_decay_schedule(
+                0.0, peak, min(warmup, max(steps // 10, 1)), max(steps, 2), peak * 0.05))
+
+        self.tx = adam(lr)
+        if self.layers_lr > 0:
+            self.tx = optax.multi_transform(
+                {"rows": adam(lr), "layers": adam(self.layers_lr)},
+                {"rows": "rows", "layers": jax.tree_util.tree_map(lambda _: "layers",
+                                                                  self.frozen_text)})
         self.step_fn = jax.jit(self._step)
 
-    def text_params(self, rows):
-        return {**self.frozen_text, "token_embedding": jnp.concatenate(
-            [self.head, rows, self.tail]).astype(self.head.dtype)}
+    def initial(self) -> dict:
+        """The trained parameters at the start: the new rows (and the layers)."""
+        out = {"rows": jnp.asarray(self.rows0)}
+        if self.layers_lr > 0:
+            out["layers"] = jax.tree_util.tree_map(jnp.asarray, self.frozen_text)
+        return out
+
+    def text_params(self, trained):
+        return {**trained.get("layers", self.frozen_text), "token_embedding": jnp.concatenate(
+            [self.head, trained["rows"], self.tail]).astype(self.head.dtype)}
+
+    def _keep_english_loss(self, text, ids, mask):
+        """Mean squared change of the English encodings, relative to their mean square."""
+        stage = self.stages[0]
+        reference = {**self.reference_layers, "token_embedding": text["token_embedding"]}
+        ref, m = stage.encode_text(jax.lax.stop_gradient(reference), ids, mask)
+        new, _ = stage.encode_text(text, ids, mask)
+        w = m[..., None].astype(jnp.float32)
+        return (jnp.sum(w * jnp.square(new - jax.lax.stop_gradient(ref)))
+                / jnp.sum(w * jnp.square(jax.lax.stop_gradient(ref))))
 
     def _stage_loss(self, stage, params, text, images, lowres, ids_en, ids_zh, rng):
         emb_en, mask_en = stage.encode_text(text, *ids_en)
@@ -111,22 +147,26 @@ class Aligner:
                                 {"text_emb": emb_zh, "text_mask": mask_zh, **extra})
         return jnp.mean(jnp.square(student - jax.lax.stop_gradient(teacher)))
 
-    def _loss(self, rows, stage_params, batch, rng):
-        text = self.text_params(rows)
+    def _loss(self, trained, stage_params, batch, rng):
+        text = self.text_params(trained)
         losses = []
         for k, stage in enumerate(self.stages):
             losses.append(self._stage_loss(
                 stage, stage_params[k], text, batch["images"][k], batch["lowres"][k],
                 (batch["ids_en"], batch["mask_en"]), (batch["ids_zh"], batch["mask_zh"]),
                 jax.random.fold_in(rng, k)))
-        losses = jnp.stack(losses)
-        return jnp.sum(losses), losses
+        total = jnp.sum(jnp.stack(losses))
+        if self.layers_lr > 0:
+            keep = self._keep_english_loss(text, batch["ids_en"], batch["mask_en"])
+            total = total + self.keep_english * keep
+            losses.append(keep)
+        return total, jnp.stack(losses)
 
-    def _step(self, rows, opt_state, stage_params, batch, rng):
+    def _step(self, trained, opt_state, stage_params, batch, rng):
         (_, losses), grad = jax.value_and_grad(self._loss, has_aux=True)(
-            rows, stage_params, batch, rng)
-        updates, opt_state = self.tx.update(grad, opt_state, rows)
-        return optax.apply_updates(rows, updates), opt_state, losses
+            trained, stage_params, batch, rng)
+        updates, opt_state = self.tx.update(grad, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, losses
 
     def batch(self, rng: np.random.Generator, size: int, kinds) -> dict:
         from jaxt2i.data import shapes
@@ -145,20 +185,23 @@ class Aligner:
                 "ids_zh": ids_zh, "mask_zh": mask_zh}
 
 
-def _save(out: str, encoder, rows, opt_state, step: int, first: int, record: dict) -> None:
-    """Writes the encoder with the learned rows and the resumable state (atomically)."""
+def _save(out: str, encoder, trained, opt_state, step: int, first: int, record: dict) -> None:
+    """Writes the encoder with the learned rows (and layers) and the resumable state
+    (atomically)."""
     from jaxt2i.assets import mark_learned_rows
     from jaxt2i.text import TextEncoder, save_encoder
 
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    rows = np.asarray(trained["rows"])
     table = np.asarray(jax.device_get(encoder.params["token_embedding"])).copy()
-    table[first:first + rows.shape[0]] = np.asarray(rows)
-    save_encoder(TextEncoder(encoder.config, {**encoder.params, "token_embedding": table},
-                             encoder.tokenizer), tmp)
+    table[first:first + rows.shape[0]] = rows
+    layers = jax.device_get(trained.get("layers", {}))
+    save_encoder(TextEncoder(encoder.config, {**encoder.params, **layers,
+                                              "token_embedding": table}, encoder.tokenizer), tmp)
     mark_learned_rows(tmp, first, record)
     leaves = jax.tree_util.tree_leaves(opt_state)
-    np.savez(os.path.join(tmp, STATE_FILE), rows=np.asarray(rows), step=step,
+    np.savez(os.path.join(tmp, STATE_FILE), rows=rows, step=step,
              **{f"opt_{i}": np.asarray(x) for i, x in enumerate(leaves)})
     old = out.rstrip("/") + ".old"
     shutil.rmtree(old, ignore_errors=True)
@@ -170,7 +213,8 @@ def _save(out: str, encoder, rows, opt_state, step: int, first: int, record: dic
 
 def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, steps: int,
           batch_size: int, lr: float, seed: int, first_row: int | None, log_every: int,
-          save_every: int, stages: tuple[int, ...] = (1,)) -> dict:
+          save_every: int, stages: tuple[int, ...] = (1,), layers_lr: float = 0.0,
+          keep_english: float = 1.0) -> dict:
     """Runs the alignment (see the module docstring); returns the run's record."""
     from jaxt2i.assets import LEARNED_ROWS_KEY, demo_cascade_dir
     from jaxt2i.cascade import load_cascade
@@ -180,6 +224,9 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
         raise ConfigError(f"--steps={steps} and --batch_size={batch_size} must be at least 1")
     if not lr > 0:
         raise ConfigError(f"--lr={lr} must be positive, e.g. --lr=0.02")
+    if layers_lr < 0 or keep_english < 0:
+        raise ConfigError(f"--layers_lr={layers_lr} and --keep_english={keep_english} must not "
+                          "be negative (--layers_lr=0 trains the rows alone)")
     resume = os.path.exists(os.path.join(out, STATE_FILE))
     if not resume and os.path.exists(out) and os.listdir(out):
         raise ConfigError(f"--out={out} exists and holds no {STATE_FILE} to resume from; "
@@ -206,13 +253,23 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
     if bad or not stages:
         raise ConfigError(f"--stages={','.join(map(str, stages))}: the cascade has stages 1..{n}")
     stages = tuple(sorted(set(k - 1 for k in stages)))
-    aligner = Aligner(cascade, first_row, lr, steps, stages=stages)
-    rows, opt_state, start = jnp.asarray(aligner.rows0), aligner.tx.init(
-        jnp.asarray(aligner.rows0)), 0
+    reference = None
+    if resume:
+        before = hf_cfg.get("jaxt2i_learned_rows", {})
+        if float(before.get("layers_lr", 0.0)) != layers_lr:
+            raise ConfigError(f"--layers_lr={layers_lr}: {out} was started with --layers_lr="
+                              f"{before.get('layers_lr', 0.0)}; resume it with that value")
+        if layers_lr > 0:  # the English encodings' reference: the encoder the run started from
+            reference = {k: v for k, v in load_encoder(before["text_encoder"]).params.items()
+                         if k != "token_embedding"}
+    aligner = Aligner(cascade, first_row, lr, steps, stages=stages, layers_lr=layers_lr,
+                      keep_english=keep_english, reference_layers=reference)
+    trained = aligner.initial()
+    opt_state, start = aligner.tx.init(trained), 0
     if resume:
         saved = np.load(os.path.join(out, STATE_FILE))
         start = int(saved["step"])
-        rows = jnp.asarray(saved["rows"])
+        trained["rows"] = jnp.asarray(saved["rows"])  # the layers: the saved encoder's
         treedef = jax.tree_util.tree_structure(opt_state)
         opt_state = jax.tree_util.tree_unflatten(
             treedef, [jnp.asarray(saved[f"opt_{i}"]) for i in range(treedef.num_leaves)])
@@ -222,16 +279,23 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
     record = {"command": "python -m jaxt2i.train.align_text " + " ".join(sys.argv[1:]),
               "cascade": [os.path.abspath(p) for p in paths], "first_row": int(first_row),
               "rows": int(aligner.used - first_row), "batch_size": batch_size, "lr": lr,
-              "seed": seed, "steps": steps, "stages": [k + 1 for k in stages], "losses": []}
+              "seed": seed, "steps": steps, "stages": [k + 1 for k in stages],
+              "layers_lr": layers_lr, "keep_english": keep_english,
+              "text_encoder": os.path.abspath(text_encoder) if text_encoder else None,
+              "losses": []}
+    if resume:
+        record["text_encoder"] = hf_cfg.get("jaxt2i_learned_rows", {}).get("text_encoder")
     if resume and "jaxt2i_learned_rows" in hf_cfg:
         record["losses"] = hf_cfg["jaxt2i_learned_rows"].get("losses", [])
-    print(f"aligning {record['rows']} token rows (ids {first_row}..{aligner.used - 1}) through "
-          f"{len(aligner.stages)} frozen stage(s), batch {batch_size}, {steps} steps", flush=True)
+    what = " and the encoder's layers" if layers_lr > 0 else ""
+    print(f"aligning {record['rows']} token rows (ids {first_row}..{aligner.used - 1}){what} "
+          f"through {len(aligner.stages)} frozen stage(s), batch {batch_size}, {steps} steps",
+          flush=True)
     t0, done, run = time.time(), start, []
     for step in range(start, steps):
         batch = aligner.batch(np.random.default_rng([seed, step]), batch_size, kinds)
-        rows, opt_state, losses = aligner.step_fn(rows, opt_state, stage_params, batch,
-                                                  jax.random.fold_in(jax.random.key(seed), step))
+        trained, opt_state, losses = aligner.step_fn(
+            trained, opt_state, stage_params, batch, jax.random.fold_in(jax.random.key(seed), step))
         run.append(np.asarray(losses))
         done = step + 1
         if done % log_every == 0 or done == steps:
@@ -239,14 +303,15 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
             run = []
             rate = (done - start) / (time.time() - t0)
             record["losses"].append([done] + [round(float(x), 6) for x in mean])
+            names = [f"stage{k + 1}" for k in stages] + ["keep_english"] * (layers_lr > 0)
             print(f"step {done}/{steps}: loss " + " ".join(
-                f"stage{k + 1}={x:.5f}" for k, x in zip(stages, mean))
+                f"{name}={x:.5f}" for name, x in zip(names, mean))
                 + f"; {rate:.2f} steps/s, ETA {(steps - done) / rate / 60:.1f} min", flush=True)
             if not np.all(np.isfinite(mean)):
                 raise ConfigError(f"the loss is not finite at step {done}; lower --lr={lr}")
         if done % save_every == 0 or done == steps:
             record["step"] = done
-            _save(out, encoder, rows, opt_state, done, first_row, record)
+            _save(out, encoder, trained, opt_state, done, first_row, record)
     record["seconds"] = round(time.time() - t0, 1)
     print(f"wrote {out} (step {done}): --text_encoder={out} samples and evaluates with it",
           flush=True)
@@ -269,6 +334,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("steps", 1500, "Optimizer steps.")
     flags.DEFINE_integer("batch_size", 32, "Caption pairs per step.")
     flags.DEFINE_float("lr", 0.02, "Adam's peak learning rate (warmup, then cosine to 5%).")
+    flags.DEFINE_float("layers_lr", 0.0, "Also train the encoder's layers at this peak "
+                       "learning rate (0: the new rows alone; English then encodes bit for bit).")
+    flags.DEFINE_float("keep_english", 1.0, "With --layers_lr: weight of the English captions' "
+                       "relative encoding change in the loss.")
     flags.DEFINE_integer("seed", 0, "Seed of the scenes and the noise.")
     flags.DEFINE_integer("log_every", 50, "Steps per progress line.")
     flags.DEFINE_integer("save_every", 250, "Steps per save of --out.")
@@ -284,7 +353,8 @@ def main(argv) -> None:
     align(out=F.out, checkpoint=F.checkpoint, text_encoder=F.text_encoder, steps=F.steps,
           batch_size=F.batch_size, lr=F.lr, seed=F.seed, first_row=F.first_row,
           log_every=max(F.log_every, 1), save_every=max(F.save_every, 1),
-          stages=tuple(_stage_numbers(F.stages)))
+          stages=tuple(_stage_numbers(F.stages)), layers_lr=F.layers_lr,
+          keep_english=F.keep_english)
 
 
 def _stage_numbers(values) -> list[int]:
