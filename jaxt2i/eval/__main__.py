@@ -114,7 +114,7 @@ def _define_flags() -> None:
                         "(JSONL) and eval.json.")
     flags.DEFINE_enum("language", "en", ["en", "zh", "both"], "Prompt language: en, zh "
                       "(Chinese: rows '<split> (zh)') or both (the same scenes in each, side by "
-                      "side). The bundled demo encoder reads English only.")
+                      "side). The bundled demo reads both (its Chinese words: docs/demo.md).")
     flags.DEFINE_boolean("renders_only", False, "Sample nothing: score the true renders of the "
                          "prompts' scenes (the detector's ceiling; no text encoder involved).")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
