@@ -42,14 +42,20 @@ def test_chinese_words_are_whole_tokens_after_every_english_id():
         assert all(i >= 256 for i in both(c, add_special_tokens=False)["input_ids"][1:])
 
 
-def test_the_bundled_encoder_encodes_english_as_before_and_reads_chinese():
+def test_the_bundled_encoder_encodes_english_almost_as_before_and_reads_chinese():
     enc = load_encoder(assets.text_encoder_dir())
     ref = english_only_encoder()
     prompts = _captions("en", 64) + ["", "a cross"]
     got, mask = enc.encode(prompts)
     want, want_mask = ref.encode(prompts)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bit for bit
     np.testing.assert_array_equal(np.asarray(mask), np.asarray(want_mask))
+    # Its layers were trained with the Chinese rows (`align_text --layers_lr`), which held the
+    # English encodings near the English-only encoder's (keep_english): measured 8.7e-5 of
+    # their mean square; the demo's English eval rows are unchanged (docs/demo.md).
+    w = np.asarray(mask)[..., None]
+    got, want = np.asarray(got), np.asarray(want)
+    rel = np.sum(w * (got - want) ** 2) / np.sum(w * want ** 2)
+    assert 0 < rel < 5e-4, rel
     emb, mask = enc.encode(_captions("zh", 64))
     assert np.isfinite(np.asarray(emb)).all() and np.asarray(mask).sum(1).min() > 3
     # The learned rows moved from where `python -m jaxt2i.assets` starts them.
