@@ -4,6 +4,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -168,6 +169,11 @@ def test_align_text_with_layers_trains_them_and_holds_english(tmp_path):
     assert r.returncode == 2 and lines == [
         f"error: --layers_lr=0.0: {out} was started with --layers_lr=0.0003; resume it with "
         "that value"], lines
+    shutil.rmtree(enc_dir)  # the English reference of a resume is gone: one line
+    r = _run("jaxt2i.train.align_text", f"--out={out}", "--steps=20", "--layers_lr=3e-4")
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "restore it there" in lines[0], lines
+    assert str(enc_dir) in lines[0]
 
 
 def _held_out_loss(encoder) -> float:

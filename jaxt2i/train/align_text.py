@@ -260,8 +260,13 @@ def align(*, out: str, checkpoint: list[str] | None, text_encoder: str | None, s
             raise ConfigError(f"--layers_lr={layers_lr}: {out} was started with --layers_lr="
                               f"{before.get('layers_lr', 0.0)}; resume it with that value")
         if layers_lr > 0:  # the English encodings' reference: the encoder the run started from
-            reference = {k: v for k, v in load_encoder(before["text_encoder"]).params.items()
-                         if k != "token_embedding"}
+            try:
+                start_encoder = load_encoder(before["text_encoder"])
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{out} resumes against the encoder it started from, "
+                                  f"{before['text_encoder']!r}, which cannot be read ({e}); "
+                                  "restore it there") from None
+            reference = {k: v for k, v in start_encoder.params.items() if k != "token_embedding"}
     aligner = Aligner(cascade, first_row, lr, steps, stages=stages, layers_lr=layers_lr,
                       keep_english=keep_english, reference_layers=reference)
     trained = aligner.initial()
