@@ -188,7 +188,7 @@ def shapes_run(c: ml_collections.ConfigDict, *, b2: float, weight_decay: float,
     from jaxt2i.parallel.sharding import DEFAULT_RULES
 
     c.data = ml_collections.ConfigDict(dict(source="shapes", num_examples=100_000, seed=0,
-                                            worker_count=0))
+                                            worker_count=0, shapes_kinds=""))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=8, num_steps=6, optimizer="adamw", lr=1e-3, b1=0.9, b2=b2, eps=1e-6,
         weight_decay=weight_decay, warmup_steps=2, schedule="cosine", end_lr_factor=0.0,

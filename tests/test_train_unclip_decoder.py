@@ -166,3 +166,65 @@ def test_wrong_embedding_width_is_one_line():
     cfg.model.image_embed_dim = 64
     with pytest.raises(ConfigError, match=r"image_embed_dim \(64\) differs from the CLIP's"):
         Trainer(cfg, devices=jax.devices()[:1])
+
+
+def test_init_from_an_imagen_base_starts_as_that_base(tmp_path):
+    """`train.init_from` an Imagen base export (the bundled demo's route to its unCLIP
+    decoder): the export's params are kept and the image-embedding projections start at zero,
+    so the embedding changes nothing yet, and they still get gradients."""
+    from unclip_helpers import _random_params
+
+    from jaxt2i.checkpoint import export_params, flatten
+    from jaxt2i.models.unet import UNet, example_inputs
+    from jaxt2i.stage import Stage, StageConfig
+    from jaxt2i.train.trainer import Trainer
+
+    base_cfg = load_config_file(os.path.join(ROOT, "configs", "base.py") + ":size=tiny")
+    base = Stage(StageConfig.from_dict(base_cfg.to_dict()))
+    src = _random_params(base.init_params, 3)  # every param nonzero, output layers too
+    export_params(src, base_cfg.to_dict(), str(tmp_path / "base"), step=5)
+
+    cfg = _config(init_from=str(tmp_path / "base"))
+    with pytest.raises(ConfigError, match=r"params missing .*init_from_allow_new=True"):
+        Trainer(cfg, devices=jax.devices()[:1]).init_state_from(str(tmp_path / "base"), 0)
+    cfg.train.init_from_allow_new = True
+    trainer = Trainer(cfg, devices=jax.devices()[:1])
+    state = trainer.init_state_from(str(tmp_path / "base"), seed=0)
+    want = flatten(src)
+    for tree in (state.params, state.ema_params):
+        got = flatten(jax.device_get(tree))
+        new = sorted(set(got) - set(want))
+        assert new == ["image_norm/bias", "image_norm/scale", "image_proj/bias",
+                       "image_proj/kernel", "image_tokens/bias", "image_tokens/kernel"], new
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        for name in new:
+            if name.startswith(("image_proj", "image_tokens")):
+                assert not np.any(got[name]), name
+        np.testing.assert_array_equal(got["image_norm/scale"], 1.0)  # LayerNorm's own init
+
+    # At the start the embedding changes nothing: the same output for two embeddings (a
+    # random init of the projections would make them differ), near the base's own (the 4
+    # image tokens, zero vectors, still take a share of each cross-attention).
+    unet_cfg = trainer.unet_cfg
+    rng = np.random.default_rng(0)
+    inputs = {k: (jnp.asarray(rng.standard_normal(v.shape), v.dtype) if v.dtype != bool else v)
+              for k, v in example_inputs(unet_cfg, batch_size=2, text_len=6).items()}
+    inputs["noise_level"] = jnp.asarray([0.3, 0.7])
+    params = jax.device_get(state.params)
+    apply = jax.jit(lambda p, z: UNet(unet_cfg).apply({"params": p}, **dict(inputs,
+                                                                            image_embed=z)))
+    out = np.asarray(apply(params, inputs["image_embed"]))
+    np.testing.assert_array_equal(out, np.asarray(apply(params, -3.0 * inputs["image_embed"])))
+    ref = np.asarray(UNet(base.unet_cfg).apply({"params": src}, **{
+        k: v for k, v in inputs.items() if k != "image_embed"}))
+    assert np.abs(out - ref).mean() < 0.1 * np.abs(ref).mean(), (
+        np.abs(out - ref).mean(), np.abs(ref).mean())
+    fresh = jax.device_get(trainer.init_state(seed=0).params)  # random projections
+    fresh = {**params, **{k: fresh[k] for k in ("image_proj", "image_tokens")}}
+    assert np.abs(np.asarray(apply(fresh, inputs["image_embed"])) - np.asarray(
+        apply(fresh, -3.0 * inputs["image_embed"]))).max() > 1e-3
+    grads = jax.grad(lambda p: jnp.mean(UNet(unet_cfg).apply({"params": p}, **inputs) ** 2))(
+        params)
+    for name in ("image_proj", "image_tokens"):
+        assert np.abs(np.asarray(grads[name]["kernel"])).max() > 0, name

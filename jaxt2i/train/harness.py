@@ -197,7 +197,13 @@ def shapes_pipeline(cfg: ml_collections.ConfigDict, image_size: int, tokenizer, 
     if cfg.data.source != "shapes":
         raise ConfigError(f"data.source={cfg.data.source!r}: a {what} run trains on the shapes "
                           "world only so far; set data.source='shapes'")
+    kinds = cfg.data.get("shapes_kinds", "") or None  # the scene-kind mix; None: the default
+    try:
+        source = ShapesSource(image_size, cfg.data.num_examples, "train", cfg.data.seed,
+                              kinds=kinds)
+    except ValueError as e:
+        raise ConfigError(f"data.shapes_kinds={kinds!r}: {e}") from None
     return data_pipeline.make_pipeline(
-        ShapesSource(image_size, cfg.data.num_examples, "train", cfg.data.seed),
+        source,
         resolution=image_size, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
         tokenizer=tokenizer, worker_count=cfg.data.worker_count)

@@ -63,6 +63,13 @@ def _widens_text_conv(name: str, src_shape, want_shape) -> bool:
             and src_shape[0] % 2 == 1 and src_shape[0] < want_shape[0])
 
 
+def _starts_at_zero(name: str) -> bool:
+    """Whether a param missing from an `init_from` export starts at zero: the unCLIP decoder's
+    image-embedding projections, so a base made into a decoder ignores the embedding at first
+    rather than reading random projections of it."""
+    return any(part in ("image_proj", "image_tokens") for part in name.split("/"))
+
+
 def fit_exported(want: dict[str, tuple], got: dict[str, tuple], *, allow_new: bool,
                  what: str) -> tuple[list[str], list[str]]:
     """Checks an export's params (name -> shape) against a model's before fine-tuning from it.
@@ -262,7 +269,11 @@ class Trainer:
         With `train.init_from_allow_new`, params the export lacks (a layer added to the model,
         e.g. a zero-initialised `model.text_conv`) keep this model's initialisation, and a
         narrower text_conv kernel is widened: centred, with zero outer taps, so the model
-        computes what the export did.
+        computes what the export did. The unCLIP image-embedding projections (`image_proj`,
+        `image_tokens`: an Imagen base made into an unCLIP decoder) start at zero instead: the
+        decoder starts from the base with the embedding changing nothing (its 4 context tokens
+        are zero vectors, which cross-attention still reads, so the base's function moves a
+        little), and the projections get gradients through their LayerNormed input.
         """
         from jaxt2i.checkpoint import flatten, load_exported, unflatten
 
@@ -290,17 +301,23 @@ class Trainer:
                 a = out
             return jax.make_array_from_callback(a.shape, target.sharding, lambda idx: a[idx])
 
+        zeroed = [n for n in missing if _starts_at_zero(n)]
+
         def fill(tree):  # the export's values; this model's own for params it lacks
-            return unflatten({n: a if n not in got else place(got[n], a)
+            return unflatten({n: place(got[n], a) if n in got else
+                              place(np.zeros(a.shape), a) if n in zeroed else a
                               for n, a in flatten(tree).items()})
 
         if self.lora:  # the EMA holds the adapters alone: their init
             params, ema = {**state.params, "base": fill(state.params["base"])}, state.ema_params
         else:
             params, ema = fill(state.params), fill(state.ema_params)
-        log.warning("initialised params and EMA from %s (step %s)%s%s", path, step,
-                    f"; {len(missing)} new params keep their initialisation: "
-                    f"{', '.join(missing)}" if missing else "",
+        kept = [n for n in missing if n not in zeroed]
+        log.warning("initialised params and EMA from %s (step %s)%s%s%s", path, step,
+                    f"; {len(kept)} new params keep their initialisation: "
+                    f"{', '.join(kept)}" if kept else "",
+                    f"; {len(zeroed)} new image-embedding projections start at zero: "
+                    f"{', '.join(zeroed)}" if zeroed else "",
                     f"; widened (centred, new taps zero): {', '.join(widened)}" if widened else "")
         return state.replace(params=params, ema_params=ema)
 
