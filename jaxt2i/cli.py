@@ -224,6 +224,23 @@ def define_text_encoder_flag() -> None:
                         "never makes jaxt2i download; naming a hub id here does).")
 
 
+def define_model_flag() -> None:
+    """Defines --model: which bundled demo runs when no --checkpoint is given."""
+    flags.DEFINE_enum("model", None, ["imagen", "unclip"], "The bundled demo to run when no "
+                      "--checkpoint is given: imagen (the default: T5 -> base -> SR) or unclip "
+                      "(DALL-E 2: CLIP -> prior -> decoder -> SR; docs/unclip.md).")
+
+
+def checkpoints_or_demo(checkpoints: Sequence[str] | None, model: str | None) -> list[str]:
+    """--checkpoint's values, or the bundled demo --model names; one line if both are given."""
+    from jaxt2i.assets import demo_dir
+
+    if checkpoints and model:
+        raise ConfigError(f"--model={model} picks a bundled demo; with --checkpoint, drop it "
+                          "(a checkpoint directory says which kind of cascade it is)")
+    return list(checkpoints) if checkpoints else [demo_dir(model)]
+
+
 def define_stage_flags(what: str = "Per-stage") -> None:
     """Defines --sampler --steps --guidance --thresholding --aug_level --spacing --churn (the
     `StageSettings` fields; comma lists per stage)."""

@@ -11,7 +11,8 @@ whose cascade.json says `"kind": "unclip"` runs the unCLIP pipeline
 --variations_of IMAGE, --interpolate A.png,B.png and --text_diff IMAGE decode images' CLIP
 embeddings instead of the prior's (docs/unclip.md). Per-stage flags take one
 value for all stages or a comma list, one per stage. Without --checkpoint the bundled demo
-cascade (jaxt2i/assets/demo_cascade) is used. The work is `jaxt2i.sampling.sample_to_dir`.
+cascade (jaxt2i/assets/demo_cascade) is used; --model=unclip picks the bundled unCLIP demo
+(jaxt2i/assets/demo_unclip) instead. The work is `jaxt2i.sampling.sample_to_dir`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import sys
 
 from absl import flags
 
-from jaxt2i.assets import demo_cascade_dir
-from jaxt2i.cli import (check_stage_flags, define_stage_flags, define_text_encoder_flag,
-                        read_prompts, run_app, stage_flag_values)
+from jaxt2i.cli import (check_stage_flags, checkpoints_or_demo, define_model_flag,
+                        define_stage_flags, define_text_encoder_flag, read_prompts, run_app,
+                        stage_flag_values)
 from jaxt2i.config import ConfigError
 from jaxt2i.pipelines import unclip
 from jaxt2i.sampling import sample_to_dir
@@ -33,9 +34,9 @@ def main(argv) -> None:
     F = flags.FLAGS
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments {argv[1:]}")
-    mode = _image_mode()
+    checkpoints = checkpoints_or_demo(F.checkpoint, F.model)
+    mode = _image_mode(checkpoints)
     prompts = None if mode else read_prompts(F.prompt, F.prompts_file)
-    checkpoints = F.checkpoint or [demo_cascade_dir()]
     overrides = stage_flag_values()
     check_stage_flags(overrides)  # a NaN guidance is refused before the cascade is loaded
     check_writable(F.out, "--out", urls=True)  # before the sampling work, not after it
@@ -57,7 +58,7 @@ MODE_FLAGS = {"variations": ("eta",), "interpolate": ("frames", "eta"),
               "text_diff": ("from_caption", "to_caption", "frames", "max_theta", "eta")}
 
 
-def _image_mode() -> tuple[str, list[str]] | None:
+def _image_mode(checkpoints: list[str]) -> tuple[str, list[str]] | None:
     """(mode, image files) of --variations_of / --interpolate / --text_diff, or None; the
     flag combinations that do not fit are refused in one line before anything is loaded."""
     F = flags.FLAGS
@@ -72,12 +73,11 @@ def _image_mode() -> tuple[str, list[str]] | None:
     if len(given) > 1:
         raise ConfigError(f"{flag} and {unclip.MODES[given[1]][0]} are separate modes; give one")
     mode = given[0]
-    checkpoints = F.checkpoint or []
     if len(checkpoints) != 1 or unclip.read_spec(checkpoints[0]) is None:
-        got = ", ".join(checkpoints) or "none (the bundled Imagen demo)"
-        raise ConfigError(f"{flag} needs an unCLIP cascade: --checkpoint=DIR whose cascade.json "
-                          f"says \"kind\": \"unclip\" (got {got}); only unCLIP decodes CLIP "
-                          "image embeddings")
+        got = ", ".join(F.checkpoint or []) or "none (the bundled Imagen demo)"
+        raise ConfigError(f"{flag} needs an unCLIP cascade: --model=unclip (the bundled one) "
+                          f"or --checkpoint=DIR whose cascade.json says \"kind\": \"unclip\" "
+                          f"(got {got}); only unCLIP decodes CLIP image embeddings")
     misfit = [f for f in extra if f not in MODE_FLAGS[mode]]
     if misfit:
         raise ConfigError(f"--{misfit[0]} does not apply to {flag} (it takes "
@@ -161,6 +161,7 @@ def _define_flags() -> None:
                        "--variations_of, 0 for --interpolate / --text_diff).")
     define_stage_flags()
     define_text_encoder_flag()
+    define_model_flag()
 
 
 def cli() -> None:

@@ -14,6 +14,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_ENCODER = "text_encoder"
 DEMO_CASCADE = "demo_cascade"
 DEMO_CLIP = "demo_clip"
+DEMO_UNCLIP = "demo_unclip"
+MODELS = ("imagen", "unclip")  # --model: the bundled demos of `sample` and `eval`
 TEXT_MAX_LENGTH = 32
 TEXT_SEED = 20260
 
@@ -37,6 +39,30 @@ def demo_cascade_dir() -> str:
         raise ConfigError("the bundled demo cascade is not installed yet (no "
                           f"{os.path.join(path, 'cascade.json')}); pass --checkpoint=DIR")
     return path
+
+
+def demo_unclip_dir() -> str:
+    """The bundled unCLIP demo (cascade.json "kind": "unclip": the prior, the decoder, and the
+    Imagen demo's SR stage, which it shares); ConfigError if it is not installed."""
+    from jaxt2i.config import ConfigError
+
+    path = os.path.join(_HERE, DEMO_UNCLIP)
+    if not os.path.exists(os.path.join(path, "cascade.json")):
+        raise ConfigError("the bundled unCLIP demo is not installed (no "
+                          f"{os.path.join(path, 'cascade.json')}); reinstall jaxt2i or pass "
+                          "--checkpoint=DIR")
+    return path
+
+
+def demo_dir(model: str | None = None) -> str:
+    """The bundled demo cascade `--model` names: 'imagen' (the default) or 'unclip'."""
+    from jaxt2i.config import ConfigError
+
+    if model in (None, "imagen"):
+        return demo_cascade_dir()
+    if model == "unclip":
+        return demo_unclip_dir()
+    raise ConfigError(f"--model={model!r} is not one of {', '.join(MODELS)}")
 
 
 def demo_clip_dir() -> str:

@@ -2,6 +2,7 @@
 before): how well a cascade's images follow the words.
 
     python -m jaxt2i.eval                       # the bundled demo cascade
+    python -m jaxt2i.eval --model=unclip        # the bundled unCLIP demo (prior -> decoder -> SR)
     python -m jaxt2i.eval --checkpoint=runs/base --checkpoint=runs/sr --num_prompts=200
     python -m jaxt2i.eval --aug_levels=0,0.1,0.2,0.4  # one row per SR augmentation level
     python -m jaxt2i.eval --checkpoint=runs/cascade --language=both  # English and Chinese
@@ -25,12 +26,12 @@ import sys
 
 from absl import flags
 
-from jaxt2i.assets import demo_cascade_dir
-from jaxt2i.cli import (define_stage_flags, define_text_encoder_flag, run_app,
-                        stage_flag_values, stage_settings)
+from jaxt2i.cli import (checkpoints_or_demo, define_model_flag, define_stage_flags,
+                        define_text_encoder_flag, run_app, stage_flag_values, stage_settings)
 from jaxt2i.config import ConfigError
 from jaxt2i.data import shapes
 from jaxt2i.eval.evaluate import SPLITS, evaluate_cascade, format_table
+from jaxt2i.pipelines import unclip
 
 
 def main(argv) -> None:
@@ -47,9 +48,13 @@ def main(argv) -> None:
         from jaxt2i.workdir import check_writable
 
         check_writable(F.out, "--out")  # before the sampling work, not after it
-    checkpoints = F.checkpoint or [demo_cascade_dir()]
-    cascade = load_cascade(list(checkpoints), dtype=F.dtype or None, text_encoder=F.text_encoder)
-    settings = stage_settings(cascade, F.stages, stage_flag_values())
+    checkpoints = checkpoints_or_demo(F.checkpoint, F.model)
+    if len(checkpoints) == 1 and unclip.read_spec(checkpoints[0]) is not None:
+        cascade = _load_unclip(checkpoints[0])
+        settings = cascade.settings()
+    else:
+        cascade = load_cascade(checkpoints, dtype=F.dtype or None, text_encoder=F.text_encoder)
+        settings = stage_settings(cascade, F.stages, stage_flag_values())
     n = len(settings)
     aug_levels = []
     for v in F.aug_levels or []:
@@ -65,13 +70,18 @@ def main(argv) -> None:
                                true_lowres=F.true_lowres, aug_levels=aug_levels,
                                aug_stage=F.aug_stage, out=F.out,
                                progress=sys.stderr.isatty() or F.progress,
-                               language=F.language, renders_only=F.renders_only)
+                               language=F.language, renders_only=F.renders_only,
+                               diversity=F.diversity)
     except ValueError as e:  # a bad sampler / thresholding name, steps < 1
         raise ConfigError(str(e).splitlines()[0]) from None
     languages = {"en": "", "zh": " (Chinese)", "both": " (English and Chinese)"}[F.language]
+    prior = getattr(cascade, "prior", None)  # an unCLIP cascade's
     print(f"{F.num_prompts} prompts per split{languages}, {res['image_size']} px, "
           + ("true renders only (nothing sampled)" if F.renders_only else
              f"stages {n}, sampling {res['seconds']:.1f} s; settings: "
+             + (f"prior {prior.settings.sampler} {prior.settings.steps} steps guidance "
+                f"{prior.settings.guidance:g} candidates {prior.settings.num_candidates}; "
+                if prior is not None else "")
              + "; ".join(f"{s.sampler} {s.steps} steps guidance {s.guidance:g}"
                          for s in settings)
              + (f"; stage {F.aug_stage} at aug levels {', '.join(f'{v:g}' for v in aug_levels)}"
@@ -80,15 +90,31 @@ def main(argv) -> None:
     record = {"checkpoints": [s.path for s in cascade.stages[:n]],
               "steps_trained": [s.step for s in cascade.stages[:n]],
               "num_prompts": F.num_prompts, "seed": F.seed, "language": F.language,
-              "renders_only": F.renders_only, "image_size": res["image_size"],
+              "renders_only": F.renders_only, "diversity": F.diversity,
+              "image_size": res["image_size"],
               "settings": [dict(vars(s)) for s in settings], "results": res["results"],
               "sampling_seconds": round(res["seconds"], 2)}
+    if prior is not None:
+        record.update(kind="unclip", prior={"checkpoint": prior.path, "step": prior.step,
+                                            "settings": dict(vars(prior.settings))})
     if aug_levels:  # settings[aug_stage].aug_level is replaced by each of these
         record.update(aug_stage=F.aug_stage, aug_levels=aug_levels)
     print(json.dumps(record), flush=True)
     if F.out:
         with open(os.path.join(F.out, "eval.json"), "w") as f:
             json.dump(record, f, indent=2)
+
+
+def _load_unclip(path: str):
+    """An unCLIP cascade directory, with the flags it does not take refused in one line."""
+    F = flags.FLAGS
+    given = sorted(k for k, v in stage_flag_values().items() if v is not None) + [
+        f for f in ("stages", "dtype", "text_encoder", "true_lowres", "aug_levels")
+        if getattr(F, f)]
+    if given:
+        raise ConfigError(f"an unCLIP cascade is evaluated whole with its saved settings so "
+                          f"far; drop --{given[0]}")
+    return unclip.load_unclip(path)
 
 
 def _define_flags() -> None:
@@ -117,9 +143,13 @@ def _define_flags() -> None:
                       "side). The bundled demo reads both (its Chinese words: docs/demo.md).")
     flags.DEFINE_boolean("renders_only", False, "Sample nothing: score the true renders of the "
                          "prompts' scenes (the detector's ceiling; no text encoder involved).")
+    flags.DEFINE_integer("diversity", 0, "K >= 2: also sample K - 1 more images of each "
+                         "prompt and report the mean number of distinct layouts (objects and "
+                         "their cells on a 3 x 3 grid, as the detector reads them) per prompt.")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
     define_stage_flags()
     define_text_encoder_flag()
+    define_model_flag()
 
 
 def cli() -> None:

@@ -162,6 +162,23 @@ def detect(image: np.ndarray, **kwargs) -> list[dict]:
     return detect_scene(image, **kwargs)["objects"]
 
 
+def layout(image: np.ndarray, grid: int = 3, **kwargs) -> tuple:
+    """The layout of a shapes image as the detector reads it, for counting distinct samples.
+
+    Returns:
+      (background, ((colour, shape, size, column, row), ...) sorted): each object's cell on a
+      `grid` x `grid` grid of the image (its centroid's), so two samples with the same objects
+      in roughly the same places have the same layout and a moved, recoloured, resized or
+      missing object makes another.
+    """
+    scene = detect_scene(image, **kwargs)
+    h, w = np.shape(image)[:2]
+    cell = lambda v, n: min(grid - 1, max(0, int(v / n * grid)))  # noqa: E731
+    return scene["background"], tuple(sorted(
+        (o["colour"], o["shape"], o["size"], cell(o["centroid"][0], w), cell(o["centroid"][1], h))
+        for o in scene["objects"]))
+
+
 def _match(specs: list[dict], found: list[dict]) -> list[list]:
     """Every assignment spec -> detected object (or None) agreeing on most attributes.
 

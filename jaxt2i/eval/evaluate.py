@@ -70,13 +70,23 @@ def row_name(split: str, language: str = "en", what: str = "") -> str:
 def format_table(results: dict) -> str:
     """{row name: aggregate dict} -> a fixed-width table of percentages."""
     w = max([22] + [len(name) + 1 for name in results])
-    head = f"{'split':<{w}}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
+    layouts = any("layouts" in agg for agg in results.values())  # --diversity
+    head = (f"{'split':<{w}}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
+            + (f"{'layouts':>12}" if layouts else ""))
     lines = [head, "-" * len(head)]
     for name, agg in results.items():
         cells = "".join(f"{'-':>11}" if agg[k] is None else f"{100 * agg[k]:>10.1f}%"
                         for k in _SHOWN)
-        lines.append(f"{name:<{w}}{cells}{agg['n']:>6}")
+        div = (f"{agg['layouts']:>7.2f} of {agg['n_layouts']}" if "layouts" in agg else
+               f"{'-':>12}") if layouts else ""
+        lines.append(f"{name:<{w}}{cells}{agg['n']:>6}{div}")
     return "\n".join(lines)
+
+
+def distinct_layouts(samples: Sequence[Sequence[np.ndarray]]) -> float:
+    """Mean over prompts of how many distinct layouts (`detector.layout`) a prompt's samples
+    have: `samples[i]` are prompt i's K images (1 = every sample alike, K = all different)."""
+    return float(np.mean([len({detector.layout(im) for im in imgs}) for imgs in samples]))
 
 
 def _scored(images, prompts) -> list[dict]:
@@ -89,7 +99,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
                      num_stages: int | None = None, reference: bool = False,
                      true_lowres: bool = False, aug_levels: Sequence[float] | None = None,
                      aug_stage: int = 1, out: str | None = None, progress: bool = True,
-                     language: str = "en", renders_only: bool = False) -> dict:
+                     language: str = "en", renders_only: bool = False,
+                     diversity: int = 0) -> dict:
     """Samples and scores `num_prompts` prompts of each split.
 
     Args:
@@ -122,6 +133,10 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       renders_only: sample nothing; score only the true renders of the prompts' scenes at the
         size of the last stage to run (rows '<split> (true renders)'): the detector's ceiling
         in each language, with no text encoder involved.
+      diversity: K >= 2: also sample K - 1 more images of every prompt (sampling seeds offset
+        by 100000 * j, j = 1 .. K - 1) and add to each row 'layouts', the mean number of
+        distinct layouts (`distinct_layouts`) among the prompt's K images (the scored one
+        first), and 'n_layouts' = K. The scores stay those of the first image.
 
     Returns:
       {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
@@ -134,8 +149,13 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     if language not in LANGUAGES:
         raise ConfigError(f"--language={language!r} is not one of {', '.join(LANGUAGES)}")
     languages = shapes.LANGUAGES if language == "both" else (language,)
-    if renders_only and (true_lowres or aug_levels):
-        raise ConfigError("--renders_only samples nothing: drop --true_lowres / --aug_levels")
+    if renders_only and (true_lowres or aug_levels or diversity):
+        raise ConfigError("--renders_only samples nothing: drop --true_lowres / --aug_levels "
+                          "/ --diversity")
+    if diversity and (diversity < 2 or aug_levels):
+        raise ConfigError(f"--diversity={diversity}: " + (
+            "measure it in a run without --aug_levels" if diversity >= 2 else
+            "pass the images per prompt to compare, at least 2 (e.g. --diversity=4)"))
     if batch_size < 1:
         raise ConfigError(f"--batch_size ({batch_size}) must be at least 1")
     batch_size = min(batch_size, num_prompts)  # 4 prompts sample 4 images, not a padded 32
@@ -172,13 +192,16 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
     if progress and not renders_only:
         from tqdm import tqdm
 
-        runs = 1 + true_lowres if not aug_levels else 1 + len(aug_levels)
+        runs = (1 + true_lowres + max(0, diversity - 1) if not aug_levels else
+                1 + len(aug_levels))
         bar = tqdm(total=batches * len(splits) * len(languages) * runs, unit="batch",
                    dynamic_ncols=True)
 
-    def run(prompts, lows, s_idx, label, start=0, stop=n_stages, run_settings=settings):
+    def run(prompts, lows, s_idx, label, start=0, stop=n_stages, run_settings=settings,
+            offset=0):
         """-> one sampled image per prompt (uint8; stage stop - 1's float output if stop <
-        n_stages), stages start .. stop - 1, fed `lows` when start > 0."""
+        n_stages), stages start .. stop - 1, fed `lows` when start > 0; sampling seeds
+        shifted by `offset`."""
         nonlocal seconds
         images = []
         for b in range(batches):
@@ -196,7 +219,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             if bar is not None:
                 bar.set_description(f"{label} batch {b + 1}/{batches}")
             t0 = time.perf_counter()
-            imgs = cascade.sample(padded, seed + 1000 * s_idx + b, settings=run_settings,
+            imgs = cascade.sample(padded, seed + 1000 * s_idx + b + offset,
+                                  settings=run_settings,
                                   num_stages=stop, **kwargs)
             seconds += time.perf_counter() - t0
             if stop < n_stages:
@@ -243,6 +267,11 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             per_image[key] = scores
             results[row_name(split, lang)] = detector.aggregate(scores)
             written = {key: (images, scores)}
+            if diversity:
+                more = [run(prompts, None, s_idx, f"{key} diversity {j + 1}/{diversity}",
+                            offset=100_000 * j) for j in range(1, diversity)]
+                results[row_name(split, lang)].update(
+                    layouts=distinct_layouts(list(zip(images, *more))), n_layouts=diversity)
         if reference and not renders_only:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
             results[row_name(split, lang, "true renders")] = detector.evaluate(renders, prompts)

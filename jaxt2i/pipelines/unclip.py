@@ -89,14 +89,63 @@ class UnCLIP:
         The prior samples with key split(key(seed))[0]; stage k with fold_in(split(...)[1], k).
         """
         prompts = list(prompts)
-        if not prompts:
-            raise ConfigError("no prompts given: pass --prompt TEXT (repeatable)")
+        self.check_prompts(prompts)
         prior_key, stage_key = jax.random.split(jax.random.key(seed))
         try:
             z = self.prior.embed_prompts(self.clip, prompts, prior_key)  # [B, P]
         except ValueError as e:  # a prompt a closed-vocabulary tokenizer cannot read
             raise ConfigError(str(e)) from None
         return self._decode(z, prompts, stage_key)
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """Raises ConfigError (one line) for prompts the cascade cannot read: none at all, a
+        prompt the stages' text encoder refuses (too long, or words a closed vocabulary lacks)
+        or, with the bundled CLIP (trained on English captions only), a prompt in another
+        script (its byte-level tokenizer reads anything, so the prior would sample from text
+        its CLIP never learned)."""
+        if not prompts:
+            raise ConfigError("no prompts given: pass --prompt TEXT (repeatable)")
+        if self.prior.clip_path == "bundled":
+            for p in prompts:
+                if not p.isascii():
+                    short = p if len(p) <= 40 else p[:40] + "..."
+                    raise ConfigError(
+                        f"prompt {short!r}: the bundled unCLIP demo's CLIP was trained on "
+                        "English captions only; write it in English, e.g. 'a red circle above "
+                        "a blue square', or use --model=imagen, whose text encoder reads "
+                        "Chinese too")
+        try:
+            lengths = self.encoder.tokenizer.lengths(list(prompts))
+            for p, n in zip(prompts, lengths):
+                if n > self.encoder.max_length:
+                    raise ConfigError(f"prompt {p[:60]!r} has {n} tokens but the text "
+                                      f"encoder's max_length is {self.encoder.max_length}; "
+                                      "shorten it")
+            self.encoder.tokenizer(list(prompts))  # a closed vocabulary: unknown words
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def settings(self, overrides=None, num_stages: int | None = None) -> list:
+        """The decoder's and SR stages' saved sampling settings (`StageSettings`); unCLIP
+        directories take no per-stage overrides yet."""
+        self._whole(num_stages, "per-stage settings", bool(overrides and any(overrides)))
+        return [s.config.sample for s in self.stages]
+
+    def sample(self, prompts: Sequence[str], seed: int = 0, *, settings=None,
+               num_stages: int | None = None) -> np.ndarray:
+        """`generate` under `Cascade.sample`'s signature (what `jaxt2i.eval` calls): the whole
+        cascade with its saved settings, one image per prompt."""
+        self._whole(num_stages, "per-stage settings",
+                    settings is not None and list(settings) != self.settings())
+        return self.generate(prompts, seed)
+
+    def _whole(self, num_stages, what: str, given: bool) -> None:
+        if num_stages not in (None, len(self.stages)):
+            raise ConfigError(f"an unCLIP cascade runs all its {len(self.stages)} stages "
+                              f"(prior -> decoder -> SR) so far; drop --stages={num_stages}")
+        if given:
+            raise ConfigError(f"an unCLIP cascade samples with its saved settings so far; "
+                              f"drop the {what}")
 
     def image_embeds(self, images) -> np.ndarray:
         """Images -> unit-norm CLIP image embeddings [B, P] (the scale the prior samples at).
