@@ -308,8 +308,8 @@ def load_unclip(path: str) -> UnCLIP:
     if spec is None:
         raise ConfigError(f"{path!r} has no {CASCADE_FILE} with \"kind\": \"{KIND}\"")
     prior = load_prior(os.path.join(path, spec["prior"]))
-    stages = [Stage.read(resolve_export_dir(os.path.join(path, s))).load_params()
-              for s in spec["stages"]]
+    stages = [Stage.read(resolve_export_dir(os.path.normpath(os.path.join(path, s))))
+              .load_params() for s in spec["stages"]]  # e.g. ../demo_cascade/sr
     encoder = load_text_encoder(stages[0].config.text, from_checkpoint=True, base=stages[0].path)
     clip = load_frozen_clip(prior.clip_path, towers=("text",))
     return UnCLIP(prior, clip, stages, encoder)
