@@ -1,5 +1,6 @@
-"""Files shipped inside the package: the demo's text encoder + tokenizer, the demo cascade, and
-the demo CLIP (trained on the shapes world with `configs/clip.py:size=demo`, docs/unclip.md).
+"""Files shipped inside the package: the demo's text encoder + tokenizer, the demo cascade, the
+demo CLIP (trained on the shapes world with `configs/clip.py:size=demo`, docs/unclip.md) and the
+unCLIP demo (its prior, its decoder and the demo cascade's SR stage; `--model=unclip`).
 
 The text encoder is a small T5 (`shapes` size) with random, frozen weights and a closed-vocabulary
 tokenizer: for the shapes world the U-Net only needs distinct, stable embeddings per word, which a
