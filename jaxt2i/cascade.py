@@ -169,15 +169,7 @@ class Cascade:
         or with text a closed-vocabulary tokenizer (the bundled encoder's) does not know."""
         if not prompts:
             raise ConfigError("no prompts given: pass --prompt TEXT (repeatable) or --prompts_file")
-        for p, n in zip(prompts, self.encoder.tokenizer.lengths(prompts)):
-            if n > self.max_length:
-                short = p if len(p) <= 60 else p[:60] + "..."
-                raise ConfigError(f"prompt {short!r} has {n} tokens but the text encoder's "
-                                  f"max_length is {self.max_length}; shorten it")
-        try:
-            self.encoder.tokenizer(list(prompts))  # unknown text: error or warning
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        check_encoder_prompts(self.encoder, self.max_length, prompts)
 
     def _given_lowres(self, lowres, batch: int, start_stage: int) -> jax.Array:
         """Checks images standing in for stage start_stage - 1's output; -> [B, h, w, C] float32."""
@@ -356,3 +348,17 @@ def load_cascade(paths: Sequence[str] | str, *, dtype: str | None = None, encode
 
 __all__ = ["CASCADE_FILE", "Cascade", "SETTING_NAMES", "Stage", "StageSettings",
            "check_compatible", "load_cascade", "resolve_stage_dirs"]
+
+
+def check_encoder_prompts(encoder, max_length: int, prompts: Sequence[str]) -> None:
+    """Raises ConfigError naming the first prompt longer than `max_length` tokens (no
+    truncation) or with text `encoder`'s closed-vocabulary tokenizer does not know."""
+    for p, n in zip(prompts, encoder.tokenizer.lengths(list(prompts))):
+        if n > max_length:
+            short = p if len(p) <= 60 else p[:60] + "..."
+            raise ConfigError(f"prompt {short!r} has {n} tokens but the text encoder's "
+                              f"max_length is {max_length}; shorten it")
+    try:
+        encoder.tokenizer(list(prompts))  # unknown text: error or warning
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -114,16 +114,9 @@ class UnCLIP:
                         "English captions only; write it in English, e.g. 'a red circle above "
                         "a blue square', or use --model=imagen, whose text encoder reads "
                         "Chinese too")
-        try:
-            lengths = self.encoder.tokenizer.lengths(list(prompts))
-            for p, n in zip(prompts, lengths):
-                if n > self.encoder.max_length:
-                    raise ConfigError(f"prompt {p[:60]!r} has {n} tokens but the text "
-                                      f"encoder's max_length is {self.encoder.max_length}; "
-                                      "shorten it")
-            self.encoder.tokenizer(list(prompts))  # a closed vocabulary: unknown words
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        from jaxt2i.cascade import check_encoder_prompts
+
+        check_encoder_prompts(self.encoder, self.encoder.max_length, prompts)
 
     def settings(self, overrides=None, num_stages: int | None = None) -> list:
         """The decoder's and SR stages' saved sampling settings (`StageSettings`); unCLIP
