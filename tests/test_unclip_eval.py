@@ -1,7 +1,7 @@
 """`python -m jaxt2i.eval` on an unCLIP cascade (prior -> decoder -> SR), built here from tiny
 random models, in a fresh process: its scores must be those of the pipeline's own images
 (`UnCLIP.generate` with the evaluator's seeds) read by the detector, `--diversity` must count
-the distinct layouts of each prompt's samples, and what an unCLIP cascade does not take is
+the distinct layouts of each prompt's samples and measure how far apart they are, and what an unCLIP cascade does not take is
 one line. `--model` (the bundled demo to run) is checked against `--checkpoint` here too."""
 
 import json
@@ -48,6 +48,10 @@ def test_eval_command_scores_the_pipelines_own_images(unclip_dir, pipe, tmp_path
         layouts = [len({detector.layout(a), detector.layout(b)}) for a, b in zip(images, extra)]
         assert row["layouts"] == np.mean(layouts)
         assert f"{row['layouts']:.2f} of 2" in r.stdout
+        # how far apart the two samples are: mean |a - b| over pixels, on a 0-1 scale
+        dist = np.mean([np.abs(a / 255.0 - b / 255.0).mean() for a, b in zip(images, extra)])
+        assert abs(row["pixel_distance"] - dist) < 1e-6
+        assert f"{row['pixel_distance']:.3f}" in r.stdout
 
 
 def test_what_an_unclip_cascade_does_not_take_is_one_line(unclip_dir, tmp_path):

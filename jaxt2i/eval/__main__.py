@@ -145,7 +145,9 @@ def _define_flags() -> None:
                          "prompts' scenes (the detector's ceiling; no text encoder involved).")
     flags.DEFINE_integer("diversity", 0, "K >= 2: also sample K - 1 more images of each "
                          "prompt and report the mean number of distinct layouts (objects and "
-                         "their cells on a 3 x 3 grid, as the detector reads them) per prompt.")
+                         "their cells on a 3 x 3 grid, as the detector reads them) per prompt, "
+                         "and the mean absolute pixel difference between a prompt's samples "
+                         "(0-1).")
     flags.DEFINE_boolean("progress", False, "Show the progress bar even when not on a terminal.")
     define_stage_flags()
     define_text_encoder_flag()

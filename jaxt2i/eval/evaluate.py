@@ -72,13 +72,14 @@ def format_table(results: dict) -> str:
     w = max([22] + [len(name) + 1 for name in results])
     layouts = any("layouts" in agg for agg in results.values())  # --diversity
     head = (f"{'split':<{w}}" + "".join(f"{k:>11}" for k in _SHOWN) + f"{'n':>6}"
-            + (f"{'layouts':>12}" if layouts else ""))
+            + (f"{'layouts':>12}{'pixel dist':>12}" if layouts else ""))
     lines = [head, "-" * len(head)]
     for name, agg in results.items():
         cells = "".join(f"{'-':>11}" if agg[k] is None else f"{100 * agg[k]:>10.1f}%"
                         for k in _SHOWN)
-        div = (f"{agg['layouts']:>7.2f} of {agg['n_layouts']}" if "layouts" in agg else
-               f"{'-':>12}") if layouts else ""
+        div = (f"{agg['layouts']:>7.2f} of {agg['n_layouts']}"
+               f"{agg['pixel_distance']:>12.3f}" if "layouts" in agg else
+               f"{'-':>12}{'-':>12}") if layouts else ""
         lines.append(f"{name:<{w}}{cells}{agg['n']:>6}{div}")
     return "\n".join(lines)
 
@@ -87,6 +88,20 @@ def distinct_layouts(samples: Sequence[Sequence[np.ndarray]]) -> float:
     """Mean over prompts of how many distinct layouts (`detector.layout`) a prompt's samples
     have: `samples[i]` are prompt i's K images (1 = every sample alike, K = all different)."""
     return float(np.mean([len({detector.layout(im) for im in imgs}) for imgs in samples]))
+
+
+def pixel_distance(samples: Sequence[Sequence[np.ndarray]]) -> float:
+    """Mean over prompts of the mean absolute pixel difference between every two of a prompt's
+    samples (`samples[i]` are prompt i's K images, uint8), as a fraction of full scale: 0 =
+    identical samples. Finer than `distinct_layouts`, which counts any moved object as a new
+    layout: this also says how far the samples are apart."""
+    per_prompt = []
+    for imgs in samples:
+        x = np.stack([np.asarray(im, np.float32) / 255.0 for im in imgs])
+        pairs = [np.abs(x[a] - x[b]).mean()
+                 for a in range(len(x)) for b in range(a + 1, len(x))]
+        per_prompt.append(np.mean(pairs))
+    return float(np.mean(per_prompt))
 
 
 def _scored(images, prompts) -> list[dict]:
@@ -136,7 +151,8 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
       diversity: K >= 2: also sample K - 1 more images of every prompt (sampling seeds offset
         by 100000 * j, j = 1 .. K - 1) and add to each row 'layouts', the mean number of
         distinct layouts (`distinct_layouts`) among the prompt's K images (the scored one
-        first), and 'n_layouts' = K. The scores stay those of the first image.
+        first), 'n_layouts' = K, and 'pixel_distance', their mean pairwise absolute pixel
+        difference (`pixel_distance`). The scores stay those of the first image.
 
     Returns:
       {'results': {row: aggregate}, 'per_image': {split: [score dicts with 'prompt']},
@@ -270,8 +286,10 @@ def evaluate_cascade(cascade, *, splits: Sequence[str] = SPLITS, num_prompts: in
             if diversity:
                 more = [run(prompts, None, s_idx, f"{key} diversity {j + 1}/{diversity}",
                             offset=100_000 * j) for j in range(1, diversity)]
+                groups = list(zip(images, *more))
                 results[row_name(split, lang)].update(
-                    layouts=distinct_layouts(list(zip(images, *more))), n_layouts=diversity)
+                    layouts=distinct_layouts(groups), n_layouts=diversity,
+                    pixel_distance=pixel_distance(groups))
         if reference and not renders_only:
             renders = [shapes.render(scene, size) for scene, _ in pairs]
             results[row_name(split, lang, "true renders")] = detector.evaluate(renders, prompts)
