@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from doc_commands import bash_block
+from doc_commands import bash_block, shortened, workspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "a red circle above a blue square"
@@ -67,27 +67,6 @@ def test_sample_model_unclip_draws_what_the_prompt_says(tmp_path):
     assert sum(s["colour"] and s["shape"] for s in scores) >= 3, [s["found"] for s in scores]
 
 
-# Appended to each training command of the docs: the same run, a few steps of small batches.
-SHORT = {"jaxt2i.train": ["--config.train.num_steps=2", "--config.train.batch_size=4",
-                          "--config.train.warmup_steps=1", "--config.train.save_every=2",
-                          "--config.train.log_every=1"],
-         "configs/prior.py": ["--config.eval.num_scenes=4", "--config.sample.steps=4"],
-         "jaxt2i.eval": ["--num_prompts=1", "--splits=held_out"]}
-
-
-def _short(cmd: str) -> str:
-    extra = [f for key, flags in SHORT.items() if key in cmd for f in flags]
-    return " ".join([cmd, *extra])
-
-
-def _workspace(tmp_path):
-    """A directory where the docs' relative paths (configs/..., jaxt2i/assets/...) resolve to
-    this checkout and the runs the commands write stay out of it."""
-    for name in ("configs", "jaxt2i"):
-        os.symlink(os.path.join(ROOT, name), tmp_path / name)
-    return tmp_path
-
-
 @pytest.mark.slow  # three training commands at demo size, 2 steps each, and three evaluations
 def test_recipe_and_comparison_commands_run_as_written(tmp_path):
     """docs/unclip.md: the prior and decoder commands of the bundled demo, the assembly of
@@ -95,14 +74,14 @@ def test_recipe_and_comparison_commands_run_as_written(tmp_path):
     the same compute and the three evaluations of the comparison, in fresh processes."""
     from jaxt2i.pipelines.unclip import load_unclip
 
-    ws = _workspace(tmp_path)
+    ws = workspace(tmp_path)
     recipe = bash_block("unclip.md", "## The bundled unCLIP demo", 1)
     assert [c.split()[:3] for c in recipe if c.startswith("python")] == [
         ["python", "-m", "jaxt2i.train"]] * 2
     assert "--config=configs/prior.py:size=demo" in recipe[0]
     assert "--config.train.init_from=jaxt2i/assets/demo_cascade/base" in recipe[1]
     for cmd in recipe:
-        _run(["bash", "-c", _short(cmd)], cwd=ws)
+        _run(["bash", "-c", shortened(cmd)], cwd=ws)
     pipe = load_unclip(str(ws / "runs" / "unclip"))
     assert pipe.stages[0].step == 2 and pipe.prior.step == 2
     assert len(pipe.stages) == 2 and pipe.stages[1].is_sr
@@ -110,10 +89,10 @@ def test_recipe_and_comparison_commands_run_as_written(tmp_path):
     compare = bash_block("unclip.md", "## unCLIP against Imagen: the same data, the same compute")
     evals = [c for c in compare if c.startswith("python -m jaxt2i.eval")]
     assert len(evals) == 3 and compare[0].startswith("python -m jaxt2i.train")
-    _run(["bash", "-c", _short(compare[0])], cwd=ws)
+    _run(["bash", "-c", shortened(compare[0])], cwd=ws)
     rows = {}
     for cmd in evals:
-        r = _run(["bash", "-c", _short(cmd)], cwd=ws)
+        r = _run(["bash", "-c", shortened(cmd)], cwd=ws)
         record = json.loads(r.stdout.strip().splitlines()[-1])
         assert record["diversity"] == 2 and record["results"]["held_out"]["n_layouts"] == 2
         rows[cmd] = record
