@@ -1,8 +1,8 @@
 """`python -m jaxt2i.eval` on an unCLIP cascade (prior -> decoder -> SR), built here from tiny
 random models, in a fresh process: its scores must be those of the pipeline's own images
 (`UnCLIP.generate` with the evaluator's seeds) read by the detector, `--diversity` must count
-the distinct layouts of each prompt's samples and measure how far apart they are, and what an unCLIP cascade does not take is
-one line. `--model` (the bundled demo to run) is checked against `--checkpoint` here too."""
+the distinct layouts of each prompt's samples and measure how far apart they are, and what an
+unCLIP cascade does not take is one line. `--model` (the bundled demo to run) is checked against `--checkpoint` here too."""
 
 import json
 import os
@@ -84,3 +84,16 @@ def test_the_pipeline_refuses_prompts_its_clip_never_learned(pipe):
         pipe.generate(["一个红色的圆形"])
     with pytest.raises(ConfigError, match="no prompts given"):
         pipe.generate([])
+
+
+def test_pixel_distance_averages_every_pair_of_a_prompts_samples():
+    """K = 3: black, white and mid-grey images are 1, 0.5 and 0.5 apart (mean 2/3); a prompt
+    whose samples are identical is 0; the result is the mean over prompts."""
+    from jaxt2i.eval.evaluate import pixel_distance
+
+    black, white = np.zeros((4, 4, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8)
+    grey = np.full((4, 4, 3), 255, np.uint8)
+    grey[:2] = 0  # half the pixels black: 0.5 from either
+    assert abs(pixel_distance([(black, white, grey)]) - 2 / 3) < 1e-6
+    assert pixel_distance([(grey, grey)]) == 0.0
+    assert abs(pixel_distance([(black, white, grey), (grey, grey, grey)]) - 1 / 3) < 1e-6
