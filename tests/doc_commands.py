@@ -33,6 +33,9 @@ SHORT = {"jaxt2i.train": ["--config.train.num_steps=2", "--config.train.batch_si
 
 def shortened(cmd: str) -> str:
     """`cmd` with the `SHORT` flags of every key it contains appended (later flags win)."""
+    if re.search(r"\s#", cmd):  # the flags would land inside the comment: the full-length run
+        raise ValueError(f"a docs command to shorten ends in a comment (move it to the prose or a "
+                         f"line of its own): {cmd}")
     extra = [f for key, flags in SHORT.items() if key in cmd for f in flags]
     return " ".join([cmd, *extra])
 
