@@ -576,12 +576,11 @@ def test_names():
 # ------------------------------------------------------------------ settings and Stage
 
 def test_old_stage_configs_without_the_new_settings_load():
-    """Exports written before `spacing` / `churn` existed (the bundled demo's) load with
-    their defaults; a config that has them keeps them."""
+    """Exports written before `spacing` / `churn` existed (round 10's demo base, bundled
+    until round 11) load with their defaults; a config that has them keeps them."""
     from jaxt2i.stage import StageConfig, StageSettings
 
-    with open(os.path.join(ROOT, 'jaxt2i', 'assets', 'demo_cascade', 'base',
-                           'config.json')) as f:
+    with open(os.path.join(ROOT, 'tests', 'data', 'round10_base_config.json')) as f:
         raw = json.load(f)['config']
     assert 'spacing' not in raw['sample'] and 'churn' not in raw['sample']
     cfg = StageConfig.from_dict(raw)

@@ -19,11 +19,18 @@ def _demo_config(name):
         return json.load(f)["config"]
 
 
+def _round10_base_config():
+    """Round 10's demo base stage, bundled until round 11 replaced it: a version-1 export."""
+    with open(os.path.join(ROOT, "tests", "data", "round10_base_config.json")) as f:
+        return json.load(f)["config"]
+
+
 def test_version_1_exports_are_read_through_upgrade():
-    """The shipped demo stages were exported before versioning (a `stage` field that repeats
-    model.lowres_size): they parse into the current format, and upgrading is idempotent."""
+    """The demo's SR stage and round 10's base were exported before versioning (a `stage` field
+    that repeats model.lowres_size): they parse into the current format, and upgrading is
+    idempotent."""
     for name, sr in (("base", False), ("sr", True)):
-        raw = _demo_config(name)
+        raw = _round10_base_config() if name == "base" else _demo_config(name)
         assert "format_version" not in raw and raw["stage"] == name  # really version 1
         cfg = StageConfig.from_dict(raw)
         assert cfg.is_sr is sr and cfg.model.image_size == raw["model"]["image_size"]
